@@ -1,0 +1,43 @@
+"""sparseq: pruned and quantized PyTorch models that run faster than dense on real GPUs.
+
+Importing sparseq registers the ``sparseq::*`` reference ops and does no CUDA work; Triton
+kernels and the compiled extensions load lazily (see ``kernels_available()``).
+"""
+from __future__ import annotations
+
+from .api import (
+    compress_24,
+    decompress_24,
+    int8_mm,
+    int8_weight_only_mm,
+    is_24_sparse,
+    prune_24,
+    prune_and_compress_24,
+    quantize_per_channel,
+    quantize_per_tensor,
+    quantize_per_token,
+    sparse24_int8_mm,
+    sparse24_mm,
+)
+from .backends import BackendStatus, kernels_available
+from .reference import FORMAT_VERSION
+from .version import __version__
+
+__all__ = [
+    "__version__",
+    "FORMAT_VERSION",
+    "BackendStatus",
+    "kernels_available",
+    "prune_24",
+    "is_24_sparse",
+    "compress_24",
+    "decompress_24",
+    "prune_and_compress_24",
+    "quantize_per_channel",
+    "quantize_per_token",
+    "quantize_per_tensor",
+    "int8_mm",
+    "int8_weight_only_mm",
+    "sparse24_mm",
+    "sparse24_int8_mm",
+]

@@ -1,0 +1,85 @@
+"""Which compute backends loaded (reference, triton, cuda) and why not.
+
+Nothing here runs at import: the checks happen when ``kernels_available()`` is called, and
+the compiled extensions are imported at most once, under a lock (thread-safe).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import threading
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+
+CUDA_EXTENSIONS = {"sm80": "sparseq._C", "sm90a": "sparseq._C_sm90a"}
+
+_lock = threading.Lock()
+_cuda_status: Optional[Dict[str, "BackendStatus"]] = None
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """Whether a backend can run here, and a one-line reason."""
+
+    available: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.available
+
+
+def _triton_status() -> BackendStatus:
+    if importlib.util.find_spec("triton") is None:
+        return BackendStatus(False, "triton is not installed")
+    import triton
+
+    version = getattr(triton, "__version__", "?")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return BackendStatus(True, f"triton {version} (interpreter, TRITON_INTERPRET=1: CPU tensors)")
+    if not torch.cuda.is_available():
+        return BackendStatus(False, f"triton {version} installed but no CUDA GPU (set TRITON_INTERPRET=1 to interpret)")
+    return BackendStatus(True, f"triton {version} on {torch.cuda.get_device_name()}")
+
+
+def load_cuda_extensions() -> Dict[str, BackendStatus]:
+    """Import the compiled extensions once; their CUDA ops register on import."""
+    global _cuda_status
+    with _lock:
+        if _cuda_status is None:
+            from . import cuda_ops  # noqa: F401  (schemas must exist before the .so registers impls)
+
+            status = {}
+            for arch, module in CUDA_EXTENSIONS.items():
+                if importlib.util.find_spec(module) is None:
+                    status[arch] = BackendStatus(False, f"{module} was not built (no nvcc/CUDA torch at install, or SPARSEQ_SKIP_CUDA_BUILD=1)")
+                    continue
+                try:
+                    importlib.import_module(module)
+                    status[arch] = BackendStatus(True, f"{module} loaded")
+                except (ImportError, OSError) as e:
+                    status[arch] = BackendStatus(False, f"{module} failed to load: {e}")
+            _cuda_status = status
+        return dict(_cuda_status)
+
+
+def _cuda_backend_status() -> BackendStatus:
+    exts = load_cuda_extensions()
+    loaded = [arch for arch, s in exts.items() if s]
+    detail = "; ".join(f"{arch}: {s.reason}" for arch, s in exts.items())
+    if not loaded:
+        return BackendStatus(False, detail)
+    if not torch.cuda.is_available():
+        return BackendStatus(False, f"extensions load but no CUDA GPU ({detail})")
+    return BackendStatus(True, detail)
+
+
+def kernels_available() -> Dict[str, BackendStatus]:
+    """Per backend (``reference``, ``triton``, ``cuda``): whether it can run here and why not."""
+    return {
+        "reference": BackendStatus(True, f"pure PyTorch {torch.__version__}, any device"),
+        "triton": _triton_status(),
+        "cuda": _cuda_backend_status(),
+    }
