@@ -23,6 +23,30 @@ from .backends import BackendStatus, kernels_available
 from .reference import FORMAT_VERSION
 from .version import __version__
 
+# Larger parts of the API load on first use (keeps `import sparseq` light).
+_LAZY = {
+    "Sparse24Linear": "sparseq.nn",
+    "Int8Linear": "sparseq.nn",
+    "Int8WeightOnlyLinear": "sparseq.nn",
+    "Sparse24Int8Linear": "sparseq.nn",
+    "swap": "sparseq.nn",
+    "save": "sparseq.serialization",
+    "load": "sparseq.serialization",
+    "compress_model": "sparseq.compress",
+    "plan": "sparseq.compress",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sparseq' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 __all__ = [
     "__version__",
     "FORMAT_VERSION",
