@@ -538,7 +538,10 @@ def run_bench(args: argparse.Namespace) -> int:
         args.quick = True
     out, rows = run_ops(args)
     timed = [r for r in rows if r.op not in bm.ONE_TIME_OPS]
-    bm.print_rows(timed)
+    if len(timed) <= 400:
+        bm.print_rows(timed)
+    else:
+        print(f"{len(timed)} measurements, {sum(1 for r in timed if r.error)} failed: see the .md tables")
     print(f"results: {out}")
     if args.full and not args.smoke:
         return run_e2e_script(["--out", str(out)])
@@ -555,5 +558,6 @@ def run_e2e_script(argv: List[str]) -> int:
         return 0
     spec = importlib.util.spec_from_file_location("sparseq_bench_e2e", script)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return int(module.main(argv) or 0)

@@ -235,8 +235,8 @@ class Row:
             "time_us": (ERROR_PREFIX + clean_error(self.error)) if self.error else num(t, ".3f"),
             "dense_us": num(self.dense_us, ".3f"),
             "speedup": num(self.speedup, ".4f"),
-            "tflops": num(self.flops * per_s / 1e12 if (self.flops and per_s) else None, ".3f"),
-            "gbps": num(self.bytes * per_s / 1e9 if (self.bytes and per_s) else None, ".2f"),
+            "tflops": num(self.flops * per_s / 1e12 if (self.flops and per_s) else None, ".4g"),
+            "gbps": num(self.bytes * per_s / 1e9 if (self.bytes and per_s) else None, ".4g"),
         }
 
 
