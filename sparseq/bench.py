@@ -144,8 +144,12 @@ def _fp8(t: Tensor) -> Tuple[Tensor, Tensor]:
 
 def torch_contenders(dtype: torch.dtype) -> List[Contender]:
     """Dense ``F.linear`` (the baseline, first) and PyTorch's own 2:4, int8 and fp8 paths."""
-    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT as CSLT
-    from torch.sparse import SparseSemiStructuredTensorCUTLASS as CUTLASS
+    dense = Contender("linear", "torch", "dense", lambda w: w, lambda w, x: lambda: F.linear(x, w))
+    try:
+        from torch.sparse import SparseSemiStructuredTensorCUSPARSELT as CSLT
+        from torch.sparse import SparseSemiStructuredTensorCUTLASS as CUTLASS
+    except ImportError:
+        CSLT = CUTLASS = None
 
     def int8_2to4(w: Tensor) -> Any:
         return CSLT.from_dense(_quant_w(w)[0])
@@ -166,15 +170,15 @@ def torch_contenders(dtype: torch.dtype) -> List[Contender]:
         xq = _quant_x(x)[0]
         return lambda: torch.mm(xq, ws.t())
 
-    return [
-        Contender("linear", "torch", "dense", lambda w: w, lambda w, x: lambda: F.linear(x, w)),
+    semi = [] if CSLT is None else [
         Contender("linear", "torch-cusparselt", "2:4", CSLT.from_dense, lambda ws, x: lambda: F.linear(x, ws), sparse=True),
         Contender("linear", "torch-cutlass", "2:4", CUTLASS.from_dense, lambda ws, x: lambda: F.linear(x, ws), sparse=True),
         # int8 output saturates, so this one is timed but not checked.
         Contender("gemm", "torch-cusparselt", "2:4+int8 (int8 out)", int8_2to4, cslt_int8_call, expect="", sparse=True),
-        Contender("gemm", "torch._int_mm", "int8 (int32 out)", lambda w: _quant_w(w)[0], int_mm_call, expect="int32", tol=1e-3),
-        Contender("gemm", "torch._scaled_mm", "fp8 e4m3", fp8_state, fp8_call, expect="fp8"),
     ]
+    return [dense, *semi,
+            Contender("gemm", "torch._int_mm", "int8 (int32 out)", lambda w: _quant_w(w)[0], int_mm_call, expect="int32", tol=1e-3),
+            Contender("gemm", "torch._scaled_mm", "fp8 e4m3", fp8_state, fp8_call, expect="fp8")]
 
 
 TORCHAO_CONFIGS = {
@@ -386,8 +390,8 @@ def sweep_shape(n: int, k: int, ms: Sequence[int], dtype_name: str, contenders: 
                 timer: bm.Timer, check: bool = True, log: Callable[[str], None] = print) -> List[bm.Row]:
     """All contenders on one weight shape and dtype for every M; dense runs first at each M."""
     device, dtype = timer.device, bm.DTYPES[dtype_name]
-    gen = torch.Generator(device="cpu").manual_seed(n * 131 + k)
-    w = (torch.randn(n, k, generator=gen) * 0.02).to(device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(n * 131 + k)
+    w = (torch.randn(n, k, generator=gen, device=device) * 0.02).to(dtype)
     w24 = w * ref.prune_24(w)
     rows = compress_rows(w, w24, dtype_name)
     states: Dict[Tuple[str, str, str], Any] = {}
@@ -403,7 +407,7 @@ def sweep_shape(n: int, k: int, ms: Sequence[int], dtype_name: str, contenders: 
         if c.format != "dense":
             rows.append(row)
     for m in ms:
-        x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+        x = torch.randn(m, k, generator=gen, device=device).to(dtype)
         expected: Dict[Tuple[str, bool], Tensor] = {}
         dense_us = None
         for c in contenders:
@@ -435,6 +439,10 @@ def sweep_shape(n: int, k: int, ms: Sequence[int], dtype_name: str, contenders: 
             rows.append(row)
         log(f"  {n}x{k} {dtype_name} M={m}: dense {dense_us or float('nan'):.1f} us, "
             f"{sum(1 for r in rows if r.M == m and r.error)} failed of {len(contenders)}")
+        del x, expected
+    del states
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -472,15 +480,18 @@ def add_op_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-check", action="store_true", help="skip checking each output against the reference math")
     p.add_argument("--rep-ms", type=float, default=None, help="do_bench repetition budget per measurement (ms)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/<gpu>/)")
+    p.add_argument("--name", default=None, help="file stem (default ops / ops_quick / ops_smoke): split a long "
+                   "sweep into runs with their own files, then --merge them")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="CSV",
+                   help="measure nothing: combine these results CSVs into <out>/<name>.csv/.md/.png")
 
 
 def _csv_list(text: Optional[str], cast: Callable[[str], Any]) -> List[Any]:
     return [cast(v) for v in text.split(",") if v.strip()] if text else []
 
 
-def op_plan(args: argparse.Namespace, device: torch.device) -> Tuple[str, List[Tuple[int, int]], List[int], List[str], Dict[Tuple[int, int], str]]:
-    """(mode, shapes, Ms, dtypes, shape names) from the options."""
-    names = all_shapes()
+def op_plan(args: argparse.Namespace) -> Tuple[str, List[Tuple[int, int]], List[int], List[str]]:
+    """(mode, shapes, Ms, dtypes) from the options."""
     if args.smoke:
         mode, shapes, ms, dtypes = "smoke", list(SMOKE_SHAPES), list(M_SMOKE), ["fp16"]
     elif args.quick:
@@ -494,17 +505,41 @@ def op_plan(args: argparse.Namespace, device: torch.device) -> Tuple[str, List[T
     bad = [d for d in dtypes if d not in bm.DTYPES]
     if bad:
         raise SystemExit(f"unknown dtype {bad}; choose from {sorted(bm.DTYPES)}")
-    return mode, shapes, ms, dtypes, names
+    return mode, shapes, ms, dtypes
+
+
+def write_op_results(out: Path, stem: str, rows: Sequence[bm.Row], env: bm.Environment, title: str) -> None:
+    """``<stem>.csv``, ``<stem>.md`` and ``<stem>_<N>x<K>_<dtype>.png`` under ``out``."""
+    names = all_shapes()
+    bm.write_csv(out / f"{stem}.csv", rows, env)
+    bm.write_markdown(out / f"{stem}.md", bm.speedup_markdown(rows, env, title, names))
+    bm.plot_speedups(rows, env, out, prefix=stem, shape_names=names)
+
+
+def merge_ops(args: argparse.Namespace) -> Tuple[Path, List[bm.Row]]:
+    """Combine results CSVs of split runs into one set of files (rows keep their own environment)."""
+    rows = [r for path in args.merge for r in bm.rows_from_csv(path)]
+    if not rows:
+        raise SystemExit("--merge: the CSVs hold no rows")
+    env = rows[0].env
+    shas = sorted({r.env.git_sha for r in rows if r.env})
+    if len(shas) > 1:
+        env = bm.Environment(env.gpu, env.torch, env.cuda, "/".join(shas))
+    out = Path(args.out) if args.out else bm.results_dir(env)
+    write_op_results(out, args.name or "ops", rows, env, "sparseq op sweep")
+    return out, rows
 
 
 def run_ops(args: argparse.Namespace) -> Tuple[Path, List[bm.Row]]:
     """Run the op sweep the options describe and write ``ops[_mode].csv/.md`` and PNGs; returns (folder, rows)."""
+    if getattr(args, "merge", None):
+        return merge_ops(args)
     device = torch.device("cpu") if args.smoke else bm.default_device()
-    mode, shapes, ms, dtypes, names = op_plan(args, device)
+    mode, shapes, ms, dtypes = op_plan(args)
     env = bm.environment(device)
     smoke = args.smoke or device.type == "cpu"
-    timer = bm.Timer(device, warmup_ms=5 if mode == "quick" else 25,
-                     rep_ms=args.rep_ms or (20 if mode == "quick" else 100), cpu_reps=2 if smoke else 5)
+    timer = bm.Timer(device, warmup_ms=5 if mode == "quick" else 10,
+                     rep_ms=args.rep_ms or (20 if mode == "quick" else 50), cpu_reps=2 if smoke else 5)
     out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="sparseq-bench-smoke-")) if smoke
                                            else bm.results_dir(env))
     print(f"sparseq bench ({mode}): {env.header()}")
@@ -512,11 +547,9 @@ def run_ops(args: argparse.Namespace) -> Tuple[Path, List[bm.Row]]:
         print(bm.smoke_env_note())
     rows = run_op_sweep(shapes, ms, dtypes, timer, include_reference=args.with_reference or smoke,
                         only=_csv_list(args.backends, str), check=not args.no_check)
-    stem = "ops" if mode == "full" else f"ops_{mode}"
-    bm.write_csv(out / f"{stem}.csv", rows, env)
+    stem = args.name or ("ops" if mode == "full" else f"ops_{mode}")
     title = f"sparseq op sweep ({mode})" + (" — CPU smoke run, not a speed claim" if smoke else "")
-    bm.write_markdown(out / f"{stem}.md", bm.speedup_markdown(rows, env, title, names))
-    bm.plot_speedups(rows, env, out, prefix=stem, shape_names=names)
+    write_op_results(out, stem, rows, env, title)
     return out, rows
 
 

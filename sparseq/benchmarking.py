@@ -211,6 +211,8 @@ class Row:
     flops: Optional[float] = None
     bytes: Optional[float] = None
     error: Optional[str] = None
+    env: Optional[Environment] = None  # set on rows read back from a CSV
+    raw: Optional[Dict[str, str]] = dataclasses.field(default=None, repr=False)  # its CSV cells, rewritten as read
 
     @property
     def speedup(self) -> Optional[float]:
@@ -226,6 +228,8 @@ class Row:
         def num(v: Optional[float], fmt: str) -> str:
             return "" if v is None or not math.isfinite(v) else format(v, fmt)
 
+        if self.raw is not None:
+            return dict(self.raw)
         t = self.time_us
         per_s = (1e6 / t) if t else None
         return {
@@ -272,6 +276,28 @@ def read_csv(path: Path) -> List[Dict[str, str]]:
         if tuple(reader.fieldnames or ()) != CSV_COLUMNS:
             raise ValueError(f"{path}: header {reader.fieldnames} is not {list(CSV_COLUMNS)}")
         return list(reader)
+
+
+def rows_from_csv(path: Path) -> List[Row]:
+    """Rows of a results CSV as :class:`Row` objects (each keeps its own environment)."""
+
+    def num(text: str) -> Optional[float]:
+        return float(text) if text else None
+
+    rows = []
+    for d in read_csv(path):
+        t = d["time_us"]
+        error = t[len(ERROR_PREFIX):] if t.startswith(ERROR_PREFIX) else None
+        time_us = None if error else num(t)
+        per_s = 1e6 / time_us if time_us else None
+        tflops, gbps = num(d["tflops"]), num(d["gbps"])
+        rows.append(Row(
+            op=d["op"], backend=d["backend"], format=d["format"], dtype=d["dtype"], N=int(d["N"]), K=int(d["K"]),
+            M=int(d["M"]) if d["M"] else None, time_us=time_us, dense_us=num(d["dense_us"]),
+            flops=tflops * 1e12 / per_s if (tflops is not None and per_s) else None,
+            bytes=gbps * 1e9 / per_s if (gbps is not None and per_s) else None,
+            error=error, env=Environment(d["gpu"], d["torch"], d["cuda"], d["git_sha"]), raw=d))
+    return rows
 
 
 def _fmt_speedup(row: Optional[Row]) -> str:

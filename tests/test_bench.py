@@ -89,6 +89,15 @@ def test_e2e_smoke_writes_files(tmp_path):
     assert _is_png(tmp_path / "e2e_smoke.png")
 
 
+def test_merge_combines_split_runs(ops_smoke, tmp_path):
+    out, rows = bench.run_ops(bench_args(["--merge", str(ops_smoke / "ops_smoke.csv"), str(ops_smoke / "ops_smoke.csv"),
+                                          "--out", str(tmp_path), "--name", "merged"]))
+    merged = bm.read_csv(tmp_path / "merged.csv")
+    original = bm.read_csv(ops_smoke / "ops_smoke.csv")
+    assert merged == original + original
+    assert (tmp_path / "merged.md").exists() and _is_png(tmp_path / f"merged_{64}x{128}_fp16.png")
+
+
 def test_cli_without_gpu_says_so_and_runs_smoke(tmp_path, capsys, monkeypatch):
     from sparseq import cli
 
