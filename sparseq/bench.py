@@ -264,20 +264,17 @@ def op_contenders(backend: str, dtype: torch.dtype) -> List[Contender]:
         out.append(Contender(op, who, fmt, lambda w: hooked(base, prep(w)), lambda st, x: call(fn, st, x),
                              expect=expect, sparse=sparse))
 
-    def pre(x: Tensor) -> Tuple[Tensor, Tensor]:
-        return _quant_x(x)
-
     add("sparse24_mm", "2:4", lambda w: ref.compress_24(w), lambda f, st, x: lambda: f(x, *st), "float", True)
     add("int8_weight_only_mm", "int8_weight_only", _quant_w, lambda f, st, x: lambda: f(x, *st), "int8_weight_only", False)
     add("int8_mm", "w8a8", _quant_w,
-        lambda f, st, x: (lambda q: lambda: f(q[0], st[0], q[1], st[1], None, dtype))(pre(x)), "w8a8", False)
+        lambda f, st, x: (lambda q: lambda: f(q[0], st[0], q[1], st[1], None, dtype))(_quant_x(x)), "w8a8", False)
     add("int8_mm", "w8a8", _quant_w,
         lambda f, st, x: lambda: _w8a8(f, quant, x, st[0], st[1], dtype), "w8a8", False, op="linear", who=qlabel)
     s24q = lambda w: ref.prune_and_compress_24(w, None, quantize=True)  # noqa: E731
     add("sparse24_int8_mm", "2:4+int8_weight_only", s24q,
         lambda f, st, x: lambda: f(x, st[0], st[1], st[2], None, None, None), "int8_weight_only", True)
     add("sparse24_int8_mm", "2:4+w8a8", s24q,
-        lambda f, st, x: (lambda q: lambda: f(q[0], st[0], st[1], st[2], q[1], None, dtype))(pre(x)), "w8a8", True)
+        lambda f, st, x: (lambda q: lambda: f(q[0], st[0], st[1], st[2], q[1], None, dtype))(_quant_x(x)), "w8a8", True)
     add("sparse24_int8_mm", "2:4+w8a8", s24q,
         lambda f, st, x: lambda: _s24_w8a8(f, quant, x, st, dtype), "w8a8", True, op="linear", who=qlabel)
     return out
@@ -321,7 +318,7 @@ def rel_error(y: Tensor, expected: Tensor) -> float:
     return float(diff / expected.norm().clamp_min(1e-12))
 
 
-def compress_rows(w: Tensor, w24: Tensor, dtype_name: str) -> List[bm.Row]:
+def compress_rows(w: Tensor, dtype_name: str) -> List[bm.Row]:
     """One-time costs of every registered compression/quantization op (the reference included)."""
     rows = []
     n, k = w.shape
@@ -345,7 +342,7 @@ def sweep_shape(n: int, k: int, ms: Sequence[int], dtype_name: str, contenders: 
     gen = torch.Generator(device=device).manual_seed(n * 131 + k)
     w = (torch.randn(n, k, generator=gen, device=device) * 0.02).to(dtype)
     w24 = w * ref.prune_24(w)
-    rows = compress_rows(w, w24, dtype_name)
+    rows = compress_rows(w, dtype_name)
     states: Dict[Tuple[str, str, str], Any] = {}
     failed: Dict[Tuple[str, str, str], str] = {}
     for c in contenders:
@@ -490,10 +487,14 @@ def run_ops(args: argparse.Namespace) -> Tuple[Path, List[bm.Row]]:
     """Run the op sweep the options describe and write ``ops[_mode].csv/.md`` and PNGs; returns (folder, rows)."""
     if getattr(args, "merge", None):
         return merge_ops(args)
+    if not args.smoke and not torch.cuda.is_available():
+        print("sparseq bench: no CUDA GPU here, so no speed can be measured; running the CPU smoke mode "
+              "instead (checks that the benchmark works; its times are not speed claims).")
+        args.smoke = True
     device = torch.device("cpu") if args.smoke else bm.default_device()
     mode, shapes, ms, dtypes = op_plan(args)
     env = bm.environment(device)
-    smoke = args.smoke or device.type == "cpu"
+    smoke = args.smoke
     timer = bm.Timer(device, warmup_ms=5 if mode == "quick" else 10,
                      rep_ms=args.rep_ms or (20 if mode == "quick" else 50), cpu_reps=2 if smoke else 5)
     out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="sparseq-bench-smoke-")) if smoke
@@ -519,10 +520,6 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     """``sparseq bench``: a quick sweep by default, ``--full`` for the suite, ``--smoke`` on the CPU."""
-    if not args.smoke and not torch.cuda.is_available():
-        print("sparseq bench: no CUDA GPU here, so no speed can be measured; running the CPU smoke mode "
-              "instead (checks that the benchmark works; its times are not speed claims).")
-        args.smoke = True
     if not args.smoke and not args.full:
         args.quick = True
     out, rows = run_ops(args)
@@ -532,7 +529,7 @@ def run_bench(args: argparse.Namespace) -> int:
     else:
         print(f"{len(timed)} measurements, {sum(1 for r in timed if r.error)} failed: see the .md tables")
     print(f"results: {out}")
-    if args.full and not args.smoke:
+    if args.full and not args.smoke and not args.merge:
         return run_e2e_script(["--out", str(out)])
     return 0
 
