@@ -159,8 +159,11 @@ class Llama(nn.Module):
         return self.output(self.norm(x))
 
     def weight_bytes(self) -> int:
-        """Bytes of weights read per token (everything but the embedding table)."""
-        return bm.tensor_bytes(self.layers) + bm.tensor_bytes(self.norm) + bm.tensor_bytes(self.output)
+        """Bytes of weights read per token: everything but the embedding table and the KV caches."""
+        skip = {"k_cache", "v_cache", "cos", "sin"}
+        tensors = {id(t): t for part in (self.layers, self.norm, self.output)
+                   for name, t in [*part.named_parameters(), *part.named_buffers()] if name.split(".")[-1] not in skip}
+        return sum(bm.tensor_bytes(t) for t in tensors.values())
 
     def linear_params(self) -> int:
         return sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear))
