@@ -1,5 +1,40 @@
 """sparseq.kernels: Triton kernels and their wrappers (installed as ``sparseq.kernels``).
 
 Nothing is imported eagerly: import a kernel module (e.g. ``sparseq.kernels.int8_mm``) to
-compile-on-first-call and register its ``sparseq::<name>_triton`` op.
+compile-on-first-call and register its ``sparseq::<name>_triton`` op, or call
+:func:`register` to import them all. Importing this package imports neither triton nor any
+kernel module, and compiles nothing.
 """
+from __future__ import annotations
+
+import importlib
+from typing import Dict, List
+
+TRITON_OPS: Dict[str, str] = {
+    "quantize_per_token_triton": "sparseq.kernels.quantize",
+    "int8_mm_triton": "sparseq.kernels.int8_mm",
+    "int8_weight_only_mm_triton": "sparseq.kernels.int8_weight_only_mm",
+    "sparse24_mm_triton": "sparseq.kernels.sparse24_mm",
+    "sparse24_int8_mm_triton": "sparseq.kernels.sparse24_mm",
+    "prune_and_compress_24_triton": "sparseq.kernels.prune_compress",
+    "prune_and_compress_24_int8_triton": "sparseq.kernels.prune_compress",
+}
+"""``sparseq::<op>`` name -> the module whose import registers it (same schema as ``<op>`` without ``_triton``)."""
+
+
+def register() -> List[str]:
+    """Import every kernel module so that all ``sparseq::*_triton`` ops exist; returns their names.
+
+    Needs triton; compiles nothing (kernels compile on their first call).
+    """
+    for module in dict.fromkeys(TRITON_OPS.values()):
+        importlib.import_module(module)
+    return sorted(TRITON_OPS)
+
+
+def module_for(op_name: str) -> str:
+    """The module that registers ``op_name`` (e.g. ``"int8_mm_triton"``)."""
+    try:
+        return TRITON_OPS[op_name]
+    except KeyError:
+        raise ValueError(f"no Triton op {op_name!r}; known: {sorted(TRITON_OPS)}") from None

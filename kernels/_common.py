@@ -1,0 +1,157 @@
+"""Pieces shared by the Triton kernels: device checks, op registration, exact rounding, the
+scale/bias epilogue and the split-K reduction kernel."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from sparseq.ops import LIB, fake_from_reference
+
+from .configs import MatmulConfig
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_triton_device(**tensors: Optional[torch.Tensor]) -> None:
+    """Triton runs CUDA tensors, or CPU tensors under the interpreter (``TRITON_INTERPRET=1``)."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.device.type == "cuda" or (interpreting() and t.device.type == "cpu"):
+            continue
+        raise ValueError(
+            f"{name} is on {t.device}: the Triton kernels need CUDA tensors "
+            "(or CPU tensors with TRITON_INTERPRET=1)"
+        )
+
+
+def register_op(name: str, impl: Callable, reference: Callable):
+    """Register ``impl`` (typed like the reference op) as ``sparseq::name`` for every device,
+    with the reference's fake; a second import returns the existing op."""
+    qualname = f"{LIB}::{name}"
+    if qualname in torch._C._dispatch_get_all_op_names():
+        return getattr(torch.ops.sparseq, name)
+    op = torch.library.custom_op(qualname, mutates_args=())(impl)
+    op.register_fake(fake_from_reference(reference))
+    return op
+
+
+# ------------------------------------------------------------------------ device helpers
+
+
+@triton.jit
+def round_half_even(y):
+    """Round fp32 ``y`` to the nearest integer, ties to even (``torch.round``), as int32.
+
+    Exact integer arithmetic (truncate, compare the exact remainder): no libdevice call (the
+    interpreter has none) and no magic-number addition a compiler could reassociate away.
+    Valid for |y| < 2**31 (the callers clamp to int8 afterwards).
+    """
+    a = tl.abs(y)
+    r = a.to(tl.int32)  # truncation == floor for a >= 0
+    d = a - r.to(tl.float32)  # exact: r and a share the exponent range (Sterbenz) or r == 0
+    up = (d > 0.5) | ((d == 0.5) & ((r & 1) == 1))
+    r = r + up.to(tl.int32)
+    return tl.where(y < 0, -r, r)
+
+
+@triton.jit
+def scale_bias_store(acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_on,
+                     x_scale_ptr, w_scale_ptr, bias_ptr,
+                     HAS_X_SCALE: tl.constexpr, X_SCALE_PER_TOKEN: tl.constexpr,
+                     HAS_W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """``out = fp32(acc) * x_scale[:, None] * w_scale[None, :] + bias`` cast to the output dtype,
+    in the reference's order (left to right, fp32), ragged edges masked."""
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    y = acc.to(tl.float32)
+    if HAS_X_SCALE:
+        if X_SCALE_PER_TOKEN:
+            xs = tl.load(x_scale_ptr + offs_m, mask=mask_m, other=1.0)
+            y = y * xs[:, None]
+        else:
+            y = y * tl.load(x_scale_ptr)
+    if HAS_W_SCALE:
+        ws = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=1.0)
+        y = y * ws[None, :]
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        y = y + b[None, :]
+    ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped tile order (Triton tutorial 03): GROUP_M row tiles share each weight column tile in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % in_group) % group_m)
+    pid_n = (pid % in_group) // group_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def k_range(K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The [k_start, k_end) slice of K (whole BLOCK_K tiles) of split ``program_id(1)``."""
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    pid_k = tl.program_id(1)
+    k_start = pid_k * per_split * BLOCK_K
+    k_end = tl.minimum(k_start + per_split * BLOCK_K, K)
+    return k_start, k_end
+
+
+@triton.jit
+def _splitk_epilogue_kernel(acc_ptr, out_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, M, N,
+                            stride_om, stride_on,
+                            HAS_X_SCALE: tl.constexpr, X_SCALE_PER_TOKEN: tl.constexpr,
+                            HAS_W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Second half of split-K: the summed partials (int32 or fp32, [M, N] contiguous) through
+    the epilogue into the output."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    acc = tl.load(acc_ptr + offs_m[:, None] * N + offs_n[None, :], mask=mask, other=0)
+    scale_bias_store(acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_on, x_scale_ptr, w_scale_ptr, bias_ptr,
+                     HAS_X_SCALE, X_SCALE_PER_TOKEN, HAS_W_SCALE, HAS_BIAS)
+
+
+def splitk_workspace(m: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The zeroed [M, N] partial-sum buffer the split-K programs atomically add into."""
+    return torch.zeros((m, n), dtype=dtype, device=device)
+
+
+def splitk_epilogue(acc: torch.Tensor, out: torch.Tensor, x_scale: Optional[torch.Tensor],
+                    w_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> None:
+    """Launch :func:`_splitk_epilogue_kernel` over ``out``."""
+    m, n = out.shape
+    bm, bn = 32, 128
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    dummy = acc
+    _splitk_epilogue_kernel[grid](
+        acc, out, x_scale if x_scale is not None else dummy, w_scale if w_scale is not None else dummy,
+        bias if bias is not None else dummy, m, n, out.stride(0), out.stride(1),
+        HAS_X_SCALE=x_scale is not None, X_SCALE_PER_TOKEN=x_scale is not None and x_scale.shape[0] > 1,
+        HAS_W_SCALE=w_scale is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+
+
+def launch_meta(cfg: MatmulConfig) -> dict:
+    """The constexpr/launch keyword arguments of a GEMM kernel for ``cfg``."""
+    return dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_K=cfg.SPLIT_K,
+                GROUP_M=cfg.GROUP_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def gemm_grid(m: int, n: int, cfg: MatmulConfig) -> tuple:
+    return (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N), cfg.SPLIT_K)

@@ -1,0 +1,128 @@
+"""M-bucketed launch configs of the Triton GEMMs (tile sizes, split-K, warps, stages).
+
+The buckets follow the dispatch layer (M = 1, 2-16, 17-64, 65-256, 257-1024, >1024). Small M
+is the decode path, bound by weight bytes: narrow N tiles and deep K tiles keep many wide
+loads in flight, and split-K adds CTAs when N alone gives too few to fill the GPU. Large M is
+bound by tensor-core rate: big square tiles and grouped (L2-friendly) tile order. The values
+are starting points for H100 (132 SMs) until ``sparseq tune`` measures them; every config is
+correct for every shape (ragged edges are masked).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, replace
+from typing import Dict, Optional, Tuple
+
+import torch
+
+M_BUCKETS: Tuple[int, ...] = (1, 16, 64, 256, 1024)
+"""Upper bounds of the M buckets; above the last one is the large-M bucket (key 0)."""
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    """One launch config: tile sizes (BLOCK_K counts dense K), split-K, grouping, warps, stages."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    SPLIT_K: int = 1
+    GROUP_M: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two >= 16 (tl.dot), got {v}")
+        if self.SPLIT_K < 1 or self.GROUP_M < 1:
+            raise ValueError(f"SPLIT_K and GROUP_M must be >= 1, got {self.SPLIT_K}, {self.GROUP_M}")
+
+
+C = MatmulConfig
+# family -> M bucket -> config (SPLIT_K=1 here: split-K is chosen per shape by `pick`).
+CONFIGS: Dict[str, Dict[int, MatmulConfig]] = {
+    # W8A8: int8 x int8 -> int32 (both K-major).
+    "int8": {
+        1: C(16, 64, 256, num_warps=4, num_stages=4),
+        16: C(16, 64, 256, num_warps=4, num_stages=4),
+        64: C(64, 64, 128, num_warps=4, num_stages=4),
+        256: C(64, 128, 128, num_warps=4, num_stages=4),
+        1024: C(128, 128, 128, num_warps=8, num_stages=3),
+        0: C(128, 256, 128, num_warps=8, num_stages=3),
+    },
+    # bf16/fp16 activations x int8 weights dequantized in registers.
+    "int8_weight_only": {
+        1: C(16, 64, 256, num_warps=4, num_stages=4),
+        16: C(16, 64, 256, num_warps=4, num_stages=4),
+        64: C(64, 64, 128, num_warps=4, num_stages=4),
+        256: C(64, 128, 64, num_warps=4, num_stages=4),
+        1024: C(128, 128, 64, num_warps=8, num_stages=3),
+        0: C(128, 256, 64, num_warps=8, num_stages=3),
+    },
+    # 2:4 with float values: the compressed tile (BLOCK_N x BLOCK_K/2 values + meta) is expanded in registers.
+    "sparse24": {
+        1: C(16, 64, 256, num_warps=4, num_stages=4),
+        16: C(16, 64, 256, num_warps=4, num_stages=4),
+        64: C(64, 64, 128, num_warps=4, num_stages=3),
+        256: C(64, 128, 64, num_warps=4, num_stages=3),
+        1024: C(128, 128, 64, num_warps=8, num_stages=3),
+        0: C(128, 128, 64, num_warps=8, num_stages=3),
+    },
+    # 2:4 with int8 values (weight-only or W8A8).
+    "sparse24_int8": {
+        1: C(16, 64, 256, num_warps=4, num_stages=4),
+        16: C(16, 64, 256, num_warps=4, num_stages=4),
+        64: C(64, 64, 128, num_warps=4, num_stages=3),
+        256: C(64, 128, 128, num_warps=4, num_stages=3),
+        1024: C(128, 128, 128, num_warps=8, num_stages=3),
+        0: C(128, 128, 128, num_warps=8, num_stages=3),
+    },
+}
+
+
+def m_bucket(m: int) -> int:
+    """The bucket key of ``m``: the smallest bound in :data:`M_BUCKETS` >= m, else 0 (large M)."""
+    for bound in M_BUCKETS:
+        if m <= bound:
+            return bound
+    return 0
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: Optional[torch.device] = None) -> int:
+    """Streaming multiprocessors of ``device`` (132, an H100 SXM, under the interpreter)."""
+    if device is None or torch.device(device).type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return 132
+    device = torch.device(device)
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def split_k_for(m: int, n: int, k: int, cfg: MatmulConfig, sms: int) -> int:
+    """Split-K factor for small M: split while the tiles fill fewer than ~2 waves of CTAs and
+    every split still gets at least 4 K tiles (so the int32/fp32 partial sums stay cheap)."""
+    if m_bucket(m) == 0 or m > 64:
+        return 1
+    tiles = -(-m // cfg.BLOCK_M) * -(-n // cfg.BLOCK_N)
+    k_tiles = -(-k // cfg.BLOCK_K)
+    split = 1
+    while split < 16 and tiles * split * 2 <= 2 * sms and k_tiles // (split * 2) >= 4:
+        split *= 2
+    return split
+
+
+def pick(family: str, m: int, n: int, k: int, device: Optional[torch.device] = None) -> MatmulConfig:
+    """The config of ``family`` for an ``[m, k] x [n, k]^T`` product on ``device``."""
+    try:
+        table = CONFIGS[family]
+    except KeyError:
+        raise ValueError(f"unknown kernel family {family!r}; choose from {sorted(CONFIGS)}") from None
+    cfg = table[m_bucket(m)]
+    split = split_k_for(m, n, k, cfg, sm_count(device))
+    return replace(cfg, SPLIT_K=split) if split != cfg.SPLIT_K else cfg

@@ -1,0 +1,112 @@
+"""Dynamic per-token int8 quantization of activations in one pass over X (``quantize_per_token``).
+
+Per row: optional SmoothQuant division by ``smooth[K]``, absolute maximum, fp32 scale
+``amax / 127`` (1.0 for an all-zero row), round half to even, clamp to [-127, 127], int8 out.
+Bit-exact with ``sparseq.reference.quantize_per_token``: the divisions are correctly rounded
+(``div_rn``, never the approximate fp32 ``/``) and rounding is exact integer arithmetic.
+Rows up to ``MAX_SINGLE_PASS_K`` stay in registers (X is read once); longer rows are read
+twice, the second time mostly from L2.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from sparseq import reference as ref
+from sparseq._checks import FLOAT_DTYPES, check_scale_vector, check_tensor
+
+from ._common import check_triton_device, register_op, round_half_even
+
+MAX_SINGLE_PASS_K = 16384
+"""Rows up to this many features are loaded once and kept in registers."""
+
+
+@triton.jit
+def _smoothed_row(x_ptr, smooth_ptr, row, stride_xm, offs_k, mask_k, HAS_SMOOTH: tl.constexpr):
+    x = tl.load(x_ptr + row * stride_xm + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    if HAS_SMOOTH:
+        f = tl.load(smooth_ptr + offs_k, mask=mask_k, other=1.0)
+        x = tl.math.div_rn(x, f)
+    return x
+
+
+@triton.jit
+def _quantize_row(xs, scale):
+    q = round_half_even(tl.math.div_rn(xs, scale))
+    return tl.minimum(tl.maximum(q, -127), 127).to(tl.int8)
+
+
+@triton.jit
+def _quantize_per_token_kernel(x_ptr, smooth_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm,
+                               HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr):
+    """One program per row: absmax of x/smooth, scale, quantize."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    if SINGLE_PASS:
+        mask = offs < K
+        xs = _smoothed_row(x_ptr, smooth_ptr, row, stride_xm, offs, mask, HAS_SMOOTH)
+        amax = tl.max(tl.abs(xs), axis=0)
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, 127.0), 1.0)
+        tl.store(q_ptr + row * stride_qm + offs, _quantize_row(xs, scale), mask=mask)
+    else:
+        amax_vec = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask = k0 + offs < K
+            xs = _smoothed_row(x_ptr, smooth_ptr, row, stride_xm, k0 + offs, mask, HAS_SMOOTH)
+            amax_vec = tl.maximum(amax_vec, tl.abs(xs))
+        amax = tl.max(amax_vec, axis=0)
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, 127.0), 1.0)
+        for k0 in range(0, K, BLOCK_K):
+            mask = k0 + offs < K
+            xs = _smoothed_row(x_ptr, smooth_ptr, row, stride_xm, k0 + offs, mask, HAS_SMOOTH)
+            tl.store(q_ptr + row * stride_qm + k0 + offs, _quantize_row(xs, scale), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+def _check(x: Tensor, smooth: Optional[Tensor]) -> None:
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
+    if smooth is not None:
+        check_scale_vector("smooth", smooth, x.shape[1], x)
+        if not smooth.is_contiguous():
+            raise ValueError("smooth must be contiguous")
+    check_triton_device(x=x, smooth=smooth)
+    if x.shape[1] == 0:
+        raise ValueError("x must have K >= 1 features")
+
+
+def quantize_per_token(x: Tensor, smooth: Optional[Tensor] = None,
+                       block_k: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """Triton ``quantize_per_token``: ``x[M, K]`` (bf16/fp16/fp32, optionally divided by the
+    SmoothQuant ``smooth[K]``) -> ``(q int8[M, K], scale fp32[M])``, bit-exact with the reference.
+
+    Checks dtypes, shapes and devices before the launch; it does not scan the values (no
+    NaN/Inf or ``smooth > 0`` check: that would cost a pass and a sync on the hot path).
+    ``block_k`` (a power of two) forces the K chunk, e.g. to test the two-pass path.
+    """
+    _check(x, smooth)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    scale = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, scale
+    if block_k is None:
+        block_k = triton.next_power_of_2(k) if k <= MAX_SINGLE_PASS_K else 4096
+    single = block_k >= k
+    num_warps = 4 if block_k <= 2048 else (8 if block_k <= 8192 else 16)
+    _quantize_per_token_kernel[(m,)](
+        x, smooth if smooth is not None else x, q, scale, k, x.stride(0), q.stride(0),
+        HAS_SMOOTH=smooth is not None, BLOCK_K=block_k, SINGLE_PASS=single, num_warps=num_warps)
+    return q, scale
+
+
+def _quantize_per_token_triton(x: Tensor, smooth: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    return quantize_per_token(x, smooth)
+
+
+quantize_per_token_triton = register_op("quantize_per_token_triton", _quantize_per_token_triton, ref.quantize_per_token)
