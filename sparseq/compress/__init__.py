@@ -1,0 +1,1 @@
+"""Compression workflow (placeholder, filled below)."""
