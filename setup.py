@@ -88,6 +88,9 @@ def cuda_extensions():
     unknown = [a for a in archs if a not in EXTENSIONS]
     if unknown:
         raise SystemExit(f"SPARSEQ_CUDA_ARCHS: unknown targets {unknown}; choose from {sorted(EXTENSIONS)}")
+    if "90a" in archs and "80" not in archs:
+        _say("note: sparseq._C (80) registers the public CUTLASS ops and routes to the sm90a kernels; "
+             "building 90a alone leaves only the sm90 converters and private sm90a ops")
     exts = []
     for arch in archs:
         module, folder, gencode = EXTENSIONS[arch]

@@ -1,0 +1,4 @@
+// sm90a 2:4 GEMM instantiation: fp16 x fp16 -> fp16, tile config "Small" (see sparseq/sm90_kernels.h).
+#include "sparseq/sm90_sparse24_gemm.cuh"
+
+SPARSEQ_SM90_LAUNCHER(fp16_fp16_m64, cutlass::half_t, cutlass::half_t, Small)

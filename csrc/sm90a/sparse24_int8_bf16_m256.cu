@@ -1,0 +1,4 @@
+// sm90a 2:4 GEMM instantiation: int8 x int8 -> bf16, tile config "Medium" (see sparseq/sm90_kernels.h).
+#include "sparseq/sm90_sparse24_gemm.cuh"
+
+SPARSEQ_SM90_LAUNCHER(int8_bf16_m256, int8_t, cutlass::bfloat16_t, Medium)
