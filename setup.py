@@ -102,7 +102,7 @@ def cuda_extensions():
             sources=sources,
             include_dirs=[os.path.join(ROOT, "csrc", "include")] + includes,
             extra_compile_args={
-                "cxx": ["-O3", "-std=c++17"],
+                "cxx": ["-O3", "-std=c++20"],  # torch >= 2.10 headers need C++20 (bindings only)
                 "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--expt-extended-lambda",
                          "-DNDEBUG", "-DCUTLASS_ENABLE_TENSOR_CORE_MMA=1", *gencode],
             },

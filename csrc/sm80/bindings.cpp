@@ -21,10 +21,10 @@ const KernelEntry kSm80Kernels[] = {
 // 90 for sm90 (the sm90a kernels), 80 for sm80-sm89, an error otherwise.
 int arch_of(const at::Tensor& x) {
   TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got device ", x.device());
-  auto* props = at::cuda::getDeviceProperties(x.device().index());
-  if (props->major == 9 && props->minor == 0) return 90;
-  TORCH_CHECK(props->major == 8, "sparseq's CUTLASS 2:4 kernels run on sm80-sm89 and sm90 GPUs, not sm",
-              props->major, props->minor);
+  auto props = sparseq::device_info(x.device().index());
+  if (props.major == 9 && props.minor == 0) return 90;
+  TORCH_CHECK(props.major == 8, "sparseq's CUTLASS 2:4 kernels run on sm80-sm89 and sm90 GPUs, not sm",
+              props.major, props.minor);
   return 80;
 }
 
@@ -68,7 +68,7 @@ at::Tensor meta_to_cutlass_sm80(const at::Tensor& values, const at::Tensor& meta
   at::Tensor out = bits == 16 ? at::empty({k / 32, n, 2}, meta.options().dtype(at::kShort))
                               : at::empty({k / 64, n, 2}, meta.options().dtype(at::kInt));
   const char* err = sparseq_meta_to_cutlass_sm80(meta.data_ptr<uint8_t>(), out.data_ptr(), int(n), int(k), bits,
-                                                 at::cuda::getCurrentCUDAStream());
+                                                 sparseq::current_stream(values));
   TORCH_CHECK(err == nullptr, "sparseq: ", err);
   return out;
 }
@@ -79,7 +79,7 @@ at::Tensor meta_from_cutlass_sm80(const at::Tensor& values, const at::Tensor& me
   c10::cuda::CUDAGuard guard(values.device());
   at::Tensor out = at::empty({n, k / 8}, meta_cutlass.options().dtype(at::kByte));
   const char* err = sparseq_meta_from_cutlass_sm80(meta_cutlass.data_ptr(), out.data_ptr<uint8_t>(), int(n), int(k),
-                                                   bits, at::cuda::getCurrentCUDAStream());
+                                                   bits, sparseq::current_stream(values));
   TORCH_CHECK(err == nullptr, "sparseq: ", err);
   return out;
 }

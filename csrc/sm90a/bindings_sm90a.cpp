@@ -18,9 +18,9 @@ const KernelEntry kSm90Kernels[] = {
 };
 
 void check_sm90(const at::Tensor& x) {
-  auto* props = at::cuda::getDeviceProperties(x.device().index());
-  TORCH_CHECK(props->major == 9 && props->minor == 0, "sparseq sm90a kernels need an sm90 (Hopper) GPU, got sm",
-              props->major, props->minor);
+  auto props = sparseq::device_info(x.device().index());
+  TORCH_CHECK(props.major == 9 && props.minor == 0, "sparseq sm90a kernels need an sm90 (Hopper) GPU, got sm",
+              props.major, props.minor);
 }
 
 at::Tensor mm_sm90a(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
@@ -45,7 +45,7 @@ at::Tensor meta_to_cutlass_sm90(const at::Tensor& values, const at::Tensor& meta
   c10::cuda::CUDAGuard guard(values.device());
   at::Tensor out = at::empty({k / 128, n / 64, 1024}, meta.options());
   const char* err = sparseq_meta_to_cutlass_sm90(meta.data_ptr<uint8_t>(), out.data_ptr<uint8_t>(), int(n), int(k),
-                                                 bits, at::cuda::getCurrentCUDAStream());
+                                                 bits, sparseq::current_stream(values));
   TORCH_CHECK(err == nullptr, "sparseq: ", err);
   return out;
 }
@@ -56,7 +56,7 @@ at::Tensor meta_from_cutlass_sm90(const at::Tensor& values, const at::Tensor& me
   c10::cuda::CUDAGuard guard(values.device());
   at::Tensor out = at::empty({n, k / 8}, meta_cutlass.options());
   const char* err = sparseq_meta_from_cutlass_sm90(meta_cutlass.data_ptr<uint8_t>(), out.data_ptr<uint8_t>(), int(n),
-                                                   int(k), bits, at::cuda::getCurrentCUDAStream());
+                                                   int(k), bits, sparseq::current_stream(values));
   TORCH_CHECK(err == nullptr, "sparseq: ", err);
   return out;
 }

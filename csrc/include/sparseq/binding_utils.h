@@ -3,15 +3,46 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 
+#include <array>
+#include <atomic>
 #include <optional>
 #include <string>
 
 #include "sparseq/launchers.h"
 
 namespace sparseq {
+
+// Compute capability and SM count of a device, queried once per device (no ATen/cuda headers:
+// those pull in cuBLAS/cuSPARSE headers that a bare toolkit may lack).
+struct DeviceInfo {
+  int major;
+  int minor;
+  int sm_count;
+};
+
+inline DeviceInfo device_info(int device) {
+  static std::array<std::atomic<int>, 64> packed{};  // major * 1e6 + minor * 1e4 + sm_count, 0 = unknown
+  TORCH_CHECK(device >= 0 && device < 64, "sparseq: device index ", device, " out of range");
+  int v = packed[device].load(std::memory_order_relaxed);
+  if (v == 0) {
+    int major = 0, minor = 0, sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    v = major * 1000000 + minor * 10000 + sms;
+    packed[device].store(v, std::memory_order_relaxed);
+  }
+  return {v / 1000000, (v / 10000) % 100, v % 10000};
+}
+
+inline cudaStream_t current_stream(const at::Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
 
 // One kernel instantiation: input/output dtypes, the largest M it is meant for (0 = any).
 struct KernelEntry {
@@ -137,8 +168,8 @@ inline SparseqGemmArgs make_args(const at::Tensor& x, const at::Tensor& values, 
   a.m = static_cast<int>(m);
   a.k = static_cast<int>(k);
   a.device_id = x.device().index();
-  a.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  a.stream = at::cuda::getCurrentCUDAStream();
+  a.sm_count = device_info(a.device_id).sm_count;
+  a.stream = current_stream(x);
   return a;
 }
 
