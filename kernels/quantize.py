@@ -4,7 +4,7 @@ Per row: optional SmoothQuant division by ``smooth[K]``, absolute maximum, fp32 
 ``amax / 127`` (1.0 for an all-zero row), round half to even, clamp to [-127, 127], int8 out.
 Bit-exact with ``sparseq.reference.quantize_per_token``: the divisions are correctly rounded
 (``div_rn``, never the approximate fp32 ``/``) and rounding is exact integer arithmetic.
-Rows up to ``MAX_SINGLE_PASS_K`` stay in registers (X is read once); longer rows are read
+Short rows are processed several per program. Rows up to ``MAX_SINGLE_PASS_K`` stay in registers (X is read once); longer rows are read
 twice, the second time mostly from L2.
 """
 from __future__ import annotations
@@ -26,45 +26,51 @@ MAX_SINGLE_PASS_K = 16384
 
 
 @triton.jit
-def _smoothed_row(x_ptr, smooth_ptr, row, stride_xm, offs_k, mask_k, HAS_SMOOTH: tl.constexpr):
-    x = tl.load(x_ptr + row * stride_xm + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+def _smoothed_tile(x_ptr, smooth_ptr, rows, stride_xm, offs_k, mask_m, K, HAS_SMOOTH: tl.constexpr):
+    """fp32 ``x[rows, offs_k] / smooth[offs_k]`` (correctly rounded), 0 outside the tensor."""
+    mask_k = offs_k < K
+    mask = mask_m[:, None] & mask_k[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_SMOOTH:
         f = tl.load(smooth_ptr + offs_k, mask=mask_k, other=1.0)
-        x = tl.math.div_rn(x, f)
+        x = tl.math.div_rn(x, f[None, :])
     return x
 
 
 @triton.jit
-def _quantize_row(xs, scale):
-    q = round_half_even(tl.math.div_rn(xs, scale))
+def _quantize_tile(xs, scale):
+    q = round_half_even(tl.math.div_rn(xs, scale[:, None]))
     return tl.minimum(tl.maximum(q, -127), 127).to(tl.int8)
 
 
 @triton.jit
-def _quantize_per_token_kernel(x_ptr, smooth_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm,
-                               HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr):
-    """One program per row: absmax of x/smooth, scale, quantize."""
-    row = tl.program_id(0).to(tl.int64)
+def _quantize_per_token_kernel(x_ptr, smooth_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm,
+                               HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                               SINGLE_PASS: tl.constexpr):
+    """BLOCK_M rows per program: absmax of x/smooth per row, scale, quantize."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    rows = offs_m.to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     if SINGLE_PASS:
-        mask = offs < K
-        xs = _smoothed_row(x_ptr, smooth_ptr, row, stride_xm, offs, mask, HAS_SMOOTH)
-        amax = tl.max(tl.abs(xs), axis=0)
+        mask = mask_m[:, None] & (offs < K)[None, :]
+        xs = _smoothed_tile(x_ptr, smooth_ptr, rows, stride_xm, offs, mask_m, K, HAS_SMOOTH)
+        amax = tl.max(tl.abs(xs), axis=1)
         scale = tl.where(amax > 0, tl.math.div_rn(amax, 127.0), 1.0)
-        tl.store(q_ptr + row * stride_qm + offs, _quantize_row(xs, scale), mask=mask)
+        tl.store(q_ptr + rows[:, None] * stride_qm + offs[None, :], _quantize_tile(xs, scale), mask=mask)
     else:
-        amax_vec = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        amax_tile = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            mask = k0 + offs < K
-            xs = _smoothed_row(x_ptr, smooth_ptr, row, stride_xm, k0 + offs, mask, HAS_SMOOTH)
-            amax_vec = tl.maximum(amax_vec, tl.abs(xs))
-        amax = tl.max(amax_vec, axis=0)
+            mask = mask_m[:, None] & (k0 + offs < K)[None, :]
+            xs = _smoothed_tile(x_ptr, smooth_ptr, rows, stride_xm, k0 + offs, mask_m, K, HAS_SMOOTH)
+            amax_tile = tl.maximum(amax_tile, tl.abs(xs))
+        amax = tl.max(amax_tile, axis=1)
         scale = tl.where(amax > 0, tl.math.div_rn(amax, 127.0), 1.0)
         for k0 in range(0, K, BLOCK_K):
-            mask = k0 + offs < K
-            xs = _smoothed_row(x_ptr, smooth_ptr, row, stride_xm, k0 + offs, mask, HAS_SMOOTH)
-            tl.store(q_ptr + row * stride_qm + k0 + offs, _quantize_row(xs, scale), mask=mask)
-    tl.store(scale_ptr + row, scale)
+            mask = mask_m[:, None] & (k0 + offs < K)[None, :]
+            xs = _smoothed_tile(x_ptr, smooth_ptr, rows, stride_xm, k0 + offs, mask_m, K, HAS_SMOOTH)
+            tl.store(q_ptr + rows[:, None] * stride_qm + (k0 + offs)[None, :], _quantize_tile(xs, scale), mask=mask)
+    tl.store(scale_ptr + offs_m, scale, mask=mask_m)
 
 
 def _check(x: Tensor, smooth: Optional[Tensor]) -> None:
@@ -98,10 +104,12 @@ def quantize_per_token(x: Tensor, smooth: Optional[Tensor] = None,
     if block_k is None:
         block_k = triton.next_power_of_2(k) if k <= MAX_SINGLE_PASS_K else 4096
     single = block_k >= k
-    num_warps = 4 if block_k <= 2048 else (8 if block_k <= 8192 else 16)
-    _quantize_per_token_kernel[(m,)](
-        x, smooth if smooth is not None else x, q, scale, k, x.stride(0), q.stride(0),
-        HAS_SMOOTH=smooth is not None, BLOCK_K=block_k, SINGLE_PASS=single, num_warps=num_warps)
+    # Small rows: several per program (about 4096 elements per tile); long rows: one.
+    block_m = max(1, min(16, 4096 // block_k))
+    num_warps = 4 if block_m * block_k <= 4096 else (8 if block_k <= 8192 else 16)
+    _quantize_per_token_kernel[(triton.cdiv(m, block_m),)](
+        x, smooth if smooth is not None else x, q, scale, m, k, x.stride(0), q.stride(0),
+        HAS_SMOOTH=smooth is not None, BLOCK_M=block_m, BLOCK_K=block_k, SINGLE_PASS=single, num_warps=num_warps)
     return q, scale
 
 
