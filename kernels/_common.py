@@ -73,12 +73,12 @@ def scale_bias_store(acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_on,
     y = acc.to(tl.float32)
     if HAS_X_SCALE:
         if X_SCALE_PER_TOKEN:
-            xs = tl.load(x_scale_ptr + offs_m, mask=mask_m, other=1.0)
+            xs = tl.load(x_scale_ptr + offs_m, mask=mask_m, other=0.0)  # 0: no overflow in dead lanes
             y = y * xs[:, None]
         else:
             y = y * tl.load(x_scale_ptr)
     if HAS_W_SCALE:
-        ws = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=1.0)
+        ws = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
         y = y * ws[None, :]
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
