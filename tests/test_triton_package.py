@@ -1,0 +1,72 @@
+"""sparseq.kernels: import-light, registers every sparseq::*_triton op with its reference's schema;
+benchmarks/bench_triton.py runs end to end in its CPU smoke mode (interpreter)."""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def test_import_is_light():
+    code = ("import sys, sparseq.kernels as k; assert 'triton' not in sys.modules, 'triton imported'; "
+            "assert not [m for m in sys.modules if m.startswith('sparseq.kernels.')], 'kernel module imported'; "
+            "print(sorted(k.TRITON_OPS))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "int8_mm_triton" in out.stdout
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_register_every_op_with_the_reference_schema():
+    import sparseq.kernels as k
+    from sparseq import ops
+
+    names = k.register()
+    assert names == sorted(k.TRITON_OPS)
+    for name in names:
+        base = name[: -len("_triton")]
+        assert base in ops.REFERENCE_OPS
+        mine = getattr(torch.ops.sparseq, name).default._schema
+        theirs = getattr(torch.ops.sparseq, base).default._schema
+        assert str(mine).replace(name, base, 1) == str(theirs), (mine, theirs)
+    assert k.module_for("int8_mm_triton") == "sparseq.kernels.int8_mm"
+    with pytest.raises(ValueError, match="no Triton op"):
+        k.module_for("int4_mm_triton")
+    k.register()  # a second registration is a no-op
+
+
+def test_configs_cover_every_bucket():
+    from sparseq.kernels import configs
+
+    for family, table in configs.CONFIGS.items():
+        assert set(table) == set(configs.M_BUCKETS) | {0}, family
+        for m in (1, 2, 16, 17, 64, 65, 256, 1024, 1025, 16384):
+            cfg = configs.pick(family, m, 4096, 4096)
+            assert cfg.SPLIT_K == 1 or m <= 64
+    assert configs.pick("int8_weight_only", 1, 4096, 4096).SPLIT_K > 1  # decode: too few N tiles alone
+    assert configs.pick("int8", 4096, 4096, 4096).SPLIT_K == 1
+    with pytest.raises(ValueError, match="unknown kernel family"):
+        configs.pick("int4", 1, 16, 16)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_bench_triton_smoke(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_triton.py"), "--smoke", "--out", str(tmp_path),
+           "--shape", "64x128", "--m", "1,5"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    from sparseq import benchmarking as bm
+
+    rows = bm.rows_from_csv(tmp_path / "triton.csv")
+    assert not [r for r in rows if r.error]
+    formats = {r.format for r in rows}
+    assert {"dense", "int8_weight_only", "w8a8", "2:4", "2:4+int8_weight_only", "2:4+w8a8"} <= formats
+    md = (tmp_path / "triton.md").read_text()
+    assert "not a speed claim" in md and "Goals of issue 4" in md
