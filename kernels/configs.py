@@ -1,8 +1,9 @@
 """M-bucketed launch configs of the Triton GEMMs (tile sizes, split-K, warps, stages).
 
 The buckets follow the dispatch layer (M = 1, 2-16, 17-64, 65-256, 257-1024, >1024). Small M
-is the decode path, bound by weight bytes: narrow N tiles and deep K tiles keep many wide
-loads in flight, and split-K adds CTAs when N alone gives too few to fill the GPU. Large M is
+is the decode path, bound by weight bytes: narrow N tiles (32 rows: N=4096 gives 128 CTAs,
+one wave on 132 SMs) and deep K tiles (512) with 4 stages keep ~32-64 KB of wide loads in
+flight per SM; split-K adds CTAs only when N alone cannot fill the GPU. Large M is
 bound by tensor-core rate: big square tiles and grouped (L2-friendly) tile order. The values
 are starting points for H100 (132 SMs) until ``sparseq tune`` measures them; every config is
 correct for every shape (ragged edges are masked).
@@ -46,8 +47,8 @@ C = MatmulConfig
 CONFIGS: Dict[str, Dict[int, MatmulConfig]] = {
     # W8A8: int8 x int8 -> int32 (both K-major).
     "int8": {
-        1: C(16, 64, 256, num_warps=4, num_stages=4),
-        16: C(16, 64, 256, num_warps=4, num_stages=4),
+        1: C(16, 32, 512, num_warps=4, num_stages=4),
+        16: C(16, 32, 512, num_warps=4, num_stages=4),
         64: C(64, 64, 128, num_warps=4, num_stages=4),
         256: C(64, 128, 128, num_warps=4, num_stages=4),
         1024: C(128, 128, 128, num_warps=8, num_stages=3),
@@ -55,8 +56,8 @@ CONFIGS: Dict[str, Dict[int, MatmulConfig]] = {
     },
     # bf16/fp16 activations x int8 weights dequantized in registers.
     "int8_weight_only": {
-        1: C(16, 64, 256, num_warps=4, num_stages=4),
-        16: C(16, 64, 256, num_warps=4, num_stages=4),
+        1: C(16, 32, 256, num_warps=4, num_stages=5),
+        16: C(16, 32, 256, num_warps=4, num_stages=5),
         64: C(64, 64, 128, num_warps=4, num_stages=4),
         256: C(64, 128, 64, num_warps=4, num_stages=4),
         1024: C(128, 128, 64, num_warps=8, num_stages=3),
@@ -64,8 +65,8 @@ CONFIGS: Dict[str, Dict[int, MatmulConfig]] = {
     },
     # 2:4 with float values: the compressed tile (BLOCK_N x BLOCK_K/2 values + meta) is expanded in registers.
     "sparse24": {
-        1: C(16, 64, 256, num_warps=4, num_stages=4),
-        16: C(16, 64, 256, num_warps=4, num_stages=4),
+        1: C(16, 32, 256, num_warps=4, num_stages=5),
+        16: C(16, 32, 256, num_warps=4, num_stages=5),
         64: C(64, 64, 128, num_warps=4, num_stages=3),
         256: C(64, 128, 64, num_warps=4, num_stages=3),
         1024: C(128, 128, 64, num_warps=8, num_stages=3),
@@ -73,8 +74,8 @@ CONFIGS: Dict[str, Dict[int, MatmulConfig]] = {
     },
     # 2:4 with int8 values (weight-only or W8A8).
     "sparse24_int8": {
-        1: C(16, 64, 256, num_warps=4, num_stages=4),
-        16: C(16, 64, 256, num_warps=4, num_stages=4),
+        1: C(16, 32, 256, num_warps=4, num_stages=5),
+        16: C(16, 32, 256, num_warps=4, num_stages=5),
         64: C(64, 64, 128, num_warps=4, num_stages=3),
         256: C(64, 128, 128, num_warps=4, num_stages=3),
         1024: C(128, 128, 128, num_warps=8, num_stages=3),
@@ -105,14 +106,17 @@ def sm_count(device: Optional[torch.device] = None) -> int:
 
 
 def split_k_for(m: int, n: int, k: int, cfg: MatmulConfig, sms: int) -> int:
-    """Split-K factor for small M: split while the tiles fill fewer than ~2 waves of CTAs and
-    every split still gets at least 4 K tiles (so the int32/fp32 partial sums stay cheap)."""
-    if m_bucket(m) == 0 or m > 64:
+    """Split-K factor for small M (<= 64): only when the output tiles alone fill less than one
+    wave of CTAs (e.g. narrow layers), doubling while the CTAs still fit one wave and every
+    split keeps at least 4 K tiles. Large layers (N >= 4096 with BLOCK_N 32) never split: a
+    split costs a zeroed partial-sum buffer and a second (epilogue) launch, which a decode step
+    of ~10 us cannot afford."""
+    if m > 64:
         return 1
     tiles = -(-m // cfg.BLOCK_M) * -(-n // cfg.BLOCK_N)
     k_tiles = -(-k // cfg.BLOCK_K)
     split = 1
-    while split < 16 and tiles * split * 2 <= 2 * sms and k_tiles // (split * 2) >= 4:
+    while split < 16 and tiles * split * 2 <= sms and k_tiles // (split * 2) >= 4:
         split *= 2
     return split
 

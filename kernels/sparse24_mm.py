@@ -117,9 +117,10 @@ def _launch(x: Tensor, values: Tensor, meta: Tensor, out: Tensor, x_scale: Optio
     w_scale = w_scale.contiguous() if w_scale is not None else None
     bias = bias.contiguous() if bias is not None else None
     cfg = config or configs.pick(family, m, n, k, x.device)
-    if cfg.BLOCK_K < 64:
-        raise ValueError(f"sparse24 kernels need BLOCK_K >= 64 (4 dots of BLOCK_K/4 >= 16), got {cfg.BLOCK_K}")
     int_dot = x.dtype == torch.int8
+    min_block_k = 128 if int_dot else 64  # 4 dots of BLOCK_K/4: >= 16 (float) / >= 32 (int8) on tensor cores
+    if cfg.BLOCK_K < min_block_k:
+        raise ValueError(f"sparse24 kernels need BLOCK_K >= {min_block_k} for {x.dtype} activations, got {cfg.BLOCK_K}")
     acc = splitk_workspace(m, n, torch.int32 if int_dot else torch.float32, x.device) if cfg.SPLIT_K > 1 else out
     dummy = values
     _sparse24_mm_kernel[gemm_grid(m, n, cfg)](

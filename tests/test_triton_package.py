@@ -49,7 +49,8 @@ def test_configs_cover_every_bucket():
         for m in (1, 2, 16, 17, 64, 65, 256, 1024, 1025, 16384):
             cfg = configs.pick(family, m, 4096, 4096)
             assert cfg.SPLIT_K == 1 or m <= 64
-    assert configs.pick("int8_weight_only", 1, 4096, 4096).SPLIT_K > 1  # decode: too few N tiles alone
+    assert configs.pick("int8_weight_only", 1, 1024, 4096).SPLIT_K > 1  # decode, narrow layer: too few tiles
+    assert configs.pick("int8_weight_only", 1, 4096, 4096).SPLIT_K == 1  # 128 tiles: one wave already
     assert configs.pick("int8", 4096, 4096, 4096).SPLIT_K == 1
     with pytest.raises(ValueError, match="unknown kernel family"):
         configs.pick("int4", 1, 16, 16)

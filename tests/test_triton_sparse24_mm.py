@@ -18,7 +18,8 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 MS = [1, 3, 16, 17, 100, 257]
 SHAPES = [(16, 64), (40, 136)]  # (N, K): K a multiple of 8 (the format's rule), ragged N and K tiles
 NOT_INTERPRETED = pytest.mark.skipif(INTERPRET, reason="GPU test: the interpreter has no bf16")
-CONFIGS = [MatmulConfig(16, 32, 64, SPLIT_K=2), MatmulConfig(32, 16, 64, GROUP_M=2)]
+# BLOCK_K 128: each of the 4 dots gets K = 32 (int8 tensor-core dots need K >= 32 on the GPU).
+CONFIGS = [MatmulConfig(16, 32, 128, SPLIT_K=2), MatmulConfig(32, 16, 128, GROUP_M=2)]
 
 
 def _weight(n, k):
@@ -110,7 +111,7 @@ def test_bad_inputs_raise_before_launch(monkeypatch):
         ks.sparse24_mm(x, values.t().contiguous().t(), meta)
     with pytest.raises(ValueError, match="Triton kernels need CUDA tensors"):
         ks.sparse24_mm(x.to("meta"), values.to("meta"), meta.to("meta"))
-    with pytest.raises(ValueError, match="BLOCK_K >= 64"):
+    with pytest.raises(ValueError, match="need BLOCK_K >= 64"):
         ks.sparse24_mm(x, values, meta, config=MatmulConfig(16, 16, 32))
     xf, xq, xs, qv, qmeta, ws, b = _int8_inputs(3, 16, 64)
     with pytest.raises(ValueError, match="x_scale is required"):
