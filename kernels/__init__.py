@@ -12,6 +12,7 @@ from typing import Dict, List
 
 TRITON_OPS: Dict[str, str] = {
     "quantize_per_token_triton": "sparseq.kernels.quantize",
+    "quantize_per_tensor_triton": "sparseq.kernels.quantize",
     "int8_mm_triton": "sparseq.kernels.int8_mm",
     "int8_weight_only_mm_triton": "sparseq.kernels.int8_weight_only_mm",
     "sparse24_mm_triton": "sparseq.kernels.sparse24_mm",

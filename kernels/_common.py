@@ -2,8 +2,9 @@
 scale/bias epilogue and the split-K reduction kernel."""
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 import triton
@@ -29,6 +30,11 @@ def check_triton_device(**tensors: Optional[torch.Tensor]) -> None:
             f"{name} is on {t.device}: the Triton kernels need CUDA tensors "
             "(or CPU tensors with TRITON_INTERPRET=1)"
         )
+
+
+def device_guard(t: torch.Tensor) -> ContextManager:
+    """Launch on ``t``'s GPU (Triton launches on the current device), a no-op on the CPU."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def register_op(name: str, impl: Callable, reference: Callable):

@@ -19,8 +19,8 @@ from sparseq import reference as ref
 from sparseq._checks import check_bias, check_same_device, check_scale_vector, check_tensor
 
 from . import configs
-from ._common import (check_triton_device, gemm_grid, k_range, launch_meta, register_op, scale_bias_store,
-                      splitk_epilogue, splitk_workspace, tile_ids)
+from ._common import (check_triton_device, device_guard, gemm_grid, k_range, launch_meta, register_op,
+                      scale_bias_store, splitk_epilogue, splitk_workspace, tile_ids)
 
 
 @triton.jit
@@ -99,12 +99,13 @@ def int8_mm(xq: Tensor, wq: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Opti
     bias = bias.contiguous() if bias is not None else None
     cfg = config or configs.pick("int8", m, n, k, xq.device)
     acc = splitk_workspace(m, n, torch.int32, xq.device) if cfg.SPLIT_K > 1 else out
-    _int8_mm_kernel[gemm_grid(m, n, cfg)](
-        xq, wq, out, acc, x_scale, w_scale, bias if bias is not None else w_scale, m, n, k,
-        xq.stride(0), xq.stride(1), wq.stride(0), wq.stride(1), out.stride(0), out.stride(1),
-        X_SCALE_PER_TOKEN=x_scale.shape[0] > 1, HAS_BIAS=bias is not None, **launch_meta(cfg))
-    if cfg.SPLIT_K > 1:
-        splitk_epilogue(acc, out, x_scale, w_scale, bias)
+    with device_guard(xq):
+        _int8_mm_kernel[gemm_grid(m, n, cfg)](
+            xq, wq, out, acc, x_scale, w_scale, bias if bias is not None else w_scale, m, n, k,
+            xq.stride(0), xq.stride(1), wq.stride(0), wq.stride(1), out.stride(0), out.stride(1),
+            X_SCALE_PER_TOKEN=x_scale.shape[0] > 1, HAS_BIAS=bias is not None, **launch_meta(cfg))
+        if cfg.SPLIT_K > 1:
+            splitk_epilogue(acc, out, x_scale, w_scale, bias)
     return out
 
 

@@ -19,8 +19,8 @@ from sparseq import reference as ref
 from sparseq._checks import FLOAT_DTYPES, check_bias, check_same_device, check_scale_vector, check_tensor
 
 from . import configs
-from ._common import (check_triton_device, gemm_grid, k_range, launch_meta, register_op, scale_bias_store,
-                      splitk_epilogue, splitk_workspace, tile_ids)
+from ._common import (check_triton_device, device_guard, gemm_grid, k_range, launch_meta, register_op,
+                      scale_bias_store, splitk_epilogue, splitk_workspace, tile_ids)
 
 
 @triton.jit
@@ -85,12 +85,13 @@ def int8_weight_only_mm(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[T
     bias = bias.contiguous() if bias is not None else None
     cfg = config or configs.pick("int8_weight_only", m, n, k, x.device)
     acc = splitk_workspace(m, n, torch.float32, x.device) if cfg.SPLIT_K > 1 else out
-    _int8_weight_only_mm_kernel[gemm_grid(m, n, cfg)](
-        x, wq, out, acc, w_scale, bias if bias is not None else w_scale, m, n, k,
-        x.stride(0), x.stride(1), wq.stride(0), wq.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, IEEE_FP32=x.dtype == torch.float32, **launch_meta(cfg))
-    if cfg.SPLIT_K > 1:
-        splitk_epilogue(acc, out, None, w_scale, bias)
+    with device_guard(x):
+        _int8_weight_only_mm_kernel[gemm_grid(m, n, cfg)](
+            x, wq, out, acc, w_scale, bias if bias is not None else w_scale, m, n, k,
+            x.stride(0), x.stride(1), wq.stride(0), wq.stride(1), out.stride(0), out.stride(1),
+            HAS_BIAS=bias is not None, IEEE_FP32=x.dtype == torch.float32, **launch_meta(cfg))
+        if cfg.SPLIT_K > 1:
+            splitk_epilogue(acc, out, None, w_scale, bias)
     return out
 
 

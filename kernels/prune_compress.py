@@ -23,7 +23,7 @@ from torch import Tensor
 from sparseq import reference as ref
 from sparseq._checks import FLOAT_DTYPES, check_finite, check_multiple, check_same_device, check_shape, check_tensor
 
-from ._common import check_triton_device, register_op, round_half_even
+from ._common import check_triton_device, device_guard, register_op, round_half_even
 
 
 @triton.jit
@@ -152,10 +152,11 @@ def prune_and_compress_24(w: Tensor, score: Optional[Tensor] = None, quantize: b
         block_k = block_k or min(256, max(16, triton.next_power_of_2(k)))
         if block_k < 16 or block_k & (block_k - 1):
             raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
-        _prune_and_compress_24_kernel[(triton.cdiv(n, block_n),)](
-            w, score if score is not None else w, values, meta, scale, n, k, w.stride(0),
-            score.stride(0) if score is not None else 0, HAS_SCORE=score is not None, QUANTIZE=quantize,
-            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+        with device_guard(w):
+            _prune_and_compress_24_kernel[(triton.cdiv(n, block_n),)](
+                w, score if score is not None else w, values, meta, scale, n, k, w.stride(0),
+                score.stride(0) if score is not None else 0, HAS_SCORE=score is not None, QUANTIZE=quantize,
+                BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
     return (values, meta, scale) if quantize else (values, meta)
 
 

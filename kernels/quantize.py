@@ -1,11 +1,12 @@
-"""Dynamic per-token int8 quantization of activations in one pass over X (``quantize_per_token``).
+"""int8 quantization of activations in one pass over X: dynamic per token (``quantize_per_token``)
+and static per tensor (``quantize_per_tensor``).
 
 Per row: optional SmoothQuant division by ``smooth[K]``, absolute maximum, fp32 scale
 ``amax / 127`` (1.0 for an all-zero row), round half to even, clamp to [-127, 127], int8 out.
 Bit-exact with ``sparseq.reference.quantize_per_token``: the divisions are correctly rounded
 (``div_rn``, never the approximate fp32 ``/``) and rounding is exact integer arithmetic.
-Short rows are processed several per program. Rows up to ``MAX_SINGLE_PASS_K`` stay in registers (X is read once); longer rows are read
-twice, the second time mostly from L2.
+Short rows are processed several per program. Rows up to ``MAX_SINGLE_PASS_K`` stay in
+registers (X is read once); longer rows are read twice, the second time mostly from L2.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from torch import Tensor
 from sparseq import reference as ref
 from sparseq._checks import FLOAT_DTYPES, check_scale_vector, check_tensor
 
-from ._common import check_triton_device, register_op, round_half_even
+from ._common import check_triton_device, device_guard, register_op, round_half_even
 
 MAX_SINGLE_PASS_K = 16384
 """Rows up to this many features are loaded once and kept in registers."""
@@ -107,10 +108,52 @@ def quantize_per_token(x: Tensor, smooth: Optional[Tensor] = None,
     # Small rows: several per program (about 4096 elements per tile); long rows: one.
     block_m = max(1, min(16, 4096 // block_k))
     num_warps = 4 if block_m * block_k <= 4096 else (8 if block_k <= 8192 else 16)
-    _quantize_per_token_kernel[(triton.cdiv(m, block_m),)](
-        x, smooth if smooth is not None else x, q, scale, m, k, x.stride(0), q.stride(0),
-        HAS_SMOOTH=smooth is not None, BLOCK_M=block_m, BLOCK_K=block_k, SINGLE_PASS=single, num_warps=num_warps)
+    with device_guard(x):
+        _quantize_per_token_kernel[(triton.cdiv(m, block_m),)](
+            x, smooth if smooth is not None else x, q, scale, m, k, x.stride(0), q.stride(0),
+            HAS_SMOOTH=smooth is not None, BLOCK_M=block_m, BLOCK_K=block_k, SINGLE_PASS=single,
+            num_warps=num_warps)
     return q, scale
+
+
+@triton.jit
+def _quantize_per_tensor_kernel(x_ptr, smooth_ptr, scale_ptr, q_ptr, M, K, stride_xm, stride_qm,
+                                HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One [BLOCK_M, BLOCK_K] tile quantized with the static per-tensor scale."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    rows = offs_m.to(tl.int64)
+    xs = _smoothed_tile(x_ptr, smooth_ptr, rows, stride_xm, offs_k, mask_m, K, HAS_SMOOTH)
+    scale = tl.load(scale_ptr + tl.zeros((BLOCK_M,), dtype=tl.int32))
+    mask = mask_m[:, None] & (offs_k < K)[None, :]
+    tl.store(q_ptr + rows[:, None] * stride_qm + offs_k[None, :], _quantize_tile(xs, scale), mask=mask)
+
+
+def quantize_per_tensor(x: Tensor, scale: Tensor, smooth: Optional[Tensor] = None) -> Tensor:
+    """Triton ``quantize_per_tensor``: static int8 of ``x[M, K]`` with a calibrated fp32 ``scale``
+    of shape (1,) (optionally after dividing by ``smooth[K]``); bit-exact with the reference.
+    The scale is trusted to be finite and > 0 (not scanned)."""
+    _check(x, smooth)
+    check_scale_vector("scale", scale, 1, x)
+    check_triton_device(scale=scale)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    if m == 0:
+        return q
+    block_k = min(1024, triton.next_power_of_2(k))
+    block_m = max(1, min(16, 4096 // block_k))
+    with device_guard(x):
+        _quantize_per_tensor_kernel[(triton.cdiv(m, block_m), triton.cdiv(k, block_k))](
+            x, smooth if smooth is not None else x, scale, q, m, k, x.stride(0), q.stride(0),
+            HAS_SMOOTH=smooth is not None, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4)
+    return q
+
+
+def _quantize_per_tensor_triton(x: Tensor, scale: Tensor, smooth: Optional[Tensor] = None) -> Tensor:
+    return quantize_per_tensor(x, scale, smooth)
 
 
 def _quantize_per_token_triton(x: Tensor, smooth: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
@@ -118,3 +161,5 @@ def _quantize_per_token_triton(x: Tensor, smooth: Optional[Tensor] = None) -> Tu
 
 
 quantize_per_token_triton = register_op("quantize_per_token_triton", _quantize_per_token_triton, ref.quantize_per_token)
+quantize_per_tensor_triton = register_op("quantize_per_tensor_triton", _quantize_per_tensor_triton,
+                                         ref.quantize_per_tensor)

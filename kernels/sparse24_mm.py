@@ -28,8 +28,8 @@ from sparseq import reference as ref
 from sparseq._checks import FLOAT_DTYPES, check_bias, check_scale_vector, check_tensor
 
 from . import configs
-from ._common import (check_triton_device, gemm_grid, k_range, launch_meta, register_op, scale_bias_store,
-                      splitk_epilogue, splitk_workspace, tile_ids)
+from ._common import (check_triton_device, device_guard, gemm_grid, k_range, launch_meta, register_op,
+                      scale_bias_store, splitk_epilogue, splitk_workspace, tile_ids)
 from .int8_mm import check_int32_k, check_w8a8_epilogue
 
 
@@ -123,15 +123,16 @@ def _launch(x: Tensor, values: Tensor, meta: Tensor, out: Tensor, x_scale: Optio
         raise ValueError(f"sparse24 kernels need BLOCK_K >= {min_block_k} for {x.dtype} activations, got {cfg.BLOCK_K}")
     acc = splitk_workspace(m, n, torch.int32 if int_dot else torch.float32, x.device) if cfg.SPLIT_K > 1 else out
     dummy = values
-    _sparse24_mm_kernel[gemm_grid(m, n, cfg)](
-        x, values, meta, out, acc, x_scale if x_scale is not None else dummy,
-        w_scale if w_scale is not None else dummy, bias if bias is not None else dummy, m, n, k,
-        x.stride(0), x.stride(1), values.stride(0), meta.stride(0), out.stride(0), out.stride(1),
-        INT_DOT=int_dot, IEEE_FP32=x.dtype == torch.float32, HAS_X_SCALE=x_scale is not None,
-        X_SCALE_PER_TOKEN=x_scale is not None and x_scale.shape[0] > 1, HAS_W_SCALE=w_scale is not None,
-        HAS_BIAS=bias is not None, **launch_meta(cfg))
-    if cfg.SPLIT_K > 1:
-        splitk_epilogue(acc, out, x_scale, w_scale, bias)
+    with device_guard(x):
+        _sparse24_mm_kernel[gemm_grid(m, n, cfg)](
+            x, values, meta, out, acc, x_scale if x_scale is not None else dummy,
+            w_scale if w_scale is not None else dummy, bias if bias is not None else dummy, m, n, k,
+            x.stride(0), x.stride(1), values.stride(0), meta.stride(0), out.stride(0), out.stride(1),
+            INT_DOT=int_dot, IEEE_FP32=x.dtype == torch.float32, HAS_X_SCALE=x_scale is not None,
+            X_SCALE_PER_TOKEN=x_scale is not None and x_scale.shape[0] > 1, HAS_W_SCALE=w_scale is not None,
+            HAS_BIAS=bias is not None, **launch_meta(cfg))
+        if cfg.SPLIT_K > 1:
+            splitk_epilogue(acc, out, x_scale, w_scale, bias)
     return out
 
 

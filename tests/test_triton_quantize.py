@@ -92,3 +92,16 @@ def test_gpu_matches_reference(m, k, dtype):
     x = (torch.randn(m, k, device="cuda") * 4).to(dtype)
     _check(x)
     _check(x, torch.rand(k, device="cuda") + 0.5)
+
+
+@pytest.mark.parametrize("m", [1, 17, 257])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_per_tensor_matches_reference(m, dtype):
+    x = (torch.randn(m, 100) * 4).to(dtype).to(DEVICE)
+    scale = torch.tensor([0.05], device=DEVICE)
+    smooth = (torch.rand(100) + 0.5).to(DEVICE)
+    for f in (None, smooth):
+        assert torch.equal(kq.quantize_per_tensor(x, scale, f), ref.quantize_per_tensor(x, scale, f))
+    with pytest.raises(ValueError, match=r"scale must have shape \(1,\)"):
+        kq.quantize_per_tensor(x, torch.ones(2, device=DEVICE))
+    torch.library.opcheck(torch.ops.sparseq.quantize_per_tensor_triton.default, (x[:3], scale, None))
