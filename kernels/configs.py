@@ -77,9 +77,20 @@ CONFIGS: Dict[str, Dict[int, MatmulConfig]] = {
         1: C(16, 32, 256, num_warps=4, num_stages=5),
         16: C(16, 32, 256, num_warps=4, num_stages=5),
         64: C(64, 64, 128, num_warps=4, num_stages=3),
-        256: C(64, 128, 128, num_warps=4, num_stages=3),
+        256: C(64, 64, 128, num_warps=4, num_stages=4),
         1024: C(128, 128, 128, num_warps=8, num_stages=3),
         0: C(128, 128, 128, num_warps=8, num_stages=3),
+    },
+}
+
+# Ampere (sm8x, no wgmma) keeps the accumulator in registers: the big Hopper tiles spill there
+# (checked with ``python -m sparseq.kernels.aot --arch 80``), so its large-M tiles are smaller.
+SM80_OVERRIDES: Dict[str, Dict[int, MatmulConfig]] = {
+    "int8": {0: C(128, 128, 128, num_warps=8, num_stages=4)},
+    "int8_weight_only": {0: C(128, 128, 64, num_warps=8, num_stages=4)},
+    "sparse24_int8": {  # BLOCK_K stays 128: int8 dots need K = BLOCK_K / 4 >= 32
+        1024: C(64, 128, 128, num_warps=8, num_stages=3),
+        0: C(64, 128, 128, num_warps=8, num_stages=3),
     },
 }
 
@@ -93,16 +104,33 @@ def m_bucket(m: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _properties(index: int) -> Tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, 10 * props.major + props.minor
+
+
+def _gpu(device: Optional[torch.device]) -> Tuple[int, int]:
+    """(SM count, compute capability x10) of ``device``; an H100 (132, 90) off the GPU."""
+    if device is None or torch.device(device).type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return 132, 90
+    device = torch.device(device)
+    return _properties(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def sm_count(device: Optional[torch.device] = None) -> int:
     """Streaming multiprocessors of ``device`` (132, an H100 SXM, under the interpreter)."""
-    if device is None or torch.device(device).type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return 132
-    device = torch.device(device)
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _gpu(device)[0]
+
+
+def table(family: str, capability: int = 90) -> Dict[int, MatmulConfig]:
+    """The M-bucket -> config table of ``family`` for a GPU of compute capability ``capability`` (x10)."""
+    try:
+        base = dict(CONFIGS[family])
+    except KeyError:
+        raise ValueError(f"unknown kernel family {family!r}; choose from {sorted(CONFIGS)}") from None
+    if capability < 90:
+        base.update(SM80_OVERRIDES.get(family, {}))
+    return base
 
 
 def split_k_for(m: int, n: int, k: int, cfg: MatmulConfig, sms: int) -> int:
@@ -123,10 +151,7 @@ def split_k_for(m: int, n: int, k: int, cfg: MatmulConfig, sms: int) -> int:
 
 def pick(family: str, m: int, n: int, k: int, device: Optional[torch.device] = None) -> MatmulConfig:
     """The config of ``family`` for an ``[m, k] x [n, k]^T`` product on ``device``."""
-    try:
-        table = CONFIGS[family]
-    except KeyError:
-        raise ValueError(f"unknown kernel family {family!r}; choose from {sorted(CONFIGS)}") from None
-    cfg = table[m_bucket(m)]
-    split = split_k_for(m, n, k, cfg, sm_count(device))
+    sms, capability = _gpu(device)
+    cfg = table(family, capability)[m_bucket(m)]
+    split = split_k_for(m, n, k, cfg, sms)
     return replace(cfg, SPLIT_K=split) if split != cfg.SPLIT_K else cfg
