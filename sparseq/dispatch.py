@@ -1,0 +1,102 @@
+"""Which backend runs an op for (op, N, K, dtype, GPU, M bucket).
+
+Resolution happens once per layer, device and M bucket (outside the hot path) and is cached
+by the layer; a tuned table written by ``sparseq tune`` overrides the shipped defaults.
+Backends: ``triton`` (sparseq.kernels), ``cutlass`` (sparseq._C*), ``dense`` (F.linear on a
+dense copy of the weight: the "never slower than dense" fallback) and ``reference``.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import threading
+from importlib import resources
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+BUCKET_BOUNDS = (1, 16, 64, 256, 1024)
+BUCKET_NAMES = ("1", "2-16", "17-64", "65-256", "257-1024", ">1024")
+CACHE_ENV = "SPARSEQ_TUNE_CACHE"
+
+_lock = threading.Lock()
+_tables: Dict[str, dict] = {}
+
+
+def bucket_of(m: int) -> int:
+    """Index of the M bucket (1, 2-16, 17-64, 65-256, 257-1024, >1024)."""
+    for i, bound in enumerate(BUCKET_BOUNDS):
+        if m <= bound:
+            return i
+    return len(BUCKET_BOUNDS)
+
+
+def tuned_table_path() -> Path:
+    """Where ``sparseq tune`` saves its table (``$SPARSEQ_TUNE_CACHE`` overrides)."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env)
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "sparseq" / "dispatch.json"
+
+
+def _load(name: str) -> dict:
+    with _lock:
+        if name not in _tables:
+            if name == "default":
+                text = resources.files("sparseq").joinpath("data/dispatch_default.json").read_text()
+                _tables[name] = json.loads(text)
+            else:
+                path = tuned_table_path()
+                _tables[name] = json.loads(path.read_text()) if path.exists() else {}
+        return _tables[name]
+
+
+def reload_tables() -> None:
+    """Forget cached tables (after ``sparseq tune`` wrote a new one)."""
+    with _lock:
+        _tables.clear()
+
+
+def tuned_key(op: str, n: int, k: int, dtype: torch.dtype, capability: Tuple[int, int]) -> str:
+    return f"{op}|{n}|{k}|{str(dtype).replace('torch.', '')}|sm{capability[0]}{capability[1]}"
+
+
+def preferences(op: str, n: int, k: int, dtype: torch.dtype, device: torch.device, m: int) -> List[str]:
+    """Backends to try, best first, for this op and shape on ``device`` at batch ``m``."""
+    if device.type != "cuda":
+        return ["reference"]
+    cap = torch.cuda.get_device_capability(device)
+    bucket = BUCKET_NAMES[bucket_of(m)]
+    tuned = _load("tuned").get(tuned_key(op, n, k, dtype, cap))
+    if tuned and bucket in tuned:
+        return [tuned[bucket], "dense", "reference"]
+    table = _load("default")
+    arch = f"sm{cap[0]}x" if f"sm{cap[0]}x" in table else "default"
+    per_op = table[arch].get(op) or table["default"].get(op) or {}
+    return list(per_op.get(bucket, [])) + ["dense", "reference"]
+
+
+def triton_op(op: str) -> Optional[object]:
+    """The ``sparseq::<op>_triton`` op, importing its kernel module on first use."""
+    name = f"{op}_triton"
+    try:
+        kernels = importlib.import_module("sparseq.kernels")
+        importlib.import_module(kernels.module_for(name))
+    except (ImportError, KeyError):
+        return None
+    return getattr(torch.ops.sparseq, name, None)
+
+
+def cutlass_op(op: str) -> Optional[object]:
+    """The ``sparseq::<op>_cutlass`` op when the CUDA extension is loaded and implements it."""
+    from .backends import load_cuda_extensions
+
+    if not any(load_cuda_extensions().values()):
+        return None
+    name = f"sparseq::{op}_cutlass"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"):
+        return None
+    return getattr(torch.ops.sparseq, f"{op}_cutlass")

@@ -1,0 +1,17 @@
+"""sparseq.nn: drop-in sparse / int8 replacements for ``nn.Linear`` and ``swap``."""
+from .base import CompressedLinear
+from .layers import Int8Linear, Int8WeightOnlyLinear, Sparse24Int8Linear, Sparse24Linear
+from .swap import FORMATS, SwapReport, format_for, make_layer, swap
+
+__all__ = [
+    "CompressedLinear",
+    "Sparse24Linear",
+    "Int8Linear",
+    "Int8WeightOnlyLinear",
+    "Sparse24Int8Linear",
+    "FORMATS",
+    "SwapReport",
+    "format_for",
+    "make_layer",
+    "swap",
+]

@@ -1,0 +1,285 @@
+"""Drop-in ``nn.Linear`` replacements: 2:4 sparse, W8A8, int8 weight-only, and 2:4 + int8.
+
+Each stores the canonical formats of ``sparseq.reference`` as buffers and runs the backend
+``sparseq.dispatch`` picks; on CPU that is the reference op.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import dispatch, ops, reference
+from .._checks import check_multiple
+from .base import CompressedLinear, Impl
+
+PRUNE_METHODS = ("magnitude",)
+
+
+def _weight_24(linear: nn.Linear, prune: Optional[str]) -> Tensor:
+    """The 2:4 weight of ``linear``; prunes by magnitude only when asked to."""
+    w = linear.weight.detach()
+    check_multiple("weight", w.shape[1], 8, "in_features (K)")
+    if reference.is_24_sparse(w):
+        return w
+    if prune is None:
+        raise ValueError("weight is not 2:4 sparse; prune it first (sparseq.compress) or pass prune='magnitude'")
+    if prune not in PRUNE_METHODS:
+        raise ValueError(f"prune must be one of {PRUNE_METHODS} or None, got {prune!r}")
+    return torch.where(reference.prune_24(w), w, torch.zeros_like(w))
+
+
+def _smoothed_weight(w: Tensor, smooth: Optional[Tensor]) -> Tensor:
+    if smooth is None:
+        return w.float()
+    if smooth.shape != (w.shape[1],):
+        raise ValueError(f"smooth must have shape ({w.shape[1]},), got {tuple(smooth.shape)}")
+    return w.float() * smooth.float().to(w.device)[None, :]
+
+
+def _cutlass_shape_ok(n: int, k: int) -> bool:
+    return n % 64 == 0 and k % 128 == 0
+
+
+class Sparse24Linear(CompressedLinear):
+    """2:4 sparse weight in bf16/fp16/fp32: buffers ``values[N, K/2]`` and ``meta[N, K/8]``."""
+
+    FORMAT = "2:4"
+    OP = "sparse24_mm"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 dtype: torch.dtype = torch.float32, device=None, dense_fallback: bool = True) -> None:
+        super().__init__(in_features, out_features, bias, dtype, device, dense_fallback)
+        check_multiple(type(self).__name__, in_features, 8, "in_features")
+        self.register_buffer("values", torch.empty(out_features, in_features // 2, dtype=dtype, device=device))
+        self.register_buffer("meta", torch.empty(out_features, in_features // 8, dtype=torch.uint8, device=device))
+        self._meta_cutlass: Optional[Tensor] = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, prune: Optional[str] = None, **kwargs) -> "Sparse24Linear":
+        w = _weight_24(linear, prune)
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, w.dtype, w.device, **kwargs)
+        values, meta = ops.compress_24(w)
+        layer.values.copy_(values)
+        layer.meta.copy_(meta)
+        layer._copy_bias(linear)
+        return layer
+
+    def dense_weight(self) -> Tensor:
+        return ops.decompress_24(self.values, self.meta)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._meta_cutlass = None
+        return super()._apply(fn, recurse)
+
+    def backend_impl(self, backend: str, m: int) -> Optional[Impl]:
+        if backend == "reference":
+            return lambda x: ops.sparse24_mm(x, self.values, self.meta, self.bias)
+        if backend == "triton":
+            op = dispatch.triton_op(self.OP)
+            return None if op is None else (lambda x: op(x, self.values, self.meta, self.bias))
+        if backend == "cutlass" and self.dtype in (torch.bfloat16, torch.float16) \
+                and _cutlass_shape_ok(self.out_features, self.in_features):
+            op = dispatch.cutlass_op(self.OP)
+            if op is None:
+                return None
+            from ..cuda_ops import prepare_sparse24_cutlass
+
+            meta_c = prepare_sparse24_cutlass(self.values, self.meta)
+            return lambda x: op(x, self.values, meta_c, self.bias)
+        return None
+
+
+class Int8WeightOnlyLinear(CompressedLinear):
+    """int8 per-channel weight (``weight_q[N, K]``, ``w_scale[N]``), float activations."""
+
+    FORMAT = "int8_weight_only"
+    OP = "int8_weight_only_mm"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 dtype: torch.dtype = torch.float32, device=None, dense_fallback: bool = True) -> None:
+        super().__init__(in_features, out_features, bias, dtype, device, dense_fallback)
+        self.register_buffer("weight_q", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("w_scale", torch.empty(out_features, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "Int8WeightOnlyLinear":
+        w = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, w.dtype, w.device, **kwargs)
+        q, s = ops.quantize_per_channel(w)
+        layer.weight_q.copy_(q)
+        layer.w_scale.copy_(s)
+        layer._copy_bias(linear)
+        return layer
+
+    def dense_weight(self) -> Tensor:
+        return (self.weight_q.float() * self.w_scale[:, None]).to(self.dtype)
+
+    def backend_impl(self, backend: str, m: int) -> Optional[Impl]:
+        if backend == "reference":
+            return lambda x: ops.int8_weight_only_mm(x, self.weight_q, self.w_scale, self.bias)
+        if backend == "triton":
+            op = dispatch.triton_op(self.OP)
+            return None if op is None else (lambda x: op(x, self.weight_q, self.w_scale, self.bias))
+        return None
+
+
+class _W8A8Mixin:
+    """Activation quantization shared by the W8A8 layers: dynamic per token or static."""
+
+    def _init_activation(self, in_features: int, smooth: bool, static: bool, device) -> None:
+        self.register_buffer("smooth", torch.empty(in_features, dtype=torch.float32, device=device) if smooth else None)
+        self.register_buffer("x_scale", torch.empty(1, dtype=torch.float32, device=device) if static else None)
+
+    def _set_activation(self, smooth: Optional[Tensor], act_amax: Optional[float]) -> None:
+        if smooth is not None:
+            self.smooth.copy_(smooth.float())
+        if act_amax is not None:
+            self.x_scale.copy_(reference.per_tensor_scale(act_amax))
+
+    def _quantizer(self, backend: str):
+        """``x -> (xq, x_scale)`` on ``backend`` (``triton`` or ``reference``)."""
+        if self.x_scale is not None:
+            op = dispatch.triton_op("quantize_per_tensor") if backend == "triton" else ops.quantize_per_tensor
+            return None if op is None else (lambda x: (op(x, self.x_scale, self.smooth), self.x_scale))
+        op = dispatch.triton_op("quantize_per_token") if backend == "triton" else ops.quantize_per_token
+        return None if op is None else (lambda x: op(x, self.smooth))
+
+    def _activation_options(self) -> dict:
+        return {"smooth": self.smooth is not None, "static": self.x_scale is not None}
+
+    def _smoothed_dense(self, w: Tensor) -> Tensor:
+        return w if self.smooth is None else w / self.smooth[None, :]
+
+
+class Int8Linear(_W8A8Mixin, CompressedLinear):
+    """W8A8: int8 per-channel weight, int8 activations (dynamic per token or static), fused
+    scales and bias; optional SmoothQuant factors ``smooth[K]`` folded into the weight."""
+
+    FORMAT = "w8a8"
+    OP = "int8_mm"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32,
+                 device=None, dense_fallback: bool = True, smooth: bool = False, static: bool = False) -> None:
+        super().__init__(in_features, out_features, bias, dtype, device, dense_fallback)
+        self.register_buffer("weight_q", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("w_scale", torch.empty(out_features, dtype=torch.float32, device=device))
+        self._init_activation(in_features, smooth, static, device)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, smooth: Optional[Tensor] = None, act_amax: Optional[float] = None,
+                    **kwargs) -> "Int8Linear":
+        """``smooth``: SmoothQuant factors (activation / smooth, weight * smooth);
+        ``act_amax``: calibrated max |activation / smooth| for a static per-tensor scale."""
+        w = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, w.dtype, w.device,
+                    smooth=smooth is not None, static=act_amax is not None, **kwargs)
+        q, s = ops.quantize_per_channel(_smoothed_weight(w, smooth))
+        layer.weight_q.copy_(q)
+        layer.w_scale.copy_(s)
+        layer._set_activation(smooth, act_amax)
+        layer._copy_bias(linear)
+        return layer
+
+    def options(self) -> dict:
+        return self._activation_options()
+
+    def dense_weight(self) -> Tensor:
+        return self._smoothed_dense(self.weight_q.float() * self.w_scale[:, None]).to(self.dtype)
+
+    def backend_impl(self, backend: str, m: int) -> Optional[Impl]:
+        if backend not in ("triton", "reference"):
+            return None
+        mm = dispatch.triton_op(self.OP) if backend == "triton" else ops.int8_mm
+        quant = self._quantizer(backend)
+        if mm is None or quant is None:
+            return None
+
+        def run(x: Tensor) -> Tensor:
+            xq, xs = quant(x)
+            return mm(xq, self.weight_q, xs, self.w_scale, self.bias, x.dtype)
+
+        return run
+
+
+class Sparse24Int8Linear(_W8A8Mixin, CompressedLinear):
+    """2:4 weight with int8 values (``values[N, K/2]`` int8, ``meta``, ``w_scale[N]``).
+
+    ``mode="w8a8"`` quantizes activations (dynamic per token or static, optional smoothing);
+    ``mode="weight_only"`` keeps float activations.
+    """
+
+    OP = "sparse24_int8_mm"
+    MODES = ("w8a8", "weight_only")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32,
+                 device=None, dense_fallback: bool = True, mode: str = "w8a8", smooth: bool = False,
+                 static: bool = False) -> None:
+        super().__init__(in_features, out_features, bias, dtype, device, dense_fallback)
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        if mode == "weight_only" and (smooth or static):
+            raise ValueError("smooth/static activation scales apply to mode='w8a8' only")
+        check_multiple(type(self).__name__, in_features, 8, "in_features")
+        self.mode = mode
+        self.register_buffer("values", torch.empty(out_features, in_features // 2, dtype=torch.int8, device=device))
+        self.register_buffer("meta", torch.empty(out_features, in_features // 8, dtype=torch.uint8, device=device))
+        self.register_buffer("w_scale", torch.empty(out_features, dtype=torch.float32, device=device))
+        self._init_activation(in_features, smooth, static, device)
+
+    @property
+    def FORMAT(self) -> str:  # noqa: N802 (a per-instance format name)
+        return "2:4+w8a8" if self.mode == "w8a8" else "2:4+int8_weight_only"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mode: str = "w8a8", prune: Optional[str] = None,
+                    smooth: Optional[Tensor] = None, act_amax: Optional[float] = None,
+                    **kwargs) -> "Sparse24Int8Linear":
+        w = _weight_24(linear, prune)
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, w.dtype, w.device,
+                    mode=mode, smooth=smooth is not None, static=act_amax is not None, **kwargs)
+        values, meta = ops.compress_24(_smoothed_weight(w, smooth))
+        q, s = ops.quantize_per_channel(values)
+        layer.values.copy_(q)
+        layer.meta.copy_(meta)
+        layer.w_scale.copy_(s)
+        layer._set_activation(smooth, act_amax)
+        layer._copy_bias(linear)
+        return layer
+
+    def options(self) -> dict:
+        return {"mode": self.mode, **self._activation_options()}
+
+    def dense_weight(self) -> Tensor:
+        w = ops.decompress_24(self.values, self.meta).float() * self.w_scale[:, None]
+        return self._smoothed_dense(w).to(self.dtype)
+
+    def _mm(self, backend: str):
+        if backend == "reference":
+            return ops.sparse24_int8_mm, self.meta
+        if backend == "triton":
+            return dispatch.triton_op(self.OP), self.meta
+        if backend == "cutlass" and self.mode == "w8a8" and self.dtype in (torch.bfloat16, torch.float16) \
+                and _cutlass_shape_ok(self.out_features, self.in_features):
+            op = dispatch.cutlass_op(self.OP)
+            if op is not None:
+                from ..cuda_ops import prepare_sparse24_cutlass
+
+                return op, prepare_sparse24_cutlass(self.values, self.meta)
+        return None, None
+
+    def backend_impl(self, backend: str, m: int) -> Optional[Impl]:
+        mm, meta = self._mm(backend)
+        if mm is None:
+            return None
+        if self.mode == "weight_only":
+            return lambda x: mm(x, self.values, meta, self.w_scale, None, self.bias, None)
+        quant = self._quantizer("triton" if backend in ("triton", "cutlass") else "reference") \
+            or self._quantizer("reference")
+
+        def run(x: Tensor) -> Tensor:
+            xq, xs = quant(x)
+            return mm(xq, self.values, meta, self.w_scale, xs, self.bias, x.dtype)
+
+        return run
