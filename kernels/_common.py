@@ -109,13 +109,14 @@ def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
 
 @triton.jit
 def k_range(K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    """The [k_start, k_end) slice of K (whole BLOCK_K tiles) of split ``program_id(1)``."""
+    """The slice of K of split ``program_id(1)``: its first K tile and ``[k_start, k_end)``
+    (whole BLOCK_K tiles; offsets derived from the tile index keep their alignment provable)."""
     k_tiles = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(k_tiles, SPLIT_K)
-    pid_k = tl.program_id(1)
-    k_start = pid_k * per_split * BLOCK_K
+    tile0 = tl.program_id(1) * per_split
+    k_start = tile0 * BLOCK_K
     k_end = tl.minimum(k_start + per_split * BLOCK_K, K)
-    return k_start, k_end
+    return tile0, k_start, k_end
 
 
 @triton.jit
@@ -153,9 +154,11 @@ def splitk_epilogue(acc: torch.Tensor, out: torch.Tensor, x_scale: Optional[torc
         HAS_W_SCALE=w_scale is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
 
 
-def launch_meta(cfg: MatmulConfig) -> dict:
-    """The constexpr/launch keyword arguments of a GEMM kernel for ``cfg``."""
+def launch_meta(cfg: MatmulConfig, k: int, allow_even_k: bool = True) -> dict:
+    """The constexpr/launch keyword arguments of a GEMM kernel for ``cfg`` and reduction length ``k``
+    (``EVEN_K``: every K tile is full, so the main loop loads without masks and vectorizes fully)."""
     return dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_K=cfg.SPLIT_K,
+                EVEN_K=allow_even_k and k % cfg.BLOCK_K == 0,
                 GROUP_M=cfg.GROUP_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 

@@ -93,7 +93,8 @@ def jobs(quick: bool = False, arch: int = 90) -> Iterator[Tuple[str, object, Sig
     dtypes = ("bf16",) if quick else ("bf16", "fp16")
 
     def meta(cfg, split=1):
-        return dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_K=split, GROUP_M=cfg.GROUP_M)
+        return dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_K=split, EVEN_K=True,
+                    GROUP_M=cfg.GROUP_M)
 
     for b in buckets:
         split = 2 if b in (1, 16) else 1
@@ -119,7 +120,8 @@ def jobs(quick: bool = False, arch: int = 90) -> Iterator[Tuple[str, object, Sig
                     stride_xm="i32", stride_xk="i32", stride_vn="i32", stride_mn="i32"))
                 yield (f"{family}_mm m<={b or 'inf'} x={act}", sparse24_mm._sparse24_mm_kernel, types,
                        dict(INT_DOT=act == "i8", IEEE_FP32=False, HAS_X_SCALE=act == "i8", X_SCALE_PER_TOKEN=True,
-                            HAS_W_SCALE=values is not None, HAS_BIAS=True, **meta(cfg, split)),
+                            HAS_W_SCALE=values is not None, HAS_BIAS=True,
+                            **dict(meta(cfg, split), EVEN_K=arch >= 90)),  # as sparse24_mm._launch
                        cfg.num_warps, cfg.num_stages)
     for act in dtypes:
         for block_k, single in ((4096, True), (16384, True), (4096, False)):

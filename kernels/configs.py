@@ -117,6 +117,11 @@ def _gpu(device: Optional[torch.device]) -> Tuple[int, int]:
     return _properties(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def capability(device: Optional[torch.device] = None) -> int:
+    """Compute capability x10 of ``device`` (90, an H100, under the interpreter)."""
+    return _gpu(device)[1]
+
+
 def sm_count(device: Optional[torch.device] = None) -> int:
     """Streaming multiprocessors of ``device`` (132, an H100 SXM, under the interpreter)."""
     return _gpu(device)[0]

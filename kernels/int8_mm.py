@@ -28,7 +28,7 @@ def _int8_mm_kernel(a_ptr, b_ptr, out_ptr, acc_ptr, x_scale_ptr, w_scale_ptr, bi
                     stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on,
                     X_SCALE_PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr):
+                    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, GROUP_M: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] output tile (one K slice of it when SPLIT_K > 1)."""
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -37,14 +37,18 @@ def _int8_mm_kernel(a_ptr, b_ptr, out_ptr, acc_ptr, x_scale_ptr, w_scale_ptr, bi
     # Rows/columns past M/N wrap around (valid addresses, results never stored): no M/N masks in the loop.
     rows = (offs_m % M).to(tl.int64)
     cols = (offs_n % N).to(tl.int64)
-    k_start, k_end = k_range(K, BLOCK_K, SPLIT_K)
+    _, k_start, k_end = k_range(K, BLOCK_K, SPLIT_K)
     a_ptrs = a_ptr + rows[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
     b_ptrs = b_ptr + cols[None, :] * stride_bn + (k_start + offs_k)[:, None] * stride_bk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k in range(k_start, k_end, BLOCK_K):
-        mask_k = k + offs_k < k_end
-        a = tl.load(a_ptrs, mask=mask_k[None, :], other=0)
-        b = tl.load(b_ptrs, mask=mask_k[:, None], other=0)
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            mask_k = k + offs_k < k_end
+            a = tl.load(a_ptrs, mask=mask_k[None, :], other=0)
+            b = tl.load(b_ptrs, mask=mask_k[:, None], other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -103,7 +107,7 @@ def int8_mm(xq: Tensor, wq: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Opti
         _int8_mm_kernel[gemm_grid(m, n, cfg)](
             xq, wq, out, acc, x_scale, w_scale, bias if bias is not None else w_scale, m, n, k,
             xq.stride(0), xq.stride(1), wq.stride(0), wq.stride(1), out.stride(0), out.stride(1),
-            X_SCALE_PER_TOKEN=x_scale.shape[0] > 1, HAS_BIAS=bias is not None, **launch_meta(cfg))
+            X_SCALE_PER_TOKEN=x_scale.shape[0] > 1, HAS_BIAS=bias is not None, **launch_meta(cfg, k))
         if cfg.SPLIT_K > 1:
             splitk_epilogue(acc, out, x_scale, w_scale, bias)
     return out

@@ -28,7 +28,7 @@ def _int8_weight_only_mm_kernel(a_ptr, b_ptr, out_ptr, acc_ptr, w_scale_ptr, bia
                                 stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on,
                                 HAS_BIAS: tl.constexpr, IEEE_FP32: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr):
+                                SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, GROUP_M: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] output tile; int8 weights converted to x's dtype after the load."""
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -36,14 +36,18 @@ def _int8_weight_only_mm_kernel(a_ptr, b_ptr, out_ptr, acc_ptr, w_scale_ptr, bia
     offs_k = tl.arange(0, BLOCK_K)
     rows = (offs_m % M).to(tl.int64)
     cols = (offs_n % N).to(tl.int64)
-    k_start, k_end = k_range(K, BLOCK_K, SPLIT_K)
+    _, k_start, k_end = k_range(K, BLOCK_K, SPLIT_K)
     a_ptrs = a_ptr + rows[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
     b_ptrs = b_ptr + cols[None, :] * stride_bn + (k_start + offs_k)[:, None] * stride_bk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
-        mask_k = k + offs_k < k_end
-        a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=mask_k[:, None], other=0).to(a.dtype)
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs).to(a.dtype)
+        else:
+            mask_k = k + offs_k < k_end
+            a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_k[:, None], other=0).to(a.dtype)
         if IEEE_FP32:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
@@ -89,7 +93,7 @@ def int8_weight_only_mm(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[T
         _int8_weight_only_mm_kernel[gemm_grid(m, n, cfg)](
             x, wq, out, acc, w_scale, bias if bias is not None else w_scale, m, n, k,
             x.stride(0), x.stride(1), wq.stride(0), wq.stride(1), out.stride(0), out.stride(1),
-            HAS_BIAS=bias is not None, IEEE_FP32=x.dtype == torch.float32, **launch_meta(cfg))
+            HAS_BIAS=bias is not None, IEEE_FP32=x.dtype == torch.float32, **launch_meta(cfg, k))
         if cfg.SPLIT_K > 1:
             splitk_epilogue(acc, out, None, w_scale, bias)
     return out

@@ -57,7 +57,7 @@ def _sparse24_mm_kernel(x_ptr, v_ptr, meta_ptr, out_ptr, acc_ptr, x_scale_ptr, w
                         INT_DOT: tl.constexpr, IEEE_FP32: tl.constexpr, HAS_X_SCALE: tl.constexpr,
                         X_SCALE_PER_TOKEN: tl.constexpr, HAS_W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr):
+                        SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, GROUP_M: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] output tile (one K slice of it when SPLIT_K > 1); BLOCK_K counts dense K."""
     G: tl.constexpr = BLOCK_K // 4  # groups of 4 per K tile
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -67,21 +67,26 @@ def _sparse24_mm_kernel(x_ptr, v_ptr, meta_ptr, out_ptr, acc_ptr, x_scale_ptr, w
     cols = (offs_n % N).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     offs_v = tl.arange(0, 2 * G)
-    offs_g = tl.arange(0, G)
-    shift = ((offs_g % 2) * 4).to(tl.uint8)  # even groups in the low nibble
-    k_start, k_end = k_range(K, BLOCK_K, SPLIT_K)  # multiples of 8 (K % 8 == 0)
+    offs_b = tl.arange(0, G // 2)  # metadata bytes per K tile (two 4-bit codes each)
+    tile0, k_start, k_end = k_range(K, BLOCK_K, SPLIT_K)  # multiples of 8 (K % 8 == 0)
     x_ptrs = x_ptr + rows[:, None] * stride_xm + (k_start + offs_k)[None, :] * stride_xk
-    v_ptrs = v_ptr + cols[:, None] * stride_vn + (k_start // 2 + offs_v)[None, :]
-    m_ptrs = meta_ptr + cols[:, None] * stride_mn + (k_start // 8 + offs_g // 2)[None, :]
+    v_ptrs = v_ptr + cols[:, None] * stride_vn + (tile0 * (BLOCK_K // 2) + offs_v)[None, :]
+    m_ptrs = meta_ptr + cols[:, None] * stride_mn + (tile0 * (BLOCK_K // 8) + offs_b)[None, :]
     if INT_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
-        x = tl.load(x_ptrs, mask=(k + offs_k < k_end)[None, :], other=0)
-        v = tl.load(v_ptrs, mask=(k // 2 + offs_v < k_end // 2)[None, :], other=0)
-        byte = tl.load(m_ptrs, mask=(k // 4 + offs_g < k_end // 4)[None, :], other=0)
-        code = ((byte >> shift[None, :]) & 0xF).to(tl.int32)  # [BLOCK_N, G]
+        # Contiguous tiles (pipelined, vectorized loads); nibbles unpacked in registers, low = even group.
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            v = tl.load(v_ptrs)
+            byte = tl.load(m_ptrs)
+        else:
+            x = tl.load(x_ptrs, mask=(k + offs_k < k_end)[None, :], other=0)
+            v = tl.load(v_ptrs, mask=(k // 2 + offs_v < k_end // 2)[None, :], other=0)
+            byte = tl.load(m_ptrs, mask=(k // 8 + offs_b < k_end // 8)[None, :], other=0)
+        code = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BLOCK_N, G)).to(tl.int32)  # [BLOCK_N, G]
         i0 = code & 3
         i1 = code >> 2
         v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, G, 2)))
@@ -117,6 +122,9 @@ def _launch(x: Tensor, values: Tensor, meta: Tensor, out: Tensor, x_scale: Optio
     w_scale = w_scale.contiguous() if w_scale is not None else None
     bias = bias.contiguous() if bias is not None else None
     cfg = config or configs.pick(family, m, n, k, x.device)
+    # Unmasked K tiles vectorize the metadata loads on Hopper; on sm8x ptxas spills that variant
+    # (``python -m sparseq.kernels.aot --arch 80``), so it keeps the masked loop there.
+    even_k = configs.capability(x.device) >= 90
     int_dot = x.dtype == torch.int8
     min_block_k = 128 if int_dot else 64  # 4 dots of BLOCK_K/4: >= 16 (float) / >= 32 (int8) on tensor cores
     if cfg.BLOCK_K < min_block_k:
@@ -130,7 +138,7 @@ def _launch(x: Tensor, values: Tensor, meta: Tensor, out: Tensor, x_scale: Optio
             x.stride(0), x.stride(1), values.stride(0), meta.stride(0), out.stride(0), out.stride(1),
             INT_DOT=int_dot, IEEE_FP32=x.dtype == torch.float32, HAS_X_SCALE=x_scale is not None,
             X_SCALE_PER_TOKEN=x_scale is not None and x_scale.shape[0] > 1, HAS_W_SCALE=w_scale is not None,
-            HAS_BIAS=bias is not None, **launch_meta(cfg))
+            HAS_BIAS=bias is not None, **launch_meta(cfg, k, even_k))
         if cfg.SPLIT_K > 1:
             splitk_epilogue(acc, out, x_scale, w_scale, bias)
     return out
