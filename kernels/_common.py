@@ -68,6 +68,18 @@ def round_half_even(y):
 
 
 @triton.jit
+def to_int8(x, scale):
+    """``clamp(round(x / scale), -127, 127)`` as int8, bit-exact with the reference: correctly
+    rounded division (never the approximate fp32 ``/``), ties to even. The quotient is clamped to
+    +-128 before rounding so an overflowing one (a subnormal scale) saturates like torch's, and
+    0/0 (a scale that underflowed to 0) gives 0 as torch's NaN -> int8 conversion does."""
+    y = tl.math.div_rn(x, scale)
+    y = tl.where(y == y, tl.minimum(tl.maximum(y, -128.0), 128.0), 0.0)
+    q = round_half_even(y)
+    return tl.minimum(tl.maximum(q, -127), 127).to(tl.int8)
+
+
+@triton.jit
 def scale_bias_store(acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_on,
                      x_scale_ptr, w_scale_ptr, bias_ptr,
                      HAS_X_SCALE: tl.constexpr, X_SCALE_PER_TOKEN: tl.constexpr,

@@ -23,7 +23,7 @@ from torch import Tensor
 from sparseq import reference as ref
 from sparseq._checks import FLOAT_DTYPES, check_finite, check_multiple, check_same_device, check_shape, check_tensor
 
-from ._common import check_triton_device, device_guard, register_op, round_half_even
+from ._common import check_triton_device, device_guard, register_op, to_int8
 
 
 @triton.jit
@@ -116,8 +116,7 @@ def _prune_and_compress_24_kernel(w_ptr, s_ptr, v_ptr, meta_ptr, scale_ptr, N, K
             v0, v1, code = _compress_tile(w_ptr, s_ptr, rows, mask_n, k, K, stride_wn, stride_sn,
                                           HAS_SCORE, BLOCK_N, BLOCK_K)
             v = tl.reshape(tl.join(v0, v1), (BLOCK_N, 2 * G)).to(tl.float32)
-            q = round_half_even(tl.math.div_rn(v, scale[:, None]))
-            q = tl.minimum(tl.maximum(q, -127), 127).to(tl.int8)
+            q = to_int8(v, scale[:, None])
             mask_v = mask_n[:, None] & (k // 2 + offs_v < K // 2)[None, :]
             tl.store(v_ptr + rows[:, None] * (K // 2) + k // 2 + offs_v[None, :], q, mask=mask_v)
 

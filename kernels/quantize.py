@@ -20,7 +20,7 @@ from torch import Tensor
 from sparseq import reference as ref
 from sparseq._checks import FLOAT_DTYPES, check_scale_vector, check_tensor
 
-from ._common import check_triton_device, device_guard, register_op, round_half_even
+from ._common import check_triton_device, device_guard, register_op, to_int8
 
 MAX_SINGLE_PASS_K = 16384
 """Rows up to this many features are loaded once and kept in registers."""
@@ -40,8 +40,7 @@ def _smoothed_tile(x_ptr, smooth_ptr, rows, stride_xm, offs_k, mask_m, K, HAS_SM
 
 @triton.jit
 def _quantize_tile(xs, scale):
-    q = round_half_even(tl.math.div_rn(xs, scale[:, None]))
-    return tl.minimum(tl.maximum(q, -127), 127).to(tl.int8)
+    return to_int8(xs, scale[:, None])
 
 
 @triton.jit

@@ -105,3 +105,10 @@ def test_per_tensor_matches_reference(m, dtype):
     with pytest.raises(ValueError, match=r"scale must have shape \(1,\)"):
         kq.quantize_per_tensor(x, torch.ones(2, device=DEVICE))
     torch.library.opcheck(torch.ops.sparseq.quantize_per_tensor_triton.default, (x[:3], scale, None))
+
+
+def test_subnormal_rows_saturate_like_torch():
+    x = torch.zeros(2, 16, device=DEVICE)
+    x[0, :3] = torch.tensor([1e-44, -1e-44, 5e-45])  # amax / 127 underflows to 0: 0/0 -> 0, x/0 -> +-127
+    x[1, :2] = torch.tensor([1e-39, -3e-39])
+    _check(x)
