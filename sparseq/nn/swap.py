@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Tuple, Type, Union
 
 import torch
+import torch.nn.utils.prune  # noqa: F401  (torch.nn.utils does not import it)
 from torch import nn
 
 from .base import CompressedLinear

@@ -1,0 +1,189 @@
+"""Save and load compressed models: safetensors + a JSON manifest, no pickle.
+
+``save(model, dir)`` writes ``model.safetensors`` (every parameter and buffer, compressed
+layers as their canonical buffers, non-persistent buffers too) and ``sparseq.json`` (format
+version, recipe, per-layer format/shape/options). For a transformers model it also writes
+``config.json`` so ``load(dir)`` rebuilds it. ``load`` constructs on the meta device and
+assigns the saved tensors: dense weights of compressed layers are never materialized.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from .nn.base import CompressedLinear
+from .nn.swap import FORMATS
+from .reference import FORMAT_VERSION
+from .version import __version__
+
+MANIFEST = "sparseq.json"
+WEIGHTS = "model.safetensors"
+_NONPERSISTENT = "__nonpersistent__."
+
+
+def _manifest(model: nn.Module, recipe) -> dict:
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, CompressedLinear):
+            layers[name] = {
+                "format": m.FORMAT,
+                "in_features": m.in_features,
+                "out_features": m.out_features,
+                "bias": m.bias is not None,
+                "dtype": str(m.dtype).replace("torch.", ""),
+                "options": m.options(),
+            }
+    kind = "transformers" if hasattr(model, "config") and hasattr(model.config, "to_json_string") else "module"
+    return {"sparseq_format_version": FORMAT_VERSION, "sparseq_version": __version__,
+            "model": {"kind": kind, "class": type(model).__name__, "modules": [n for n, _ in model.named_modules() if n]}, "recipe": recipe, "layers": layers}
+
+
+def _tensors(model: nn.Module) -> Dict[str, torch.Tensor]:
+    state = dict(model.state_dict())
+    persistent = set(state)
+    for name, buf in model.named_buffers():
+        if name not in persistent and buf is not None:
+            state[_NONPERSISTENT + name] = buf
+    out, seen = {}, {}
+    for name, t in state.items():
+        key = (t.data_ptr(), t.shape, t.stride(), t.dtype)
+        if t.numel() and key in seen:  # tied weights: stored once, re-tied by the model on load
+            continue
+        seen[key] = name
+        out[name] = t.detach().contiguous().cpu()
+    return out
+
+
+def save(model: nn.Module, path: Union[str, Path], recipe=None) -> Path:
+    """Write ``model`` (swapped or not) to directory ``path``; returns the path."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    manifest = _manifest(model, recipe)
+    tmp = path / (WEIGHTS + ".tmp")
+    save_file(_tensors(model), str(tmp), metadata={"sparseq_format_version": str(FORMAT_VERSION)})
+    tmp.replace(path / WEIGHTS)
+    if manifest["model"]["kind"] == "transformers":
+        model.config.save_pretrained(str(path))
+    (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return path
+
+
+def read_manifest(path: Union[str, Path]) -> dict:
+    """The manifest of a saved model, checked for a supported format version."""
+    file = Path(path) / MANIFEST
+    if not file.exists():
+        raise FileNotFoundError(f"{file} not found: not a directory written by sparseq.save")
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is corrupt: {e}") from e
+    version = manifest.get("sparseq_format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{file}: format version {version!r} is not supported (this sparseq reads {FORMAT_VERSION})")
+    return manifest
+
+
+def _empty_layer(name: str, spec: dict) -> CompressedLinear:
+    fmt = spec.get("format")
+    if fmt not in FORMATS:
+        raise ValueError(f"layer {name!r}: unknown format {fmt!r}")
+    cls, fixed = FORMATS[fmt]
+    options = {**spec.get("options", {}), **fixed}
+    return cls(spec["in_features"], spec["out_features"], spec["bias"], getattr(torch, spec["dtype"]),
+               device="meta", **options)
+
+
+def _skeleton(path: Path, manifest: dict) -> nn.Module:
+    if manifest["model"]["kind"] != "transformers":
+        raise ValueError(f"{path} holds a plain nn.Module: pass the model to load into, sparseq.load(model, path)")
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(str(path))
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    saved = set(manifest["model"].get("modules", []))
+    for name, _ in list(model.named_modules()):
+        parent_name, _, child = name.rpartition(".")
+        if name and name not in saved and (not parent_name or parent_name in saved):
+            # a submodule the saved model did not have (e.g. a pooler built with add_pooling_layer=False)
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, None)
+    return model
+
+
+def _put_layers(model: nn.Module, manifest: dict) -> None:
+    for name, spec in manifest["layers"].items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as e:
+            raise ValueError(f"layer {name!r} of the manifest is not in the model") from e
+        if not isinstance(old, (nn.Linear, CompressedLinear)):
+            raise ValueError(f"layer {name!r} is a {type(old).__name__}, expected nn.Linear")
+        if (old.in_features, old.out_features) != (spec["in_features"], spec["out_features"]):
+            raise ValueError(f"layer {name!r}: saved shape {spec['out_features']}x{spec['in_features']} "
+                             f"does not match the model's {old.out_features}x{old.in_features}")
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, _empty_layer(name, spec))
+
+
+def _assign(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
+    nonpersistent = {k[len(_NONPERSISTENT):]: v for k, v in tensors.items() if k.startswith(_NONPERSISTENT)}
+    state = {k: v for k, v in tensors.items() if not k.startswith(_NONPERSISTENT)}
+    expected = model.state_dict()
+    for key, t in state.items():
+        if key in expected and tuple(expected[key].shape) != tuple(t.shape):
+            raise ValueError(f"tensor {key!r}: saved shape {tuple(t.shape)} != model shape {tuple(expected[key].shape)}")
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise ValueError(f"saved tensors not in the model: {result.unexpected_keys[:5]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    for name, buf in nonpersistent.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        owner.register_buffer(attr, buf, persistent=False)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"missing tensors in the saved file: {left[:5]}" + (" ..." if len(left) > 5 else ""))
+
+
+def load(path_or_model: Union[str, Path, nn.Module], path: Optional[Union[str, Path]] = None,
+         device: Union[str, torch.device] = "cpu") -> nn.Module:
+    """Load a model written by ``save``.
+
+    ``load(dir)`` rebuilds a transformers model from its saved config; ``load(model, dir)``
+    swaps and fills a model you constructed (e.g. the same architecture). Errors name the
+    layer or tensor; nothing half-loaded is returned (a given model is left untouched on error).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if isinstance(path_or_model, nn.Module):
+        if path is None:
+            raise TypeError("load(model, path): path is required when a model is given")
+        target, root = path_or_model, Path(path)
+    else:
+        target, root = None, Path(path_or_model)
+    manifest = read_manifest(root)
+    try:
+        tensors = load_file(str(root / WEIGHTS), device=str(device))
+    except (SafetensorError, FileNotFoundError, OSError) as e:
+        raise ValueError(f"{root / WEIGHTS} is missing or corrupt: {e}") from e
+    if target is None:
+        model = _skeleton(root, manifest)
+    else:
+        import copy
+
+        model = copy.deepcopy(target).to("meta")  # fill a copy: the caller's model survives errors
+    _put_layers(model, manifest)
+    _assign(model, tensors)
+    model.eval()
+    if target is not None:
+        target.__dict__.update(model.__dict__)
+        return target
+    return model
