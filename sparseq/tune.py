@@ -1,0 +1,102 @@
+"""``sparseq tune``: measure every backend per op, shape and M bucket on this GPU and save
+the winners as the dispatch table (``sparseq.dispatch.tuned_table_path()``).
+
+A bucket where dense ``F.linear`` is faster than every sparseq kernel is saved as
+``dense``, so a layer never runs slower than the dense layer it replaced.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from . import dispatch
+from .cli import command
+
+# A representative M per bucket (1, 2-16, 17-64, 65-256, 257-1024, >1024).
+BUCKET_M = (1, 16, 64, 256, 1024, 4096)
+FORMAT_OPS = {"2:4": "sparse24_mm", "int8_weight_only": "int8_weight_only_mm", "w8a8": "int8_mm",
+              "2:4+w8a8": "sparse24_int8_mm"}
+
+
+def _time_us(fn, x) -> float:
+    from triton.testing import do_bench
+
+    return 1000.0 * do_bench(lambda: fn(x), warmup=25, rep=100, return_mode="median")
+
+
+def tune_shape(n: int, k: int, dtype: torch.dtype, formats: Sequence[str] = tuple(FORMAT_OPS)) -> Dict[str, Dict[str, str]]:
+    """``{table key: {bucket: backend}}`` for one ``N x K`` on the current GPU."""
+    from .nn.swap import make_layer
+
+    device = torch.device("cuda")
+    cap = torch.cuda.get_device_capability(device)
+    lin = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
+    out: Dict[str, Dict[str, str]] = {}
+    for fmt in formats:
+        layer = make_layer(lin, fmt, **({"prune": "magnitude"} if fmt.startswith("2:4") else {}))
+        choice: Dict[str, str] = {}
+        for bucket, m in zip(dispatch.BUCKET_NAMES, BUCKET_M):
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            with torch.no_grad():
+                dense_us = _time_us(lambda t: torch.nn.functional.linear(t, lin.weight), x)
+                best, best_us = "dense", dense_us
+                for backend in ("triton", "cutlass"):
+                    impl = layer.backend_impl(backend, m)
+                    if impl is None:
+                        continue
+                    try:
+                        us = _time_us(impl, x)
+                    except Exception as e:  # a kernel that cannot run this shape loses
+                        print(f"  {fmt} {backend} M={m}: {type(e).__name__}: {e}", file=sys.stderr)
+                        continue
+                    if us < best_us:
+                        best, best_us = backend, us
+            choice[bucket] = best
+            print(f"{fmt:<18} {n:>6}x{k:<6} M={m:<5} dense {dense_us:8.1f} us -> {best} {best_us:8.1f} us")
+        out[dispatch.tuned_key(FORMAT_OPS[fmt], n, k, dtype, cap)] = choice
+    return out
+
+
+def _parse_shape(text: str) -> Tuple[int, int]:
+    try:
+        n, k = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must look like 4096x4096 (N x K), got {text!r}") from None
+    return n, k
+
+
+@command("tune")
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="measure kernels on this GPU and save the dispatch table")
+    p.add_argument("--shape", type=_parse_shape, action="append", help="N x K (repeatable); default Llama-3-8B")
+    p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    p.add_argument("--formats", default=",".join(FORMAT_OPS), help="comma-separated formats")
+    p.set_defaults(func=run_tune)
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        print("sparseq tune: no CUDA GPU here; tuning measures kernels on the GPU that will run them",
+              file=sys.stderr)
+        return 1
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    shapes: List[Tuple[int, int]] = args.shape or [(4096, 4096), (14336, 4096), (4096, 14336), (6144, 4096)]
+    formats = [f for f in args.formats.split(",") if f]
+    unknown = [f for f in formats if f not in FORMAT_OPS]
+    if unknown:
+        print(f"sparseq tune: unknown formats {unknown}; choose from {sorted(FORMAT_OPS)}", file=sys.stderr)
+        return 2
+    path = dispatch.tuned_table_path()
+    table = json.loads(path.read_text()) if path.exists() else {}
+    for n, k in shapes:
+        table.update(tune_shape(n, k, dtype, formats))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=1, sort_keys=True))
+    dispatch.reload_tables()
+    print(f"sparseq tune: saved {len(table)} entries to {path}")
+    return 0

@@ -1,0 +1,47 @@
+"""Dispatch: M buckets, table lookup (defaults and tuned cache), CPU -> reference, tune CLI."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sparseq import dispatch
+
+
+@pytest.mark.parametrize("m, bucket", [(1, 0), (2, 1), (16, 1), (17, 2), (64, 2), (65, 3), (256, 3),
+                                       (257, 4), (1024, 4), (1025, 5), (100000, 5)])
+def test_buckets(m, bucket):
+    assert dispatch.bucket_of(m) == bucket
+    assert len(dispatch.BUCKET_NAMES) == len(dispatch.BUCKET_BOUNDS) + 1
+
+
+def test_cpu_uses_reference():
+    assert dispatch.preferences("sparse24_mm", 64, 64, torch.float32, torch.device("cpu"), 1) == ["reference"]
+
+
+def test_default_table_covers_every_op_and_bucket():
+    table = dispatch._load("default")["default"]
+    for op in ("quantize_per_token", "int8_mm", "int8_weight_only_mm", "sparse24_mm", "sparse24_int8_mm"):
+        assert set(table[op]) == set(dispatch.BUCKET_NAMES)
+
+
+def test_tuned_table_overrides_defaults(tmp_path, monkeypatch):
+    path = tmp_path / "tuned.json"
+    monkeypatch.setenv(dispatch.CACHE_ENV, str(path))
+    assert dispatch.tuned_table_path() == path
+    key = dispatch.tuned_key("sparse24_mm", 128, 256, torch.bfloat16, (9, 0))
+    path.write_text(json.dumps({key: {"2-16": "dense"}}))
+    dispatch.reload_tables()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    prefs = dispatch.preferences("sparse24_mm", 128, 256, torch.bfloat16, torch.device("cuda"), 8)
+    assert prefs[0] == "dense"
+    prefs = dispatch.preferences("sparse24_mm", 128, 256, torch.bfloat16, torch.device("cuda"), 1)
+    assert prefs[0] == "triton"  # untuned bucket: shipped default
+    dispatch.reload_tables()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_tune_without_gpu_fails_cleanly():
+    proc = subprocess.run([sys.executable, "-m", "sparseq", "tune"], capture_output=True, text=True)
+    assert proc.returncode == 1 and "no CUDA GPU" in proc.stderr
