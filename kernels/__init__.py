@@ -33,9 +33,17 @@ def register() -> List[str]:
     return sorted(TRITON_OPS)
 
 
+class UnknownTritonOp(ValueError, KeyError):
+    """No Triton kernel implements the op (a ValueError, and a KeyError for lookups that catch one)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 def module_for(op_name: str) -> str:
-    """The module that registers ``op_name`` (e.g. ``"int8_mm_triton"``)."""
+    """The module that registers ``op_name`` (e.g. ``"int8_mm_triton"``); raises
+    :class:`UnknownTritonOp` for an op without a Triton kernel."""
     try:
         return TRITON_OPS[op_name]
     except KeyError:
-        raise ValueError(f"no Triton op {op_name!r}; known: {sorted(TRITON_OPS)}") from None
+        raise UnknownTritonOp(f"no Triton op {op_name!r}; known: {sorted(TRITON_OPS)}") from None

@@ -36,8 +36,10 @@ def test_register_every_op_with_the_reference_schema():
         theirs = getattr(torch.ops.sparseq, base).default._schema
         assert str(mine).replace(name, base, 1) == str(theirs), (mine, theirs)
     assert k.module_for("int8_mm_triton") == "sparseq.kernels.int8_mm"
-    with pytest.raises(ValueError, match="no Triton op"):
+    with pytest.raises(ValueError, match="no Triton op 'int4_mm_triton'"):
         k.module_for("int4_mm_triton")
+    with pytest.raises(KeyError):  # what sparseq.dispatch.triton_op catches
+        k.module_for("decompress_24_triton")
     k.register()  # a second registration is a no-op
 
 
