@@ -36,11 +36,24 @@ class LayerStats:
     absmax: torch.Tensor = field(init=False)
     rows: Optional[torch.Tensor] = field(init=False, default=None)
     n_tokens: int = field(init=False, default=0)
+    cross: Optional[torch.Tensor] = field(init=False, default=None)  # X^T X_dense
+    sum_x: torch.Tensor = field(init=False)
+    sum_dense: Optional[torch.Tensor] = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.hessian = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
         self.absmax = torch.zeros(self.in_features)
+        self.sum_x = torch.zeros(self.in_features, dtype=torch.float64)
         self._gen = torch.Generator().manual_seed(0)
+
+    def add_dense(self, x: torch.Tensor, x_dense: torch.Tensor) -> None:
+        """Fold the dense model's rows ``x_dense`` aligned with this model's rows ``x``."""
+        x, xd = x.detach().float().cpu(), x_dense.detach().float().cpu()
+        if self.cross is None:
+            self.cross = torch.zeros_like(self.hessian)
+            self.sum_dense = torch.zeros_like(self.sum_x)
+        self.cross += (x.T @ xd).double()
+        self.sum_dense += xd.sum(0).double()
 
     def add(self, x: torch.Tensor) -> None:
         """Fold rows ``x[M, K]`` into the statistics."""
@@ -48,6 +61,7 @@ class LayerStats:
         self.hessian += (x.T @ x).double()
         self.absmax = torch.maximum(self.absmax, x.abs().amax(dim=0))
         self.n_tokens += x.shape[0]
+        self.sum_x += x.sum(0).double()
         self._reservoir(x)
 
     def _reservoir(self, x: torch.Tensor) -> None:
@@ -67,6 +81,26 @@ class LayerStats:
     def hessian_mean(self) -> torch.Tensor:
         """``X^T X / n`` in fp32 (SparseGPT's H up to a factor)."""
         return (self.hessian / max(self.n_tokens, 1)).float()
+
+    def dense_target_weight(self, weight: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+        """The weight ``W'`` that best maps this model's inputs to the dense outputs:
+        ``argmin ||X W'^T - X_dense W^T||^2 + lam ||W' - W||^2`` (ridge toward ``W``,
+        ``lam = damp * mean diag(X^T X)``). Returns ``weight`` when no dense rows were seen."""
+        if self.cross is None:
+            return weight
+        h = self.hessian
+        lam = damp * torch.diag(h).mean().clamp(min=1e-12)
+        eye = torch.eye(h.shape[0], dtype=h.dtype)
+        w = weight.double()
+        rhs = w @ self.cross.T + lam * w  # [N, K]
+        return torch.linalg.solve(h + lam * eye, rhs.T).T.to(weight.dtype)
+
+    def bias_shift(self, dense_weight: torch.Tensor, new_weight: torch.Tensor) -> Optional[torch.Tensor]:
+        """Mean output difference ``W mean(X_dense) - W' mean(X)`` (``[N]``), or None."""
+        if self.sum_dense is None or self.n_tokens == 0:
+            return None
+        n = self.n_tokens
+        return (dense_weight.double() @ (self.sum_dense / n) - new_weight.double() @ (self.sum_x / n)).float()
 
 
 def find_blocks(model: nn.Module) -> Tuple[str, nn.ModuleList]:
@@ -137,28 +171,46 @@ def collect_stats(
     token_masks: Sequence[torch.Tensor],
     layers: Dict[str, nn.Module],
     max_rows: int = 1024,
+    dense_block: Optional[nn.Module] = None,
+    dense_inputs: Optional[Sequence[BlockInput]] = None,
 ) -> Dict[str, LayerStats]:
     """Run ``block`` on ``inputs`` with hooks on ``layers`` (name -> module); returns their stats.
 
-    ``token_masks[i]`` (bool ``[batch, seq]``) marks the real tokens of batch ``i``.
+    ``token_masks[i]`` (bool ``[batch, seq]``) marks the real tokens of batch ``i``. With
+    ``dense_block`` / ``dense_inputs`` (the uncompressed block and its own inputs) the
+    cross statistics ``X^T X_dense`` are gathered too, batch by batch.
     """
     stats = {name: LayerStats(mod.in_features, max_rows) for name, mod in layers.items()}
     current: List[torch.Tensor] = []
+    dense_rows: Dict[str, torch.Tensor] = {}
+
+    def real_rows(x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        keep = current[0].reshape(-1)
+        return rows[keep.to(rows.device)] if keep.numel() == rows.shape[0] else rows
 
     def make_hook(name: str):
         def hook(_mod, args, _out):
-            x = args[0]
-            rows = x.reshape(-1, x.shape[-1])
-            keep = current[0].reshape(-1)
-            if keep.numel() == rows.shape[0]:
-                rows = rows[keep.to(rows.device)]
+            rows = real_rows(args[0])
             stats[name].add(rows)
+            if name in dense_rows:
+                stats[name].add_dense(rows, dense_rows.pop(name))
+        return hook
+
+    def make_dense_hook(name: str):
+        def hook(_mod, args, _out):
+            dense_rows[name] = real_rows(args[0]).detach()
         return hook
 
     handles = [mod.register_forward_hook(make_hook(name)) for name, mod in layers.items()]
+    if dense_block is not None:
+        handles += [dense_block.get_submodule(name).register_forward_hook(make_dense_hook(name)) for name in layers]
     try:
-        for (a, k), tm in zip(inputs, token_masks):
+        for j, ((a, k), tm) in enumerate(zip(inputs, token_masks)):
             current[:] = [tm]
+            if dense_block is not None and dense_inputs is not None:
+                da, dk = dense_inputs[j]
+                dense_block(*da, **dk)
             block(*a, **k)
     finally:
         for h in handles:

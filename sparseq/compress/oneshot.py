@@ -7,6 +7,7 @@ later layers correct for the error of earlier ones. Compressed layers become
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Union
@@ -89,6 +90,7 @@ def compress_linear(
     alpha: Union[float, str] = "search",
     damp: float = 0.01,
     blocksize: int = 128,
+    bias_correction: bool = False,
 ) -> tuple:
     """Compress one layer: prune (``method``), then SmoothQuant factors for W8A8.
 
@@ -98,6 +100,8 @@ def compress_linear(
     w, mask = lin.weight.detach().float(), None
     if fmt.sparsity is not None:
         kw = {"damp": damp, "blocksize": blocksize} if method == "sparsegpt" else {}
+        if method == "sparsegpt" and stats is not None and stats.cross is not None:
+            w = stats.dense_target_weight(w, damp)  # aim at the dense model's outputs
         w, mask = prune(w, fmt.sparsity, method,
                         hessian=stats.hessian_mean() if stats else None,
                         x_norm=stats.x_norm if stats else None, **kw)
@@ -111,6 +115,12 @@ def compress_linear(
     sim.weight.data.copy_(w)
     if mask is not None:
         sim.apply_mask()
+    if bias_correction and stats is not None and fmt.sparsity is not None:
+        shift = stats.bias_shift(lin.weight.detach().float(), sim.pruned_weight())
+        if shift is not None:
+            if sim.bias is None:
+                sim.bias = nn.Parameter(torch.zeros(sim.out_features))
+            sim.bias.data += shift
     return sim, used_alpha
 
 
@@ -135,6 +145,8 @@ def compress_model(
     *,
     alpha: Union[float, str] = "search",
     sequential: bool = True,
+    target: str = "dense",
+    bias_correction: bool = False,
     batch_size: int = 32,
     max_length: int = 128,
     damp: float = 0.01,
@@ -147,11 +159,16 @@ def compress_model(
     ``method``: magnitude, wanda or sparsegpt (2:4 / N:M / unstructured). ``alpha``: SmoothQuant
     migration strength for W8A8 layers, a float, ``"search"`` (per layer, least output error
     on calibration rows, default) or ``"none"``. ``sequential=False`` calibrates every layer on
-    the dense model's activations instead (one-shot). Layers outside the repeated blocks and
+    the dense model's activations instead (one-shot). ``target="dense"`` (sequential only) makes
+    SparseGPT reconstruct the dense model's layer outputs from the compressed model's inputs
+    (asymmetric calibration; corrects the error accumulated upstream); ``"self"`` is the
+    classic layer-wise objective. Layers outside the repeated blocks and
     layers rejected by ``filter(name, module)`` stay dense.
     """
     if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}: choose from {', '.join(METHODS)}")
+    if target not in ("dense", "self"):
+        raise ValueError(f"target must be 'dense' or 'self', got {target!r}")
     if not calib_lines:
         raise ValueError("calibration text is empty: need at least one line")
     start = time.perf_counter()
@@ -164,22 +181,24 @@ def compress_model(
     batches = batches_by_length(tokenizer, list(calib_lines), batch_size, max_length)
     masks = _token_masks(batches)
     inputs = capture_block_inputs(model, batches, blocks[0])
+    dense_inputs = inputs if sequential and target == "dense" and method == "sparsegpt" else None
     result = CompressionResult(model, formats)
     bar = progress(total=sum(f.name != "dense" for f in formats.values()), desc=f"compress {method}", unit="layer")
     for i, block in enumerate(blocks):
         rel = {n[len(f"{prefix}.{i}."):]: n for n in all_names if n.startswith(f"{prefix}.{i}.") and formats[n].name != "dense"}
         groups = execution_groups(block, inputs, list(rel)) if sequential else [list(rel)]
         dense_next = None if sequential else run_block(block, inputs)
+        dense_block = copy.deepcopy(block) if dense_inputs is not None else None
         for group in groups:
             if not group:
                 continue
             mods = {g: block.get_submodule(g) for g in group}
-            stats = collect_stats(block, inputs, masks, mods, max_rows)
+            stats = collect_stats(block, inputs, masks, mods, max_rows, dense_block, dense_inputs)
             for g in group:
                 t0 = time.perf_counter()
                 name, old = rel[g], mods[g]
                 dense_w = old.weight.detach().clone() if isinstance(old, nn.Linear) else old.pruned_weight()
-                sim, used = compress_linear(old, formats[name], method, stats[g], alpha, damp, blocksize)
+                sim, used = compress_linear(old, formats[name], method, stats[g], alpha, damp, blocksize, bias_correction)
                 set_module(block, g, sim)
                 err = _rel_error(dense_w, old.bias, sim, stats[g].rows)
                 result.layers.append(LayerReport(name, formats[name].name, method, tuple(dense_w.shape), used, err,
@@ -188,6 +207,9 @@ def compress_model(
                 bar.set_postfix(layer=f"{i}.{g}", err=f"{err:.2e}")
             del stats
         inputs = run_block(block, inputs) if sequential else dense_next
+        if dense_block is not None:
+            dense_inputs = run_block(dense_block, dense_inputs)
+            del dense_block
     bar.close()
     result.seconds = time.perf_counter() - start
     return result

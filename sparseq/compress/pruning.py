@@ -160,11 +160,10 @@ def prune_sparsegpt(
                 order = torch.argsort(score, dim=1, stable=True)[:, :prune_m]
                 drop1[:, i:i + sparsity.m].scatter_(1, order, True)
             col = w1[:, i]
-            q = torch.where(drop1[:, i], torch.zeros_like(col), col)
-            e = (col - q) / d[i]
-            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
-            w1[:, i] = q
+            e = torch.where(drop1[:, i], col, torch.zeros_like(col)) / d[i]  # (w - q) / d, q = kept part
+            w1[:, i + 1:].addr_(e, hinv1[i, i + 1:], alpha=-1.0)
             err1[:, i] = e
+        w1.masked_fill_(drop1, 0.0)
         w[:, i1:i2] = w1
         keep[:, i1:i2] = ~drop1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]

@@ -28,7 +28,23 @@ class SimulatedLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().clone())
         self.register_buffer("mask", None if mask is None else mask.to(torch.bool).clone())
         self.register_buffer("smooth", None if smooth is None else smooth.float().clone())
+        self.lora_a: Optional[nn.Parameter] = None
+        self.lora_b: Optional[nn.Parameter] = None
         if self.mask is not None:
+            self.apply_mask()
+
+    def add_lora(self, rank: int, scale: float = 1.0) -> None:
+        """Trainable low-rank update ``scale * B @ A`` of the weight (B starts at zero)."""
+        self.lora_a = nn.Parameter(torch.randn(rank, self.in_features) / self.in_features ** 0.5)
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank))
+        self.lora_scale = scale
+
+    @torch.no_grad()
+    def merge_lora(self) -> None:
+        """Fold the LoRA update into the weight (then masked again) and drop the adapters."""
+        if self.lora_a is not None:
+            self.weight += self.lora_scale * (self.lora_b @ self.lora_a)
+            self.lora_a, self.lora_b = None, None
             self.apply_mask()
 
     @torch.no_grad()
@@ -39,7 +55,11 @@ class SimulatedLinear(nn.Module):
 
     def effective_weight(self) -> torch.Tensor:
         """The float weight the format computes with (masked, smoothed, int8-rounded)."""
-        w = self.weight if self.mask is None else self.weight * self.mask
+        w = self.weight
+        if self.lora_a is not None:
+            w = w + self.lora_scale * (self.lora_b @ self.lora_a)
+        if self.mask is not None:
+            w = w * self.mask
         if self.smooth is not None:
             w = w * self.smooth
         return fake_quant_per_channel(w) if self.format.weight_quant else w

@@ -15,7 +15,7 @@ import torch
 from ..reference import INT8_MAX
 
 DEFAULT_ALPHA = 0.5
-ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(4, 17))  # 0.20 ... 0.80
+ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
 def smooth_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float = DEFAULT_ALPHA, eps: float = 1e-5) -> torch.Tensor:
@@ -61,10 +61,10 @@ def search_alpha(
     weight: torch.Tensor,
     act_absmax: torch.Tensor,
     grid: Iterable[float] = ALPHA_GRID,
-) -> Tuple[float, torch.Tensor, float]:
+) -> Tuple[float, Optional[torch.Tensor], float]:
     """The ``alpha`` of ``grid`` (and None = no smoothing) with the least W8A8 output error on ``x_rows``.
 
-    Returns ``(alpha, smooth, relative error)``; alpha is ``-1.0`` when no smoothing wins.
+    Returns ``(alpha, smooth, relative error)``; ``(-1.0, None, err)`` when no smoothing wins.
     """
     x = x_rows.float()
     ref = x @ weight.float().T

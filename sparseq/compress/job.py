@@ -1,0 +1,141 @@
+"""The main job: compress a model end to end, report, save; and re-score a saved model.
+
+``compress_job``: load model + text (bundled MiniLM + Shakespeare by default) -> calibrate
+and compress (default 2:4 + W8A8, SparseGPT, sequential) -> optional distillation recovery
+-> accuracy against the dense model on held-out text -> ``sparseq.swap`` + ``sparseq.save``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from .data import load_model, load_texts
+from .evaluate import Scores, batches_by_length, compare, embed
+from .export import linear_weight_bytes, to_kernel_layers
+from .oneshot import compress_model
+from .recipe import DEFAULT_RECIPE, Recipe
+from .recovery import recover
+
+REPORT = "compress.json"
+
+
+def default_threads() -> int:
+    """Threads for CPU runs: all cores up to 4 (the machine may be shared)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _speed(dense: torch.nn.Module, compressed: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> Optional[Dict[str, float]]:
+    """Milliseconds per forward of dense vs compressed on the GPU (None without one)."""
+    if not torch.cuda.is_available():
+        return None
+    from .evaluate import model_inputs
+
+    out = {}
+    for name, m in (("dense_ms", dense), ("compressed_ms", compressed)):
+        m = m.to("cuda")  # same activation dtype (fp32) for both
+        inputs = model_inputs(batch, torch.device("cuda"))
+        with torch.no_grad():
+            for _ in range(3):
+                m(**inputs)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(10):
+                m(**inputs)
+            torch.cuda.synchronize()
+        out[name] = (time.perf_counter() - t0) / 10 * 1e3
+    out["speedup"] = out["dense_ms"] / out["compressed_ms"]
+    return out
+
+
+def compress_job(
+    model_dir: Optional[str] = None,
+    text: Optional[str] = None,
+    recipe: Recipe = DEFAULT_RECIPE,
+    method: str = "sparsegpt",
+    out: Optional[str] = "sparseq-out",
+    recover_steps: int = 0,
+    n_calib: int = 512,
+    n_eval: int = 1200,
+    alpha: Any = "search",
+    lora_rank: int = 0,
+    save: bool = True,
+) -> Dict[str, Any]:
+    """Run the main job; returns the report (also written to ``out/compress.json``)."""
+    t_start = time.perf_counter()
+    model, tokenizer = load_model(model_dir)
+    texts = load_texts(text, n_calib=n_calib, n_eval=n_eval, n_train=4000 if recover_steps else 0)
+    _say(f"model  {model_dir or 'bundled all-MiniLM-L6-v2'} ({type(model).__name__})")
+    _say(f"text   {texts.source}: {len(texts.calib)} calibration lines, {len(texts.eval)} held-out lines")
+    dense = copy.deepcopy(model)
+    eval_batches = batches_by_length(tokenizer, texts.eval, 128)
+    ref = embed(dense, eval_batches, desc="dense embeddings")
+    result = compress_model(model, tokenizer, texts.calib, recipe, method, alpha=alpha)
+    scores: Dict[str, Scores] = {"oneshot": compare(ref, embed(model, eval_batches, desc="score"))}
+    _say(f"one-shot {method}: cosine {scores['oneshot'].cosine:.4f}, neighbour agreement "
+         f"{scores['oneshot'].nn_agreement:.3f} ({result.seconds:.0f} s)")
+    rec = None
+    if recover_steps:
+        rec = recover(model, dense, tokenizer, texts.train, steps=recover_steps, lora_rank=lora_rank)
+        scores["recovered"] = compare(ref, embed(model, eval_batches, desc="score"))
+        _say(f"recovered ({rec.steps} steps, {rec.seconds:.0f} s): cosine {scores['recovered'].cosine:.4f}, "
+             f"neighbour agreement {scores['recovered'].nn_agreement:.3f}")
+    size = linear_weight_bytes(model)
+    final = scores.get("recovered", scores["oneshot"])
+    report: Dict[str, Any] = {
+        "model_dir": str(model_dir) if model_dir else None,
+        "text": str(text) if text else None,
+        "recipe": recipe, "method": method, "n_calib": len(texts.calib), "n_eval": len(texts.eval),
+        "scores": {k: v.as_dict() for k, v in scores.items()},
+        "cosine": final.cosine, "nn_agreement": final.nn_agreement,
+        "linear_bytes_bf16": size["before"], "linear_bytes_compressed": size["after"],
+        "layers": [asdict(layer) for layer in result.layers],
+        "recovery": asdict(rec) if rec else None,
+    }
+    if save and out:
+        swap_report, kernel_recipe = to_kernel_layers(model)
+        report["swap"] = str(swap_report)
+        speed = _speed(dense, model, eval_batches[-1])
+        if speed:
+            report["speed"] = speed
+        import sparseq
+
+        path = Path(out)
+        sparseq.save(model, path, recipe=kernel_recipe)
+        tokenizer.save_pretrained(str(path))
+        report["seconds"] = time.perf_counter() - t_start
+        (path / REPORT).write_text(json.dumps(report, indent=2))
+        report["out"] = str(path)
+    report["seconds"] = time.perf_counter() - t_start
+    return report
+
+
+def eval_saved(path: str, model_dir: Optional[str] = None, text: Optional[str] = None, n_eval: Optional[int] = None) -> Dict[str, Any]:
+    """Re-score a model saved by the main job against its dense original; returns the scores."""
+    import sparseq
+
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory (expected the --out folder of `sparseq compress`)")
+    saved = json.loads((root / REPORT).read_text()) if (root / REPORT).is_file() else {}
+    model_dir = model_dir or saved.get("model_dir")
+    text = text or saved.get("text")
+    n_eval = n_eval or saved.get("n_eval", 1200)
+    compressed = sparseq.load(root)
+    dense, tokenizer = load_model(model_dir)
+    texts = load_texts(text, n_calib=1, n_eval=n_eval, n_train=0)
+    batches = batches_by_length(tokenizer, texts.eval, 128)
+    ref = embed(dense, batches, desc="dense embeddings")
+    s = compare(ref, embed(compressed, batches, desc="score"))
+    return {"path": str(root), "recipe": saved.get("recipe"), "method": saved.get("method"), **s.as_dict(),
+            "reported_cosine": saved.get("cosine")}

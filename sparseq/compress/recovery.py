@@ -1,0 +1,134 @@
+"""Recovery: distill the dense model (teacher) into the compressed one with its masks fixed.
+
+The student is a model whose compressed layers are ``SimulatedLinear``: their forward
+multiplies the weight by the fixed keep-mask (pruned weights get no gradient) and the
+weights are re-masked after every optimizer step, so the sparsity pattern never changes.
+W8A8 layers train through their fake quantization (straight-through). With ``lora_rank``
+only low-rank adapters (plus biases and LayerNorms) train and are merged back at the end.
+Loss: token-level hidden-state MSE (normalized) + (1 - cosine) of the sentence embeddings.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .evaluate import batches_by_length, mean_pool, model_inputs
+from .progress import progress
+from .simulated import SimulatedLinear
+
+
+@dataclass
+class RecoveryReport:
+    """What recovery did."""
+
+    steps: int
+    seconds: float
+    first_loss: float
+    last_loss: float
+    train_cosine: float
+
+
+def simulated_layers(model: nn.Module) -> Dict[str, SimulatedLinear]:
+    """The model's compressed layers by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, SimulatedLinear)}
+
+
+def _trainable(student: nn.Module, lora_rank: int) -> List[nn.Parameter]:
+    for p in student.parameters():
+        p.requires_grad_(False)
+    params = []
+    for name, mod in student.named_modules():
+        if isinstance(mod, SimulatedLinear):
+            if lora_rank:
+                mod.add_lora(lora_rank)
+                params += [mod.lora_a, mod.lora_b]
+            else:
+                params.append(mod.weight)
+            if mod.bias is not None:
+                params.append(mod.bias)
+        elif isinstance(mod, nn.LayerNorm):
+            params += [p for p in mod.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple:
+    """``(loss, batch cosine)``: normalized token MSE + (1 - cosine of pooled embeddings)."""
+    m = attention_mask.unsqueeze(-1).to(student_hidden.dtype)
+    diff = ((student_hidden - teacher_hidden) ** 2 * m).sum() / (teacher_hidden ** 2 * m).sum().clamp(min=1e-12)
+    cos = torch.nn.functional.cosine_similarity(mean_pool(student_hidden, attention_mask), mean_pool(teacher_hidden, attention_mask)).mean()
+    return diff + (1.0 - cos), float(cos)
+
+
+def recover(
+    student: nn.Module,
+    teacher: nn.Module,
+    tokenizer,
+    lines: Sequence[str],
+    *,
+    steps: int = 300,
+    batch_size: int = 32,
+    lr: float = 1e-4,
+    lora_rank: int = 0,
+    max_length: int = 64,
+    max_seconds: Optional[float] = None,
+    seed: int = 0,
+) -> RecoveryReport:
+    """Train ``student`` to match ``teacher`` on ``lines`` for ``steps`` (or ``max_seconds``).
+
+    Masks of the student's ``SimulatedLinear`` layers stay fixed; LoRA adapters (if
+    ``lora_rank``) are merged back before returning. Returns a short report.
+    """
+    if not lines:
+        raise ValueError("recovery needs training text: got no lines")
+    layers = simulated_layers(student)
+    if not layers:
+        raise ValueError("the student has no compressed (SimulatedLinear) layers to recover")
+    masks_before = {n: m.mask.clone() for n, m in layers.items() if m.mask is not None}
+    device = next(student.parameters()).device
+    teacher.eval()
+    params = _trainable(student, lora_rank)
+    opt = torch.optim.AdamW(params, lr=lr * (10 if lora_rank else 1), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    batches = batches_by_length(tokenizer, list(lines), batch_size, max_length)
+    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed))
+    student.train()
+    start, first, last, cos_ema = time.perf_counter(), None, 0.0, 0.0
+    bar = progress(range(steps), desc="recover", unit="step")
+    done = 0
+    try:
+        for step in bar:
+            inputs = model_inputs(batches[int(order[step % len(batches)])], device)
+            with torch.no_grad():
+                target = teacher(**inputs).last_hidden_state
+            hidden = student(**inputs).last_hidden_state
+            loss, cos = distill_loss(hidden, target, inputs["attention_mask"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            for mod in layers.values():
+                mod.apply_mask()
+            first = float(loss) if first is None else first
+            last = float(loss)
+            cos_ema = cos if step == 0 else 0.9 * cos_ema + 0.1 * cos
+            bar.set_postfix(loss=f"{last:.4f}", cos=f"{cos_ema:.4f}")
+            done = step + 1
+            if max_seconds is not None and time.perf_counter() - start > max_seconds:
+                break
+    finally:
+        bar.close()
+        student.eval()
+        for mod in layers.values():
+            mod.merge_lora()
+        for p in student.parameters():
+            p.requires_grad_(False)
+    for n, mask in masks_before.items():  # the contract: the sparsity pattern never changes
+        assert torch.equal(layers[n].mask, mask), f"mask of {n} changed during recovery"
+    return RecoveryReport(done, time.perf_counter() - start, first or 0.0, last, cos_ema)
