@@ -31,7 +31,8 @@ def _recipe_arg(value: str):
     if v.startswith("{"):
         return json.loads(v)
     if v.endswith(".json") and Path(v).is_file():
-        return json.loads(Path(v).read_text())
+        data = json.loads(Path(v).read_text())
+        return data.get("recipe", data) if isinstance(data, dict) else data  # plan.json or a plain dict
     return v
 
 

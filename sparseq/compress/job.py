@@ -20,7 +20,7 @@ from .data import load_model, load_texts
 from .evaluate import Scores, batches_by_length, compare, embed
 from .export import linear_weight_bytes, to_kernel_layers
 from .oneshot import compress_model
-from .recipe import DEFAULT_RECIPE, Recipe
+from .recipe import DEFAULT_RECIPE, Recipe, parse_format
 from .recovery import recover
 
 REPORT = "compress.json"
@@ -58,6 +58,17 @@ def _speed(dense: torch.nn.Module, compressed: torch.nn.Module, batch: Dict[str,
     return out
 
 
+def check_recipe(recipe: Recipe) -> None:
+    """Raise ValueError/TypeError for a recipe that names an unknown format (before any work)."""
+    if isinstance(recipe, str):
+        parse_format(recipe)
+    elif isinstance(recipe, dict):
+        for fmt in recipe.values():
+            parse_format(fmt)
+    else:
+        raise TypeError(f"recipe must be a format string or a dict of layer patterns, got {type(recipe).__name__}")
+
+
 def compress_job(
     model_dir: Optional[str] = None,
     text: Optional[str] = None,
@@ -73,8 +84,9 @@ def compress_job(
 ) -> Dict[str, Any]:
     """Run the main job; returns the report (also written to ``out/compress.json``)."""
     t_start = time.perf_counter()
-    model, tokenizer = load_model(model_dir)
+    check_recipe(recipe)
     texts = load_texts(text, n_calib=n_calib, n_eval=n_eval, n_train=4000 if recover_steps else 0)
+    model, tokenizer = load_model(model_dir)
     _say(f"model  {model_dir or 'bundled all-MiniLM-L6-v2'} ({type(model).__name__})")
     _say(f"text   {texts.source}: {len(texts.calib)} calibration lines, {len(texts.eval)} held-out lines")
     dense = copy.deepcopy(model)

@@ -124,6 +124,7 @@ def compress_linear(
     return sim, used_alpha
 
 
+@torch.no_grad()
 def _rel_error(dense_w: torch.Tensor, bias: Optional[torch.Tensor], sim: SimulatedLinear, rows: Optional[torch.Tensor]) -> float:
     if rows is None or rows.numel() == 0:
         return float("nan")

@@ -73,12 +73,13 @@ def parse_format(spec: str) -> Format:
                 raise ValueError(f"format {spec!r} has two quantizations")
             quant = "int8_weight_only" if part in ("int8", "w8") else part
         else:
-            if sparsity is not None:
-                raise ValueError(f"format {spec!r} has two sparsities")
             try:
-                sparsity = parse_sparsity(part)
+                parsed = parse_sparsity(part)
             except ValueError as e:
                 raise ValueError(f"unknown format {spec!r}: {e}; quantizations are {', '.join(QUANTS)}") from None
+            if sparsity is not None:
+                raise ValueError(f"format {spec!r} has two sparsities")
+            sparsity = parsed
             if not sparsity.structured and sparsity.ratio == 0.0:
                 sparsity = None
     return Format(sparsity, quant)

@@ -98,7 +98,7 @@ def recover(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     batches = batches_by_length(tokenizer, list(lines), batch_size, max_length)
     order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed))
-    student.train()
+    student.eval()  # no dropout: the student should match the teacher's deterministic outputs
     start, first, last, cos_ema = time.perf_counter(), None, 0.0, 0.0
     bar = progress(range(steps), desc="recover", unit="step")
     done = 0
@@ -124,7 +124,6 @@ def recover(
                 break
     finally:
         bar.close()
-        student.eval()
         for mod in layers.values():
             mod.merge_lora()
         for p in student.parameters():

@@ -1,0 +1,229 @@
+"""The sweet-spot planner: per-layer formats that maximize speed within an accuracy budget.
+
+1. Sensitivity: every Linear is compressed alone in every candidate format (calibrated on
+   the dense model) and its relative output error on calibration rows is recorded.
+2. Calibration of the error model: each format applied to every layer is scored on held-out
+   text; ``k_f = cosine loss / sum of layer errors`` turns layer errors into model loss, so
+   a mixed plan's loss is estimated as ``sum_l k_f(l) * err_l(f(l))``.
+3. Speed: per-layer speedups, measured (``ops.csv`` of ``sparseq bench``) or tabled; the
+   model time is the sum of layer times, each proportional to ``N * K`` when dense.
+4. Greedy: repeatedly take the layer upgrade with the most time saved per unit of added
+   loss while the estimate stays within the budget; the path is the frontier. The chosen
+   plan is then applied and measured.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .calibration import capture_block_inputs, collect_stats, find_blocks, linear_names, run_block
+from .evaluate import batches_by_length, compare, embed
+from .oneshot import _token_masks, compress_linear, compress_model
+from .progress import progress
+from .recipe import parse_format
+
+TABLED_SPEEDUP = {"dense": 1.0, "2:4": 1.6, "int8_weight_only": 1.8, "w8a8": 1.9, "2:4+int8_weight_only": 2.6, "2:4+w8a8": 3.0}
+"""Per-layer speedups at decode-size M when nothing was measured (from the byte limits of
+README: 2:4 up to 1.78x, int8 weight-only 2.0x, 2:4 + int8 3.2x; discounted for overheads)."""
+
+
+@dataclass
+class Plan:
+    """Per-layer formats with their estimated and measured accuracy and speed."""
+
+    formats: Dict[str, str]
+    budget: float
+    est_loss: float
+    speedup: float
+    measured_cosine: Optional[float] = None
+    measured_nn: Optional[float] = None
+    frontier: List[Tuple[float, float]] = field(default_factory=list)  # (speedup, estimated cosine)
+    uniform: Dict[str, Tuple[float, float]] = field(default_factory=dict)  # format -> (speedup, cosine)
+    sensitivity: Dict[str, Dict[str, float]] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """Markdown: one row per layer."""
+        fmts = sorted({f for s in self.sensitivity.values() for f in s})
+        lines = ["| layer | chosen | " + " | ".join(f"err {f}" for f in fmts) + " |", "|---|---|" + "---|" * len(fmts)]
+        for name, chosen in self.formats.items():
+            errs = " | ".join(f"{self.sensitivity.get(name, {}).get(f, float('nan')):.2e}" for f in fmts)
+            lines.append(f"| {name} | {chosen} | {errs} |")
+        return "\n".join(lines)
+
+
+def load_speedups(csv_path: Optional[str], m_max: int = 16) -> Dict[Tuple[str, int, int], float]:
+    """``{(format, N, K): best speedup at M <= m_max}`` from a ``sparseq bench`` ops.csv."""
+    if not csv_path:
+        return {}
+    out: Dict[Tuple[str, int, int], float] = {}
+    with open(csv_path) as f:
+        for row in csv.DictReader(f):
+            try:
+                if int(row["M"]) > m_max:
+                    continue
+                key = (row["format"], int(row["N"]), int(row["K"]))
+                out[key] = max(out.get(key, 0.0), float(row["speedup"]))
+            except (KeyError, ValueError):
+                continue
+    if not out:
+        raise ValueError(f"{csv_path} has no usable rows (need columns format, N, K, M, speedup)")
+    return out
+
+
+def layer_speedup(fmt: str, shape: Tuple[int, int], measured: Dict[Tuple[str, int, int], float]) -> float:
+    """Measured speedup of ``fmt`` at this ``(N, K)`` if known, else the tabled one (1.0 if slower)."""
+    s = measured.get((fmt, shape[0], shape[1]), TABLED_SPEEDUP.get(fmt, 1.0))
+    return max(1.0, s)  # sparseq layers fall back to dense where a kernel loses
+
+
+@torch.no_grad()
+def sensitivity(model: nn.Module, tokenizer, calib_lines: Sequence[str], formats: Sequence[str], method: str = "sparsegpt",
+                batch_size: int = 32, max_rows: int = 512) -> Tuple[Dict[str, Dict[str, float]], Dict[str, Tuple[int, int]]]:
+    """``{layer: {format: relative output error}}`` (each layer alone, dense inputs) and layer shapes."""
+    prefix, blocks = find_blocks(model)
+    batches = batches_by_length(tokenizer, list(calib_lines), batch_size)
+    masks = _token_masks(batches)
+    inputs = capture_block_inputs(model, batches, blocks[0])
+    out: Dict[str, Dict[str, float]] = {}
+    shapes: Dict[str, Tuple[int, int]] = {}
+    parsed = [parse_format(f) for f in formats]
+    bar = progress(total=sum(len(linear_names(b)) for b in blocks), desc="sensitivity", unit="layer")
+    for i, block in enumerate(blocks):
+        names = linear_names(block)
+        mods = {n: block.get_submodule(n) for n in names}
+        stats = collect_stats(block, inputs, masks, mods, max_rows)
+        for n in names:
+            lin, st = mods[n], stats[n]
+            ref = st.rows @ lin.weight.T.float() + (0.0 if lin.bias is None else lin.bias.float())
+            errs = {}
+            for f in parsed:
+                sim, _ = compress_linear(lin, f, method, st, alpha="search")
+                errs[f.name] = float((sim(st.rows) - ref).pow(2).sum() / ref.pow(2).sum().clamp(min=1e-20))
+            full = f"{prefix}.{i}.{n}"
+            out[full], shapes[full] = errs, (lin.out_features, lin.in_features)
+            bar.update(1)
+        inputs = run_block(block, inputs)
+    bar.close()
+    return out, shapes
+
+
+def _speed(formats: Dict[str, str], shapes: Dict[str, Tuple[int, int]], measured) -> float:
+    dense = sum(n * k for n, k in shapes.values())
+    return dense / sum(n * k / layer_speedup(formats[l], (n, k), measured) for l, (n, k) in shapes.items())
+
+
+def greedy(sens: Dict[str, Dict[str, float]], scale: Dict[str, float], shapes: Dict[str, Tuple[int, int]], budget: float,
+           measured=None) -> Tuple[Dict[str, str], float, List[Tuple[float, float]]]:
+    """The greedy plan under ``budget`` (estimated cosine loss); returns (formats, loss, frontier)."""
+    measured = measured or {}
+    current = {l: "dense" for l in sens}
+    cost = lambda l, f: 0.0 if f == "dense" else scale[f] * sens[l][f]  # noqa: E731
+    time_of = lambda l, f: shapes[l][0] * shapes[l][1] / layer_speedup(f, shapes[l], measured)  # noqa: E731
+    loss, frontier = 0.0, [(1.0, 1.0)]
+    while True:
+        best = None
+        for l, fmts in sens.items():
+            for f in fmts:
+                saved = time_of(l, current[l]) - time_of(l, f)
+                if saved <= 0:
+                    continue
+                extra = cost(l, f) - cost(l, current[l])
+                if loss + extra > budget:
+                    continue
+                ratio = saved / max(extra, 1e-12)
+                if best is None or ratio > best[0]:
+                    best = (ratio, l, f, extra)
+        if best is None:
+            break
+        _, l, f, extra = best
+        current[l], loss = f, loss + extra
+        frontier.append((_speed(current, shapes, measured), 1.0 - loss))
+    return current, loss, frontier
+
+
+def plan(model: nn.Module, tokenizer, calib_lines: Sequence[str], eval_lines: Sequence[str],
+         formats: Sequence[str] = ("2:4", "w8a8", "2:4+w8a8", "int8_weight_only", "2:4+int8_weight_only"),
+         budget: float = 0.01, method: str = "sparsegpt", speedups_csv: Optional[str] = None) -> Plan:
+    """Choose a format per Linear of ``model`` (not modified) so the estimated loss of mean
+    cosine vs dense stays within ``budget``, maximizing the modelled speed; then measure it."""
+    if not 0 < budget < 1:
+        raise ValueError(f"budget must be a cosine loss in (0, 1), got {budget}")
+    for f in formats:
+        if not parse_format(f).runs_on_kernels:
+            raise ValueError(f"format {f!r} has no sparseq kernel; plan among {TABLED_SPEEDUP}")
+    measured = load_speedups(speedups_csv)
+    sens, shapes = sensitivity(model, tokenizer, calib_lines, formats, method)
+    eval_batches = batches_by_length(tokenizer, list(eval_lines), 128)
+    ref = embed(model, eval_batches, desc="dense embeddings")
+
+    def measure(recipe) -> Tuple[float, float]:
+        m = copy.deepcopy(model)
+        compress_model(m, tokenizer, calib_lines, recipe, method, sequential=False)
+        s = compare(ref, embed(m, eval_batches, desc="score"))
+        return s.cosine, s.nn_agreement
+
+    scale, uniform = {}, {}
+    for f in formats:
+        cos, _ = measure(f)
+        total = sum(sens[l][f] for l in sens)
+        scale[f] = max(1.0 - cos, 0.0) / max(total, 1e-12)
+        uniform[f] = (_speed({l: f for l in shapes}, shapes, measured), cos)
+    chosen, loss, frontier = greedy(sens, scale, shapes, budget, measured)
+    recipe = {l: f for l, f in chosen.items() if f != "dense"}
+    cos, nn_agree = measure(recipe) if recipe else (1.0, 1.0)
+    return Plan(chosen, budget, loss, _speed(chosen, shapes, measured), cos, nn_agree, frontier, uniform, sens)
+
+
+def frontier_png(p: Plan, path: Path) -> None:
+    """Accuracy (cosine) vs modelled speedup: the greedy frontier, uniform recipes, the plan."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs, ys = zip(*p.frontier)
+    ax.plot(xs, ys, "-", color="tab:blue", label="frontier (estimated)")
+    for f, (s, c) in p.uniform.items():
+        ax.scatter([s], [c], marker="s")
+        ax.annotate(f, (s, c), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if p.measured_cosine is not None:
+        ax.scatter([p.speedup], [p.measured_cosine], color="tab:red", marker="*", s=120, zorder=5, label="plan (measured)")
+    ax.axhline(1.0 - p.budget, color="gray", ls="--", lw=0.8, label=f"budget {p.budget}")
+    ax.set_xlabel("modelled speedup vs dense (Linear layers)")
+    ax.set_ylabel("mean cosine vs dense")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plan_job(model_dir: Optional[str], text: Optional[str], formats: Sequence[str], budget: float, out: str,
+             speedups_csv: Optional[str] = None, n_calib: int = 256, n_eval: int = 600, method: str = "sparsegpt") -> str:
+    """``sparseq plan``: plan, write ``plan.json`` / ``plan.md`` / ``frontier.png`` to ``out``; returns the text."""
+    from .data import load_model, load_texts
+
+    model, tokenizer = load_model(model_dir)
+    texts = load_texts(text, n_calib=n_calib, n_eval=n_eval, n_train=0)
+    p = plan(model, tokenizer, texts.calib, texts.eval, formats, budget, method, speedups_csv)
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    src = f"measured ({speedups_csv})" if speedups_csv else "tabled (no measurement given)"
+    head = (f"plan under a cosine budget of {budget}: modelled speedup {p.speedup:.2f}x (speedups {src}); "
+            f"estimated cosine {1 - p.est_loss:.4f}, measured {p.measured_cosine:.4f}, "
+            f"neighbour agreement {p.measured_nn:.3f}\n"
+            + "uniform recipes: " + ", ".join(f"{f} {c:.4f} @ {s:.2f}x" for f, (s, c) in p.uniform.items()))
+    text_out = head + "\n\n" + p.table()
+    (root / "plan.json").write_text(json.dumps({"recipe": p.formats, "budget": budget, "speedup": p.speedup,
+                                                "estimated_cosine": 1 - p.est_loss, "measured_cosine": p.measured_cosine,
+                                                "nn_agreement": p.measured_nn, "uniform": p.uniform}, indent=2))
+    (root / "plan.md").write_text(text_out + "\n")
+    frontier_png(p, root / "frontier.png")
+    return text_out + f"\n\nwrote {root / 'plan.json'} (use: sparseq compress --recipe {root / 'plan.json'}), plan.md, frontier.png"
