@@ -18,9 +18,25 @@ fi
   exit 1
 }
 
+# Cache the built extensions by the hash of everything that goes into them, so that a clean
+# checkout on the same machine reuses them (SPARSEQ_BUILD_CACHE=off disables it).
+CACHE_ROOT=${SPARSEQ_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sparseq-build}
+key=$( { "$VENV/bin/python" -c "import torch; print(torch.__version__, torch.version.cuda)";
+         echo "$SPARSEQ_CUDA_ARCHS"; "$CUDA_HOME/bin/nvcc" --version | tail -n 1;
+         git ls-files -s csrc setup.py; } | sha256sum | cut -c1-16)
+cache="$CACHE_ROOT/$key"
 start=$(date +%s)
-"$VENV/bin/pip" install --disable-pip-version-check -q --no-build-isolation --no-deps -e .
-echo "build_cuda: extensions built in $(( $(date +%s) - start )) s with MAX_JOBS=$MAX_JOBS"
+if [ "$CACHE_ROOT" != off ] && ls "$cache"/_C*.so >/dev/null 2>&1; then
+  cp "$cache"/_C*.so sparseq/
+  SPARSEQ_SKIP_CUDA_BUILD=1 "$VENV/bin/pip" install --disable-pip-version-check -q --no-build-isolation --no-deps -e .
+  echo "build_cuda: reused the extensions cached in $cache"
+else
+  "$VENV/bin/pip" install --disable-pip-version-check -q --no-build-isolation --no-deps -e .
+  echo "build_cuda: extensions built in $(( $(date +%s) - start )) s with MAX_JOBS=$MAX_JOBS"
+  if [ "$CACHE_ROOT" != off ]; then
+    mkdir -p "$cache" && cp sparseq/_C*.so "$cache"/ && echo "build_cuda: cached in $cache"
+  fi
+fi
 
 "$VENV/bin/python" - <<'PY'
 import importlib
