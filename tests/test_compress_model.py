@@ -109,3 +109,19 @@ def test_export_swap_save_load_matches_simulation(tiny, tmp_path):
     sparseq.save(m, tmp_path, recipe=recipe)
     loaded = sparseq.load(copy.deepcopy(model), tmp_path)
     assert compare(sim_emb, embed(loaded, b)).cosine > 0.9999
+
+
+def test_planner_respects_the_budget_and_writes_a_frontier(tiny, tmp_path):
+    from sparseq.compress.planner import frontier_png, greedy, plan
+
+    model, tok = tiny
+    p = plan(model, tok, LINES, EVAL, formats=("2:4", "w8a8", "2:4+w8a8"), budget=0.02, method="magnitude")
+    assert set(p.formats) == set(p.sensitivity) and len(p.formats) == 12
+    assert p.est_loss <= 0.02 and p.speedup >= 1.0
+    assert p.frontier[0] == (1.0, 1.0) and all(b[0] >= a[0] for a, b in zip(p.frontier, p.frontier[1:]))
+    frontier_png(p, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 1000
+    # a zero-error format is always taken; an unaffordable one never
+    sens = {"a": {"w8a8": 0.0, "2:4": 1.0}, "b": {"w8a8": 0.0, "2:4": 1.0}}
+    chosen, loss, _ = greedy(sens, {"w8a8": 1.0, "2:4": 1.0}, {"a": (64, 64), "b": (64, 64)}, budget=0.5)
+    assert chosen == {"a": "w8a8", "b": "w8a8"} and loss == 0.0

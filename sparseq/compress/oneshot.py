@@ -29,7 +29,7 @@ from .progress import progress
 from .pruning import METHODS, prune
 from .recipe import DEFAULT_RECIPE, Format, Recipe, resolve
 from .simulated import SimulatedLinear
-from .smoothquant import DEFAULT_ALPHA, search_alpha, smooth_factors
+from .smoothquant import search_alpha, smooth_factors
 
 
 @dataclass

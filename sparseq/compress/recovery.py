@@ -5,7 +5,7 @@ multiplies the weight by the fixed keep-mask (pruned weights get no gradient) an
 weights are re-masked after every optimizer step, so the sparsity pattern never changes.
 W8A8 layers train through their fake quantization (straight-through). With ``lora_rank``
 only low-rank adapters (plus biases and LayerNorms) train and are merged back at the end.
-Loss: token-level hidden-state MSE (normalized) + (1 - cosine) of the sentence embeddings.
+Loss: token-wise (1 - cosine) of the hidden states + (1 - cosine) of the sentence embeddings.
 """
 from __future__ import annotations
 
@@ -59,11 +59,16 @@ def _trainable(student: nn.Module, lora_rank: int) -> List[nn.Parameter]:
 
 
 def distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple:
-    """``(loss, batch cosine)``: normalized token MSE + (1 - cosine of pooled embeddings)."""
-    m = attention_mask.unsqueeze(-1).to(student_hidden.dtype)
-    diff = ((student_hidden - teacher_hidden) ** 2 * m).sum() / (teacher_hidden ** 2 * m).sum().clamp(min=1e-12)
+    """``(loss, batch cosine)``: mean token-wise (1 - cosine) + (1 - cosine of pooled embeddings).
+
+    Cosines rather than squared errors: BERT-style hidden states have a few huge outlier
+    dimensions that would dominate an MSE while the embedding metric is a cosine.
+    """
+    m = attention_mask.to(student_hidden.dtype)
+    tok = 1.0 - torch.nn.functional.cosine_similarity(student_hidden, teacher_hidden, dim=-1)
+    tok = (tok * m).sum() / m.sum().clamp(min=1)
     cos = torch.nn.functional.cosine_similarity(mean_pool(student_hidden, attention_mask), mean_pool(teacher_hidden, attention_mask)).mean()
-    return diff + (1.0 - cos), float(cos)
+    return tok + (1.0 - cos), float(cos.detach())
 
 
 def recover(
