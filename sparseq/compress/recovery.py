@@ -120,8 +120,8 @@ def recover(
             sched.step()
             for mod in layers.values():
                 mod.apply_mask()
-            first = float(loss) if first is None else first
-            last = float(loss)
+            last = float(loss.detach())
+            first = last if first is None else first
             cos_ema = cos if step == 0 else 0.9 * cos_ema + 0.1 * cos
             bar.set_postfix(loss=f"{last:.4f}", cos=f"{cos_ema:.4f}")
             done = step + 1
