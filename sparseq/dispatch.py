@@ -19,6 +19,8 @@ import torch
 
 BUCKET_BOUNDS = (1, 16, 64, 256, 1024)
 BUCKET_NAMES = ("1", "2-16", "17-64", "65-256", "257-1024", ">1024")
+BUCKET_M = (1, 16, 64, 256, 1024, 4096)
+"""A representative M per bucket (what ``sparseq tune`` measures)."""
 CACHE_ENV = "SPARSEQ_TUNE_CACHE"
 
 _lock = threading.Lock()

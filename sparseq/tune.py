@@ -17,8 +17,6 @@ from torch import nn
 from . import dispatch
 from .cli import command
 
-# A representative M per bucket (1, 2-16, 17-64, 65-256, 257-1024, >1024).
-BUCKET_M = (1, 16, 64, 256, 1024, 4096)
 FORMAT_OPS = {"2:4": "sparse24_mm", "int8_weight_only": "int8_weight_only_mm", "w8a8": "int8_mm",
               "2:4+w8a8": "sparse24_int8_mm"}
 
@@ -40,7 +38,7 @@ def tune_shape(n: int, k: int, dtype: torch.dtype, formats: Sequence[str] = tupl
     for fmt in formats:
         layer = make_layer(lin, fmt, **({"prune": "magnitude"} if fmt.startswith("2:4") else {}))
         choice: Dict[str, str] = {}
-        for bucket, m in zip(dispatch.BUCKET_NAMES, BUCKET_M):
+        for bucket, m in zip(dispatch.BUCKET_NAMES, dispatch.BUCKET_M):
             x = torch.randn(m, k, device=device, dtype=dtype)
             with torch.no_grad():
                 dense_us = _time_us(lambda t: torch.nn.functional.linear(t, lin.weight), x)

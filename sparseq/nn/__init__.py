@@ -1,5 +1,5 @@
 """sparseq.nn: drop-in sparse / int8 replacements for ``nn.Linear`` and ``swap``."""
-from .base import CompressedLinear
+from .base import CompressedLinear, prepare
 from .layers import Int8Linear, Int8WeightOnlyLinear, Sparse24Int8Linear, Sparse24Linear
 from .swap import FORMATS, SwapReport, format_for, make_layer, swap
 
@@ -14,4 +14,5 @@ __all__ = [
     "format_for",
     "make_layer",
     "swap",
+    "prepare",
 ]

@@ -42,6 +42,14 @@ def _cutlass_shape_ok(n: int, k: int) -> bool:
     return n % 64 == 0 and k % 128 == 0
 
 
+def _cutlass_meta(layer: CompressedLinear) -> Tensor:
+    """The layer's metadata in the CUTLASS layout of its GPU, converted once per device."""
+    from ..cuda_ops import prepare_sparse24_cutlass
+
+    return layer.derived("meta_cutlass", layer.values.device,
+                         lambda: prepare_sparse24_cutlass(layer.values, layer.meta))
+
+
 class Sparse24Linear(CompressedLinear):
     """2:4 sparse weight in bf16/fp16/fp32: buffers ``values[N, K/2]`` and ``meta[N, K/8]``."""
 
@@ -54,7 +62,6 @@ class Sparse24Linear(CompressedLinear):
         check_multiple(type(self).__name__, in_features, 8, "in_features")
         self.register_buffer("values", torch.empty(out_features, in_features // 2, dtype=dtype, device=device))
         self.register_buffer("meta", torch.empty(out_features, in_features // 8, dtype=torch.uint8, device=device))
-        self._meta_cutlass: Optional[Tensor] = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, prune: Optional[str] = None, **kwargs) -> "Sparse24Linear":
@@ -69,10 +76,6 @@ class Sparse24Linear(CompressedLinear):
     def dense_weight(self) -> Tensor:
         return ops.decompress_24(self.values, self.meta)
 
-    def _apply(self, fn, recurse: bool = True):
-        self._meta_cutlass = None
-        return super()._apply(fn, recurse)
-
     def backend_impl(self, backend: str, m: int) -> Optional[Impl]:
         if backend == "reference":
             return lambda x: ops.sparse24_mm(x, self.values, self.meta, self.bias)
@@ -84,9 +87,7 @@ class Sparse24Linear(CompressedLinear):
             op = dispatch.cutlass_op(self.OP)
             if op is None:
                 return None
-            from ..cuda_ops import prepare_sparse24_cutlass
-
-            meta_c = prepare_sparse24_cutlass(self.values, self.meta)
+            meta_c = _cutlass_meta(self)
             return lambda x: op(x, self.values, meta_c, self.bias)
         return None
 
@@ -264,9 +265,7 @@ class Sparse24Int8Linear(_W8A8Mixin, CompressedLinear):
                 and _cutlass_shape_ok(self.out_features, self.in_features):
             op = dispatch.cutlass_op(self.OP)
             if op is not None:
-                from ..cuda_ops import prepare_sparse24_cutlass
-
-                return op, prepare_sparse24_cutlass(self.values, self.meta)
+                return op, _cutlass_meta(self)
         return None, None
 
     def backend_impl(self, backend: str, m: int) -> Optional[Impl]:

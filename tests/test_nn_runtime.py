@@ -1,0 +1,174 @@
+"""sparseq.nn at run time: dispatch cache, dense fallback, torch.compile, threads, casts,
+reloads, autograd; GPU-marked CUDA-graph / compile / dispatch tests."""
+import copy
+import threading
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import sparseq
+from sparseq import dispatch
+from sparseq.nn import Sparse24Linear
+
+
+def tiny_model(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 24, bias=False), nn.Linear(24, 16))
+    return model.to(dtype)
+
+
+def swapped(dtype=torch.float32):
+    model = tiny_model(dtype)
+    sparseq.swap(model, {"0": "2:4+w8a8", "2": "int8_weight_only", "3": "2:4"}, prune="magnitude")
+    return model
+
+
+def force_backends(monkeypatch, backends):
+    """Make dispatch prefer ``backends`` on every device (a stand-in for a GPU table)."""
+    monkeypatch.setattr(dispatch, "preferences", lambda *a: list(backends))
+
+
+def test_compile_fullgraph_fresh_model_across_buckets():
+    model = swapped()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # fakes + one graph
+    for m in (1, 5, 9, 33, 300):  # several M buckets, static then dynamic shapes
+        x = torch.randn(m, 64)
+        assert torch.equal(compiled(x), model(x))
+
+
+def test_compile_inductor_cpu():
+    model = swapped()
+    x = torch.randn(2, 3, 64)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_threads_share_one_model():
+    model = swapped()
+    inputs = [torch.randn(i * 37 % 300 + 1, 64) for i in range(8)]  # several buckets
+    expected = [model(x) for x in inputs]
+    fresh = copy.deepcopy(model)  # caches empty: threads race on the first resolution
+    results, errors = {}, []
+    barrier = threading.Barrier(8)
+
+    def work(i):
+        try:
+            barrier.wait()
+            for _ in range(5):
+                results[i] = fresh(inputs[i])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(torch.equal(results[i], expected[i]) for i in range(8))
+
+
+def test_prepare_resolves_every_bucket():
+    model = swapped()
+    chosen = sparseq.nn.prepare(model)
+    assert set(chosen) == {"0", "2", "3"}
+    assert chosen["3"] == {b: "reference" for b in dispatch.BUCKET_NAMES}
+    assert len(model[3].backends) == len(dispatch.BUCKET_NAMES)
+
+
+def test_dense_fallback_runs_dense_copy_and_can_be_switched_off(monkeypatch):
+    force_backends(monkeypatch, ["dense", "reference"])
+    layer = Sparse24Linear.from_linear(nn.Linear(16, 8), prune="magnitude")
+    x = torch.randn(3, 16)
+    assert torch.equal(layer(x), F.linear(x, layer.dense_weight(), layer.bias))
+    assert set(layer.backends.values()) == {"dense"}
+    assert ("dense", torch.device("cpu")) in layer._derived
+
+    off = Sparse24Linear.from_linear(nn.Linear(16, 8), prune="magnitude", dense_fallback=False)
+    off(x)
+    assert set(off.backends.values()) == {"reference"} and not off._derived
+    assert "dense_fallback=False" in repr(off)
+    report = sparseq.swap(nn.Sequential(nn.Linear(16, 8)), "w8a8", dense_fallback=False)
+    assert report.rows[0].format == "w8a8"
+
+
+def test_load_state_dict_drops_stale_dense_copy(monkeypatch):
+    force_backends(monkeypatch, ["dense", "reference"])
+    a = Sparse24Linear.from_linear(nn.Linear(16, 8), prune="magnitude")
+    b = Sparse24Linear.from_linear(nn.Linear(16, 8), prune="magnitude")
+    x = torch.randn(2, 16)
+    a(x)  # builds a's dense copy
+    a.load_state_dict(b.state_dict())
+    assert torch.equal(a(x), b(x))
+
+
+def test_cast_keeps_scales_fp32():
+    model = swapped().to(torch.float16)
+    layer = model[0]
+    assert layer.dtype == torch.float16 and layer.bias.dtype == torch.float16
+    assert layer.w_scale.dtype == torch.float32 and layer.values.dtype == torch.int8
+    x = torch.randn(4, 64, dtype=torch.float16)
+    y = model(x)
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+    model.float()
+    assert model[3].dtype == torch.float32 and model[3].values.dtype == torch.float32
+    with pytest.raises(TypeError, match="dtype must be float32"):
+        Sparse24Linear(16, 8, dtype=torch.int8)
+
+
+def test_gradients_reach_the_input():
+    layer = sparseq.Int8Linear.from_linear(nn.Linear(32, 16), smooth=torch.rand(32) + 0.5)
+    x = torch.randn(5, 32, requires_grad=True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(5, 16) @ layer.dense_weight())
+    assert not any(b.requires_grad for b in layer.buffers())
+
+
+# ------------------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_matches_eager():
+    model = swapped(torch.float16).cuda()  # moving to the GPU resolves kernels (prepare)
+    x = torch.randn(8, 64, device="cuda", dtype=torch.float16)
+    eager = model(x)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = model(x)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, model(x))
+
+
+@pytest.mark.gpu
+def test_cuda_compile_fullgraph_matches_eager():
+    model = swapped(torch.bfloat16).cuda()
+    compiled = torch.compile(model, fullgraph=True)
+    for m in (1, 16, 300):
+        x = torch.randn(m, 64, device="cuda", dtype=torch.bfloat16)
+        torch.testing.assert_close(compiled(x), model(x), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_cuda_dispatch_follows_tuned_table(tmp_path, monkeypatch):
+    import json
+
+    lin = nn.Linear(256, 128, device="cuda", dtype=torch.bfloat16)
+    cap = torch.cuda.get_device_capability()
+    key = dispatch.tuned_key("sparse24_mm", 128, 256, torch.bfloat16, cap)
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({key: {name: "dense" for name in dispatch.BUCKET_NAMES[1:]} | {"1": "triton"}}))
+    monkeypatch.setenv(dispatch.CACHE_ENV, str(path))
+    dispatch.reload_tables()
+    try:
+        layer = Sparse24Linear.from_linear(lin, prune="magnitude")
+        chosen = layer.prepare()
+        assert all(chosen[b] == "dense" for b in dispatch.BUCKET_NAMES[1:])
+        assert chosen["1"] in ("triton", "dense", "reference")
+        x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.dense_weight(), layer.bias))
+    finally:
+        dispatch.reload_tables()

@@ -1,0 +1,61 @@
+"""swap(): recipes, filter, report, unsupported shapes, torch.nn.utils.prune masks, MiniLM."""
+import pytest
+import torch
+import torch.nn.utils.prune
+from torch import nn
+
+import sparseq
+from sparseq import reference as ref
+from sparseq.nn import Sparse24Linear
+
+
+def tiny_model(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 24, bias=False), nn.Linear(24, 10)).to(dtype)
+
+
+def test_swap_report_and_recipe_patterns():
+    model = tiny_model()
+    x = torch.randn(5, 64)
+    report = sparseq.swap(model, {"0": "2:4", "2": "w8a8", "*": "dense"}, prune="magnitude")
+    assert isinstance(model[0], Sparse24Linear) and isinstance(model[2], sparseq.Int8Linear)
+    assert type(model[3]) is nn.Linear
+    assert [r.format for r in report.rows] == ["2:4", "w8a8", "dense"]
+    assert report.rows[0].bytes_after < report.rows[0].bytes_before
+    text = str(report)
+    assert "2 of 3 Linear layers swapped" in text and "recipe says dense" in text
+    assert model(x).shape == (5, 10)
+
+
+def test_swap_filter_and_unsupported_shapes():
+    model = nn.Sequential(nn.Linear(12, 8), nn.Linear(8, 16), nn.Linear(16, 8))
+    report = sparseq.swap(model, "2:4", filter=lambda name, m: name != "2", prune="magnitude")
+    notes = {r.name: (r.format, r.note) for r in report.rows}
+    assert notes["0"][0] == "dense" and "multiple of 8" in notes["0"][1]
+    assert notes["1"][0] == "2:4"
+    assert notes["2"] == ("dense", "excluded by filter")
+
+
+def test_not_24_weight_raises_naming_layer():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"layer '0' \(2:4\): weight is not 2:4 sparse"):
+        sparseq.swap(model, "2:4")
+    with pytest.raises(ValueError, match="unknown format 'bogus'"):
+        sparseq.swap(model, "bogus")
+    with pytest.raises(ValueError, match="prune must be one of"):
+        sparseq.swap(model, "2:4", prune="wanda")
+
+
+def test_torch_prune_mask_is_honoured():
+    lin = nn.Linear(16, 8)
+    mask = ref.prune_24(torch.randn(8, 16))
+    torch.nn.utils.prune.custom_from_mask(lin, "weight", mask)
+    model = nn.Sequential(lin)
+    expected_w = (lin.weight_orig * mask).detach().clone()
+    sparseq.swap(model, "2:4")  # no prune=: the mask already makes it 2:4
+    assert torch.equal(model[0].dense_weight(), expected_w)
+
+    lin2 = nn.Linear(16, 8)
+    torch.nn.utils.prune.custom_from_mask(lin2, "weight", torch.ones(8, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="not 2:4"):
+        sparseq.swap(nn.Sequential(lin2), "2:4")
