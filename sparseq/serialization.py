@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from .nn.base import CompressedLinear
+from .nn.base import CompressedLinear, prepare
 from .nn.swap import FORMATS
 from .reference import FORMAT_VERSION
 from .version import __version__
@@ -23,6 +23,7 @@ from .version import __version__
 MANIFEST = "sparseq.json"
 WEIGHTS = "model.safetensors"
 _NONPERSISTENT = "__nonpersistent__."
+_SPEC_FIELDS = ("format", "in_features", "out_features", "bias", "dtype")
 
 
 def _manifest(model: nn.Module, recipe) -> dict:
@@ -42,20 +43,22 @@ def _manifest(model: nn.Module, recipe) -> dict:
             "model": {"kind": kind, "class": type(model).__name__, "modules": [n for n, _ in model.named_modules() if n]}, "recipe": recipe, "layers": layers}
 
 
-def _tensors(model: nn.Module) -> Dict[str, torch.Tensor]:
+def _tensors(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """``(tensors to write, aliases)``: tied tensors are written once, ``alias -> stored name``."""
     state = dict(model.state_dict())
     persistent = set(state)
     for name, buf in model.named_buffers():
         if name not in persistent and buf is not None:
             state[_NONPERSISTENT + name] = buf
-    out, seen = {}, {}
+    out, seen, aliases = {}, {}, {}
     for name, t in state.items():
-        key = (t.data_ptr(), t.shape, t.stride(), t.dtype)
-        if t.numel() and key in seen:  # tied weights: stored once, re-tied by the model on load
+        key = (t.device, t.data_ptr(), t.shape, t.stride(), t.dtype)
+        if t.numel() and key in seen:  # tied weights: stored once
+            aliases[name] = seen[key]
             continue
         seen[key] = name
         out[name] = t.detach().contiguous().cpu()
-    return out
+    return out, aliases
 
 
 def save(model: nn.Module, path: Union[str, Path], recipe=None) -> Path:
@@ -65,8 +68,9 @@ def save(model: nn.Module, path: Union[str, Path], recipe=None) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     manifest = _manifest(model, recipe)
+    tensors, manifest["aliases"] = _tensors(model)
     tmp = path / (WEIGHTS + ".tmp")
-    save_file(_tensors(model), str(tmp), metadata={"sparseq_format_version": str(FORMAT_VERSION)})
+    save_file(tensors, str(tmp), metadata={"sparseq_format_version": str(FORMAT_VERSION)})
     tmp.replace(path / WEIGHTS)
     if manifest["model"]["kind"] == "transformers":
         model.config.save_pretrained(str(path))
@@ -83,9 +87,18 @@ def read_manifest(path: Union[str, Path]) -> dict:
         manifest = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{file} is corrupt: {e}") from e
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{file} is corrupt: expected a JSON object")
     version = manifest.get("sparseq_format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{file}: format version {version!r} is not supported (this sparseq reads {FORMAT_VERSION})")
+    for key, kind in (("model", dict), ("layers", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise ValueError(f"{file} is corrupt: {key!r} missing or not a {kind.__name__}")
+    for name, spec in manifest["layers"].items():
+        missing = [f for f in _SPEC_FIELDS if not isinstance(spec, dict) or f not in spec]
+        if missing:
+            raise ValueError(f"{file} is corrupt: layer {name!r} lacks {missing}")
     return manifest
 
 
@@ -102,11 +115,16 @@ def _empty_layer(name: str, spec: dict) -> CompressedLinear:
 def _skeleton(path: Path, manifest: dict) -> nn.Module:
     if manifest["model"]["kind"] != "transformers":
         raise ValueError(f"{path} holds a plain nn.Module: pass the model to load into, sparseq.load(model, path)")
+    import transformers
     from transformers import AutoConfig, AutoModel
 
     config = AutoConfig.from_pretrained(str(path))
+    cls = getattr(transformers, manifest["model"].get("class", ""), None)
     with torch.device("meta"):
-        model = AutoModel.from_config(config)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            model = cls(config)  # the saved class (a task head, not just the base model)
+        else:
+            model = AutoModel.from_config(config)
     saved = set(manifest["model"].get("modules", []))
     for name, _ in list(model.named_modules()):
         parent_name, _, child = name.rpartition(".")
@@ -131,13 +149,28 @@ def _put_layers(model: nn.Module, manifest: dict) -> None:
         setattr(model.get_submodule(parent_name) if parent_name else model, child, _empty_layer(name, spec))
 
 
-def _assign(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
+def _where(key: str) -> str:
+    owner, _, attr = key.rpartition(".")
+    return f"layer {owner!r}, tensor {attr!r}" if owner else f"tensor {attr!r}"
+
+
+def _assign(model: nn.Module, tensors: Dict[str, torch.Tensor], manifest: dict) -> None:
+    for alias, stored in manifest.get("aliases", {}).items():
+        if stored not in tensors:
+            raise ValueError(f"{_where(alias)}: tied to {stored!r}, which is missing from the saved file")
+        tensors[alias] = tensors[stored]
     nonpersistent = {k[len(_NONPERSISTENT):]: v for k, v in tensors.items() if k.startswith(_NONPERSISTENT)}
     state = {k: v for k, v in tensors.items() if not k.startswith(_NONPERSISTENT)}
     expected = model.state_dict()
+    compressed = {n for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
     for key, t in state.items():
-        if key in expected and tuple(expected[key].shape) != tuple(t.shape):
-            raise ValueError(f"tensor {key!r}: saved shape {tuple(t.shape)} != model shape {tuple(expected[key].shape)}")
+        want = expected.get(key)
+        if want is None:
+            continue
+        if tuple(want.shape) != tuple(t.shape):
+            raise ValueError(f"{_where(key)}: saved shape {tuple(t.shape)} != expected {tuple(want.shape)}")
+        if key.rpartition(".")[0] in compressed and want.dtype != t.dtype:
+            raise ValueError(f"{_where(key)}: saved dtype {t.dtype} != expected {want.dtype}")
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise ValueError(f"saved tensors not in the model: {result.unexpected_keys[:5]}")
@@ -149,7 +182,20 @@ def _assign(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
         owner.register_buffer(attr, buf, persistent=False)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
-        raise ValueError(f"missing tensors in the saved file: {left[:5]}" + (" ..." if len(left) > 5 else ""))
+        raise ValueError(f"missing from the saved file: {_where(left[0])}" +
+                         (f" and {len(left) - 1} more: {left[1:5]}" if len(left) > 1 else ""))
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose tensors are on the meta device (its own weights are not
+    copied): filled on success, dropped on error, so the caller's model survives errors."""
+    import copy
+
+    memo: dict = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
 
 
 def load(path_or_model: Union[str, Path, nn.Module], path: Optional[Union[str, Path]] = None,
@@ -157,8 +203,10 @@ def load(path_or_model: Union[str, Path, nn.Module], path: Optional[Union[str, P
     """Load a model written by ``save``.
 
     ``load(dir)`` rebuilds a transformers model from its saved config; ``load(model, dir)``
-    swaps and fills a model you constructed (e.g. the same architecture). Errors name the
-    layer or tensor; nothing half-loaded is returned (a given model is left untouched on error).
+    swaps and fills a model you constructed (the same architecture; build it under
+    ``torch.device("meta")`` to skip allocating its dense weights at all). ``device`` is where
+    the tensors land (kernels are prepared there). Errors name the layer or tensor; nothing
+    half-loaded is returned (a given model is left untouched on error).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -174,15 +222,12 @@ def load(path_or_model: Union[str, Path, nn.Module], path: Optional[Union[str, P
         tensors = load_file(str(root / WEIGHTS), device=str(device))
     except (SafetensorError, FileNotFoundError, OSError) as e:
         raise ValueError(f"{root / WEIGHTS} is missing or corrupt: {e}") from e
-    if target is None:
-        model = _skeleton(root, manifest)
-    else:
-        import copy
-
-        model = copy.deepcopy(target).to("meta")  # fill a copy: the caller's model survives errors
+    model = _skeleton(root, manifest) if target is None else _meta_copy(target)
     _put_layers(model, manifest)
-    _assign(model, tensors)
+    _assign(model, tensors, manifest)
     model.eval()
+    if torch.device(device).type == "cuda":
+        prepare(model)  # kernel layouts on the GPU now, not in the first forward
     if target is not None:
         target.__dict__.update(model.__dict__)
         return target

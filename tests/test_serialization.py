@@ -82,7 +82,7 @@ def test_missing_tensor_is_reported(tmp_path):
     tensors = load_file(str(tmp_path / "model.safetensors"))
     del tensors["3.meta"]
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"missing tensors in the saved file: \['3.meta'\]"):
+    with pytest.raises(ValueError, match=r"missing from the saved file: layer .3., tensor .meta."):
         sparseq.load(tiny_model(), tmp_path)
 
 
@@ -111,3 +111,83 @@ def test_transformers_minilm_round_trip(tmp_path):
     assert torch.equal(got, expected)
     assert not torch.equal(got, dense_out)  # it really is the compressed model
     assert isinstance(loaded.encoder.layer[0].attention.self.query, sparseq.Int8Linear)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{not json", "is corrupt"),
+    ("[1, 2]", "expected a JSON object"),
+    (json.dumps({"sparseq_format_version": sparseq.FORMAT_VERSION, "model": {}}), "'layers' missing"),
+])
+def test_corrupt_manifest(tmp_path, text, match):
+    sparseq.save(swapped(), tmp_path)
+    (tmp_path / "sparseq.json").write_text(text)
+    with pytest.raises(ValueError, match=match):
+        sparseq.load(tiny_model(), tmp_path)
+
+
+def test_bad_layer_spec_and_tensor_shape_dtype_name_the_layer(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    sparseq.save(swapped(), tmp_path)
+    manifest_file, weights = tmp_path / "sparseq.json", tmp_path / "model.safetensors"
+    good = json.loads(manifest_file.read_text())
+    bad = json.loads(manifest_file.read_text())
+    del bad["layers"]["2"]["dtype"]
+    manifest_file.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"layer '2' lacks \['dtype'\]"):
+        sparseq.load(tiny_model(), tmp_path)
+    bad["layers"]["2"] = dict(good["layers"]["2"], format="3:8")
+    manifest_file.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="layer '2': unknown format '3:8'"):
+        sparseq.load(tiny_model(), tmp_path)
+    manifest_file.write_text(json.dumps(good))
+
+    tensors = load_file(str(weights))
+    saved = dict(tensors)
+    tensors["3.values"] = tensors["3.values"][:, :2].contiguous()
+    save_file(tensors, str(weights))
+    with pytest.raises(ValueError, match=r"layer '3', tensor 'values': saved shape \(8, 2\) != expected \(8, 8\)"):
+        sparseq.load(tiny_model(), tmp_path)
+    tensors = dict(saved, **{"3.meta": saved["3.meta"].to(torch.int8)})
+    save_file(tensors, str(weights))
+    with pytest.raises(ValueError, match="layer '3', tensor 'meta': saved dtype torch.int8"):
+        sparseq.load(tiny_model(), tmp_path)
+
+
+def test_tied_weights_and_meta_constructed_target(tmp_path):
+    def build():
+        emb = nn.Embedding(16, 32)
+        head = nn.Linear(32, 16, bias=False)
+        head.weight = emb.weight
+        return nn.ModuleDict({"emb": emb, "fc": nn.Linear(32, 32), "head": head})
+
+    model = build()
+    sparseq.swap(model, "2:4", prune="magnitude")
+    sparseq.save(model, tmp_path)
+    assert json.loads((tmp_path / "sparseq.json").read_text())["aliases"] == {"head.weight": "emb.weight"}
+    with torch.device("meta"):
+        target = build()  # no dense weights allocated at all
+    loaded = sparseq.load(target, tmp_path)
+    ids = torch.tensor([[1, 2, 3]])
+    run = lambda m: m["head"](m["fc"](m["emb"](ids)))  # noqa: E731
+    assert torch.equal(run(loaded), run(model))
+    assert not any(t.is_meta for t in loaded.state_dict().values())
+
+
+def test_transformers_task_model_round_trip(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=128, max_position_embeddings=32)
+    model = transformers.BertForMaskedLM(config).eval()
+    report = sparseq.swap(model, {"*.intermediate.dense": "2:4+w8a8", "*": "int8_weight_only"}, prune="magnitude")
+    assert "tied" in {r.name: r.note for r in report.rows}["cls.predictions.decoder"]
+    ids = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    sparseq.save(model, tmp_path, recipe="test")
+    loaded = sparseq.load(tmp_path)
+    assert type(loaded) is transformers.BertForMaskedLM
+    assert isinstance(loaded.bert.encoder.layer[1].intermediate.dense, sparseq.Sparse24Int8Linear)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+    assert loaded.cls.predictions.decoder.weight is loaded.bert.embeddings.word_embeddings.weight

@@ -59,3 +59,25 @@ def test_torch_prune_mask_is_honoured():
     torch.nn.utils.prune.custom_from_mask(lin2, "weight", torch.ones(8, 16, dtype=torch.bool))
     with pytest.raises(ValueError, match="not 2:4"):
         sparseq.swap(nn.Sequential(lin2), "2:4")
+
+
+def test_tied_and_attention_linears_stay_dense():
+    emb = nn.Embedding(16, 32)
+    head = nn.Linear(32, 16, bias=False)
+    head.weight = emb.weight
+    model = nn.ModuleDict({"emb": emb, "head": head, "attn": nn.MultiheadAttention(32, 2), "fc": nn.Linear(32, 32)})
+    report = sparseq.swap(model, "w8a8")
+    notes = {r.name: (r.format, r.note) for r in report.rows}
+    assert notes["head"] == ("dense", "weight tied to 'emb' (swapping would untie it)")
+    assert notes["attn.out_proj"][0] == "dense" and "MultiheadAttention" in notes["attn.out_proj"][1]
+    assert notes["fc"][0] == "w8a8"
+    x = torch.randn(3, 1, 32)
+    assert model["attn"](x, x, x)[0].shape == (3, 1, 32)
+
+
+def test_swap_is_idempotent_and_report_totals():
+    model = tiny_model()
+    first = sparseq.swap(model, "int8_weight_only")
+    assert len(first.swapped) == 3 and first.bytes_after < first.bytes_before / 2
+    second = sparseq.swap(model, "int8_weight_only")
+    assert second.rows == []  # swapped layers are not nn.Linear any more

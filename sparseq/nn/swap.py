@@ -99,6 +99,20 @@ def _unsupported(linear: nn.Linear, fmt: str) -> Optional[str]:
     return None
 
 
+def _tied_weights(model: nn.Module) -> Dict[str, str]:
+    """``{module: other module}`` for modules whose ``weight`` is shared with another module."""
+    owners: Dict[int, List[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name.rpartition(".")[0])
+    tied = {}
+    for names in owners.values():
+        for n in names:
+            others = [o for o in names if o != n]
+            if others:
+                tied[n] = others[0]
+    return tied
+
+
 def _take_torch_prune_mask(linear: nn.Linear) -> None:
     """Fold a ``torch.nn.utils.prune`` reparametrization (weight_orig * weight_mask) into weight."""
     if hasattr(linear, "weight_mask") and hasattr(linear, "weight_orig"):
@@ -130,8 +144,9 @@ def swap(model: nn.Module, recipe: Recipe = "2:4", filter: Optional[Callable[[st
     """
     _check_recipe(recipe)
     report = SwapReport()
-    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear or
-               (isinstance(m, nn.Linear) and not isinstance(m, CompressedLinear))]
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    tied = _tied_weights(model)
+    mha = {n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     for name, linear in linears:
         before = _linear_weight_bytes(linear)
         fmt = format_for(name, recipe)
@@ -141,6 +156,10 @@ def swap(model: nn.Module, recipe: Recipe = "2:4", filter: Optional[Callable[[st
             skip = "excluded by filter"
         if skip is None:
             skip = _unsupported(linear, fmt)
+        if skip is None and name.rpartition(".")[0] in mha:
+            skip = "inside nn.MultiheadAttention (it reads .weight directly)"
+        if skip is None and name in tied:
+            skip = f"weight tied to {tied[name]!r} (swapping would untie it)"
         if skip is not None:
             report.rows.append(SwapRow(name, "dense", shape, before, before, skip))
             continue
