@@ -81,3 +81,36 @@ def test_swap_is_idempotent_and_report_totals():
     assert len(first.swapped) == 3 and first.bytes_after < first.bytes_before / 2
     second = sparseq.swap(model, "int8_weight_only")
     assert second.rows == []  # swapped layers are not nn.Linear any more
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    pytest.importorskip("transformers")
+    from sparseq.compress.data import load_model
+
+    model, tokenizer = load_model()
+    batch = tokenizer(["To be, or not to be", "All the world's a stage, and all the men and women merely players"],
+                      return_tensors="pt", padding=True)
+    return model, batch
+
+
+@pytest.mark.parametrize("recipe, exact", [("2:4+int8_weight_only", True), ({"*attention*": "w8a8", "*": "2:4+w8a8"}, False)])
+def test_minilm_matches_dense_from_compressed(minilm, recipe, exact):
+    import copy
+
+    dense, batch = minilm
+    model = copy.deepcopy(dense)
+    report = sparseq.swap(model, recipe, prune="magnitude")
+    assert len(report.swapped) == 36 and report.bytes_after < report.bytes_before / 3
+    reference = copy.deepcopy(dense)  # the same weights, dense, run by F.linear
+    for name, layer in model.named_modules():
+        if isinstance(layer, sparseq.nn.CompressedLinear):
+            reference.get_submodule(name).weight.data = layer.dense_weight()
+    with torch.no_grad():
+        got = model(**batch).last_hidden_state
+        want = reference(**batch).last_hidden_state
+    if exact:  # float activations: only summation order differs
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    else:  # int8 activations: per-token quantization error
+        cos = torch.nn.functional.cosine_similarity(got.flatten(1), want.flatten(1))
+        assert cos.min() > 0.99, cos
