@@ -72,3 +72,24 @@ def test_unmerge_is_refused():
     pm.merge_adapter()
     with pytest.raises(RuntimeError, match="cannot be unmerged"):
         pm.unmerge_adapter()
+
+
+def test_add_lora_without_peft_trains_and_merges():
+    torch.manual_seed(0)
+    model = Tiny()
+    sparseq.swap(model, {"fc1": "2:4", "fc2": "w8a8"}, prune="magnitude")
+    names = sparseq.nn.add_lora(model, rank=4)
+    assert names == ["fc1", "fc2"]
+    x = torch.randn(6, 64)
+    before = model(x)
+    with torch.no_grad():
+        model.fc2.lora_B.normal_()  # B = 0 at start: the wrapper starts as the base layer
+    model(x).pow(2).mean().backward()
+    assert model.fc1.lora_A.grad is not None and model.fc1.lora_B.grad.abs().sum() > 0
+    fc2 = model.fc2
+    h = torch.randn(3, 32)
+    want = recompress(fc2.base, fc2.base.dense_weight() + fc2.delta_weight().detach())
+    assert sparseq.nn.merge_lora(model) == ["fc1", "fc2"]
+    assert isinstance(model.fc1, sparseq.Sparse24Linear) and isinstance(model.fc2, sparseq.Int8Linear)
+    assert torch.equal(model.fc2(h), want(h))
+    assert not torch.equal(model(x), before)

@@ -215,6 +215,12 @@ class CompressedLinear(nn.Module):
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items() if k != "mode" and v)
         return text + (f", {opts}" if opts else "") + ("" if self.dense_fallback else ", dense_fallback=False")
 
+    @property
+    def qweight(self) -> Tensor:
+        """The main compressed buffer (``values`` or ``weight_q``); tools such as PEFT look
+        for it to find the layer's device."""
+        return self.values if "values" in self._buffers else self.weight_q
+
     def compressed_bytes(self) -> int:
         """Bytes of the canonical buffers (what is saved; kernel layouts not included)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
