@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 import threading
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -51,9 +52,22 @@ def _load(name: str) -> dict:
                 text = resources.files("sparseq").joinpath("data/dispatch_default.json").read_text()
                 _tables[name] = json.loads(text)
             else:
-                path = tuned_table_path()
-                _tables[name] = json.loads(path.read_text()) if path.exists() else {}
+                _tables[name] = _read_tuned(tuned_table_path())
         return _tables[name]
+
+
+def _read_tuned(path: Path) -> dict:
+    """The tuned table, or {} (with a warning) when it is missing or unreadable."""
+    if not path.exists():
+        return {}
+    try:
+        table = json.loads(path.read_text())
+        if not isinstance(table, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        warnings.warn(f"sparseq: ignoring the tuned dispatch table {path}: {e}; using the shipped defaults")
+        return {}
+    return table
 
 
 def reload_tables() -> None:

@@ -22,7 +22,8 @@ def test_cpu_uses_reference():
 
 def test_default_table_covers_every_op_and_bucket():
     table = dispatch._load("default")["default"]
-    for op in ("quantize_per_token", "int8_mm", "int8_weight_only_mm", "sparse24_mm", "sparse24_int8_mm"):
+    for op in ("quantize_per_token", "int8_mm", "int8_weight_only_mm", "sparse24_mm", "sparse24_int8_mm",
+               "sparse24_int8_weight_only_mm"):
         assert set(table[op]) == set(dispatch.BUCKET_NAMES)
 
 
@@ -45,3 +46,28 @@ def test_tuned_table_overrides_defaults(tmp_path, monkeypatch):
 def test_tune_without_gpu_fails_cleanly():
     proc = subprocess.run([sys.executable, "-m", "sparseq", "tune"], capture_output=True, text=True)
     assert proc.returncode == 1 and "no CUDA GPU" in proc.stderr
+
+
+def test_corrupt_tuned_table_warns_and_uses_defaults(tmp_path, monkeypatch):
+    path = tmp_path / "tuned.json"
+    path.write_text("{half a table")
+    monkeypatch.setenv(dispatch.CACHE_ENV, str(path))
+    dispatch.reload_tables()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    with pytest.warns(UserWarning, match="ignoring the tuned dispatch table"):
+        prefs = dispatch.preferences("sparse24_mm", 128, 256, torch.bfloat16, torch.device("cuda"), 1)
+    assert prefs == ["triton", "dense", "reference"]
+    dispatch.reload_tables()
+
+
+def test_layers_use_their_table_op(monkeypatch):
+    from torch import nn
+
+    import sparseq
+
+    seen = []
+    monkeypatch.setattr(dispatch, "preferences", lambda op, *a: seen.append(op) or ["reference"])
+    lin = nn.Linear(32, 16)
+    for fmt in ("2:4+w8a8", "2:4+int8_weight_only", "w8a8"):
+        sparseq.nn.make_layer(lin, fmt, **({"prune": "magnitude"} if "2:4" in fmt else {}))(torch.randn(2, 32))
+    assert seen == ["sparse24_int8_mm", "sparse24_int8_weight_only_mm", "int8_mm"]

@@ -82,6 +82,16 @@ class CompressedLinear(nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------------ dispatch
+    @property
+    def table_op(self) -> str:
+        """The dispatch-table key of this layer's op (``OP`` unless a mode changes it)."""
+        return self.OP
+
+    def reset(self) -> None:
+        """Forget resolved kernels and derived tensors (e.g. after ``sparseq tune``)."""
+        with self._resolve_lock:
+            self._reset_caches()
+
     def _reset_caches(self) -> None:
         self._impls: Dict[Key, Impl] = {}
         self.backends: Dict[Key, str] = {}
@@ -105,7 +115,7 @@ class CompressedLinear(nn.Module):
     def _pick(self, key: Key) -> Tuple[str, Impl]:
         device, bucket = key
         m = dispatch.BUCKET_M[bucket]
-        for backend in dispatch.preferences(self.OP, self.out_features, self.in_features, self.dtype, device, m):
+        for backend in dispatch.preferences(self.table_op, self.out_features, self.in_features, self.dtype, device, m):
             impl = self._dense_impl(device) if backend == "dense" else self.backend_impl(backend, m)
             if impl is not None:
                 return backend, impl

@@ -233,6 +233,10 @@ class Sparse24Int8Linear(_W8A8Mixin, CompressedLinear):
     def FORMAT(self) -> str:  # noqa: N802 (a per-instance format name)
         return "2:4+w8a8" if self.mode == "w8a8" else "2:4+int8_weight_only"
 
+    @property
+    def table_op(self) -> str:
+        return self.OP if self.mode == "w8a8" else "sparse24_int8_weight_only_mm"
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: str = "w8a8", prune: Optional[str] = None,
                     smooth: Optional[Tensor] = None, act_amax: Optional[float] = None,

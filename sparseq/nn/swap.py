@@ -174,6 +174,8 @@ def swap(model: nn.Module, recipe: Recipe = "2:4", filter: Optional[Callable[[st
             layer = make_layer(linear, fmt, **options)
         except (ValueError, TypeError) as e:
             raise type(e)(f"layer {name!r} ({fmt}): {e}") from e
+        if layer.qweight.device.type == "cuda":
+            layer._try_prepare()  # kernel layouts now, not in the first forward
         _set_module(model, name, layer)
         report.rows.append(SwapRow(name, fmt, shape, before, layer.compressed_bytes()))
     return report
