@@ -114,3 +114,27 @@ def test_minilm_matches_dense_from_compressed(minilm, recipe, exact):
     else:  # int8 activations: per-token quantization error
         cos = torch.nn.functional.cosine_similarity(got.flatten(1), want.flatten(1))
         assert cos.min() > 0.99, cos
+
+
+def test_failed_swap_leaves_the_model_untouched():
+    model = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 8))
+    with torch.no_grad():
+        model[0].weight.mul_(ref.prune_24(model[0].weight))  # layer 0 is 2:4, layer 1 is not
+    with pytest.raises(ValueError, match=r"layer '1' \(2:4\): weight is not 2:4 sparse"):
+        sparseq.swap(model, "2:4")
+    assert type(model[0]) is nn.Linear and type(model[1]) is nn.Linear
+
+
+def test_torch_prune_mask_not_24_is_repruned_on_request():
+    lin = nn.Linear(16, 8)
+    torch.nn.utils.prune.l1_unstructured(lin, "weight", amount=0.25)  # unstructured: not 2:4
+    masked = (lin.weight_orig * lin.weight_mask).detach().clone()
+    model = nn.Sequential(lin)
+    with pytest.raises(ValueError, match="not 2:4"):
+        sparseq.swap(model, "2:4")
+    assert hasattr(model[0], "weight_mask")  # untouched on error
+    sparseq.swap(model, "2:4", prune="magnitude")
+    w = model[0].dense_weight()
+    assert ref.is_24_sparse(w)
+    assert torch.equal(w[w != 0], masked[w != 0])  # kept values come from the masked weight
+    assert not hasattr(model[0], "weight_mask") and not model[0]._forward_pre_hooks

@@ -15,7 +15,8 @@ import torch.nn.utils.prune  # noqa: F401  (torch.nn.utils does not import it)
 from torch import nn
 
 from .base import CompressedLinear
-from .layers import Int8Linear, Int8WeightOnlyLinear, Sparse24Int8Linear, Sparse24Linear
+from ..reference import is_24_sparse
+from .layers import PRUNE_METHODS, Int8Linear, Int8WeightOnlyLinear, Sparse24Int8Linear, Sparse24Linear
 
 FORMATS: Dict[str, Tuple[Type[CompressedLinear], dict]] = {
     "2:4": (Sparse24Linear, {}),
@@ -113,10 +114,12 @@ def _tied_weights(model: nn.Module) -> Dict[str, str]:
     return tied
 
 
-def _take_torch_prune_mask(linear: nn.Linear) -> None:
-    """Fold a ``torch.nn.utils.prune`` reparametrization (weight_orig * weight_mask) into weight."""
+def _refresh_torch_prune_mask(linear: nn.Linear) -> None:
+    """Recompute ``weight = weight_orig * weight_mask`` of a ``torch.nn.utils.prune``
+    reparametrization (as its forward hook does); the swap then drops the hooks."""
     if hasattr(linear, "weight_mask") and hasattr(linear, "weight_orig"):
-        torch.nn.utils.prune.remove(linear, "weight")
+        linear.weight = linear.weight_orig.detach() * linear.weight_mask
+
 
 
 def make_layer(linear: nn.Linear, fmt: str, **options) -> CompressedLinear:
@@ -143,27 +146,14 @@ def swap(model: nn.Module, recipe: Recipe = "2:4", filter: Optional[Callable[[st
     for the W8A8 formats. Layers whose shape no format supports stay dense with a reason.
     """
     _check_recipe(recipe)
-    report = SwapReport()
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    tied = _tied_weights(model)
-    mha = {n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
-    for name, linear in linears:
-        before = _linear_weight_bytes(linear)
-        fmt = format_for(name, recipe)
-        shape = (linear.out_features, linear.in_features)
-        skip = "recipe says dense" if fmt == "dense" else None
-        if skip is None and filter is not None and not filter(name, linear):
-            skip = "excluded by filter"
-        if skip is None:
-            skip = _unsupported(linear, fmt)
-        if skip is None and name.rpartition(".")[0] in mha:
-            skip = "inside nn.MultiheadAttention (it reads .weight directly)"
-        if skip is None and name in tied:
-            skip = f"weight tied to {tied[name]!r} (swapping would untie it)"
-        if skip is not None:
-            report.rows.append(SwapRow(name, "dense", shape, before, before, skip))
-            continue
-        _take_torch_prune_mask(linear)
+    if prune is not None and prune not in PRUNE_METHODS:
+        raise ValueError(f"prune must be one of {PRUNE_METHODS} or None, got {prune!r}")
+    rows, todo = _plan(model, recipe, filter)
+    for name, linear, fmt in todo:  # check everything first: an error leaves the model as it was
+        if fmt.startswith("2:4") and prune is None and not is_24_sparse(linear.weight.detach()):
+            raise ValueError(f"layer {name!r} ({fmt}): weight is not 2:4 sparse; prune it first "
+                             "(sparseq.compress) or pass prune='magnitude'")
+    for name, linear, fmt in todo:
         options: dict = {"dense_fallback": dense_fallback}
         if fmt.startswith("2:4"):
             options["prune"] = prune
@@ -176,6 +166,33 @@ def swap(model: nn.Module, recipe: Recipe = "2:4", filter: Optional[Callable[[st
             raise type(e)(f"layer {name!r} ({fmt}): {e}") from e
         if layer.qweight.device.type == "cuda":
             layer._try_prepare()  # kernel layouts now, not in the first forward
-        _set_module(model, name, layer)
-        report.rows.append(SwapRow(name, fmt, shape, before, layer.compressed_bytes()))
-    return report
+        _set_module(model, name, layer)  # drops the Linear (and any torch prune hooks)
+        rows[name] = SwapRow(name, fmt, rows[name].shape, rows[name].bytes_before, layer.compressed_bytes())
+    return SwapReport(list(rows.values()))
+
+
+def _plan(model: nn.Module, recipe: Recipe, filter) -> Tuple[Dict[str, SwapRow], List[Tuple[str, nn.Linear, str]]]:
+    """A report row per Linear (dense with a reason where skipped) and the layers to swap."""
+    rows: Dict[str, SwapRow] = {}
+    todo = []
+    tied = _tied_weights(model)
+    mha = {n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    for name, linear in model.named_modules():
+        if not isinstance(linear, nn.Linear):
+            continue
+        before = _linear_weight_bytes(linear)
+        fmt = format_for(name, recipe)
+        skip = "recipe says dense" if fmt == "dense" else None
+        if skip is None and filter is not None and not filter(name, linear):
+            skip = "excluded by filter"
+        if skip is None:
+            skip = _unsupported(linear, fmt)
+        if skip is None and name.rpartition(".")[0] in mha:
+            skip = "inside nn.MultiheadAttention (it reads .weight directly)"
+        if skip is None and name in tied:
+            skip = f"weight tied to {tied[name]!r} (swapping would untie it)"
+        rows[name] = SwapRow(name, "dense", (linear.out_features, linear.in_features), before, before, skip or "")
+        if skip is None:
+            _refresh_torch_prune_mask(linear)
+            todo.append((name, linear, fmt))
+    return rows, todo
