@@ -126,6 +126,17 @@ def test_gradients_reach_the_input():
     assert not any(b.requires_grad for b in layer.buffers())
 
 
+def test_compiled_training_step_matches_eager():
+    model = nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 16))
+    sparseq.swap(model, {"2": "int8_weight_only"})
+    x = torch.randn(4, 64)
+    torch.compile(model, fullgraph=True, backend="aot_eager")(x).sum().backward()
+    compiled_grad = model[0].weight.grad.clone()
+    model.zero_grad()
+    model(x).sum().backward()
+    torch.testing.assert_close(compiled_grad, model[0].weight.grad)
+
+
 # ------------------------------------------------------------------------------ GPU
 
 
@@ -172,3 +183,16 @@ def test_cuda_dispatch_follows_tuned_table(tmp_path, monkeypatch):
         torch.testing.assert_close(layer(x), F.linear(x, layer.dense_weight(), layer.bias))
     finally:
         dispatch.reload_tables()
+
+
+@pytest.mark.gpu
+def test_cuda_load_prepares_kernels(tmp_path):
+    model = swapped(torch.bfloat16)
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    expected = model(x).float()
+    sparseq.save(model, tmp_path)
+    loaded = sparseq.load(tiny_model(torch.bfloat16), tmp_path, device="cuda")
+    assert all(len(m.backends) == len(dispatch.BUCKET_NAMES) for m in loaded.modules()
+               if isinstance(m, sparseq.nn.CompressedLinear))
+    y = loaded(x.cuda()).float().cpu()
+    assert (y - expected).abs().max() <= 0.05 * expected.abs().max() + 1e-2
