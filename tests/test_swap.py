@@ -138,3 +138,15 @@ def test_torch_prune_mask_not_24_is_repruned_on_request():
     assert ref.is_24_sparse(w)
     assert torch.equal(w[w != 0], masked[w != 0])  # kept values come from the masked weight
     assert not hasattr(model[0], "weight_mask") and not model[0]._forward_pre_hooks
+
+
+def test_meta_and_odd_shapes():
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(16, 8))
+    assert "meta device" in sparseq.swap(meta, "w8a8").rows[0].note
+    model = nn.Sequential(nn.Linear(12, 5), nn.Linear(5, 3))  # int8 formats take any shape
+    x = torch.randn(3, 12)
+    dense = model(x)
+    report = sparseq.swap(model, "int8_weight_only")
+    assert len(report.swapped) == 2
+    torch.testing.assert_close(model(x), dense, atol=0.02, rtol=0.05)

@@ -93,6 +93,8 @@ def _linear_weight_bytes(m: nn.Linear) -> int:
 
 def _unsupported(linear: nn.Linear, fmt: str) -> Optional[str]:
     n, k = linear.weight.shape
+    if linear.weight.is_meta:
+        return "weight is on the meta device (load the weights first, or use sparseq.load)"
     if linear.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"weight dtype {linear.weight.dtype} is not a float type"
     if fmt.startswith("2:4") and k % 8:
