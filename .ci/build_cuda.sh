@@ -23,7 +23,8 @@ fi
 CACHE_ROOT=${SPARSEQ_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sparseq-build}
 key=$( { "$VENV/bin/python" -c "import torch; print(torch.__version__, torch.version.cuda)";
          echo "$SPARSEQ_CUDA_ARCHS"; "$CUDA_HOME/bin/nvcc" --version | tail -n 1;
-         git ls-files -s csrc setup.py; } | sha256sum | cut -c1-16)
+         git ls-files -s csrc;
+         sed -n '/^EXTENSIONS = {/,/^}/p;/^def _cutlass_includes/,/^def _cmdclass/p' setup.py; } | sha256sum | cut -c1-16)
 cache="$CACHE_ROOT/$key"
 start=$(date +%s)
 if [ "$CACHE_ROOT" != off ] && ls "$cache"/_C*.so >/dev/null 2>&1; then

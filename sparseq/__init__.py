@@ -30,6 +30,7 @@ _LAZY = {
     "Int8WeightOnlyLinear": "sparseq.nn",
     "Sparse24Int8Linear": "sparseq.nn",
     "swap": "sparseq.nn",
+    "prepare": "sparseq.nn",
     "save": "sparseq.serialization",
     "load": "sparseq.serialization",
     "compress_model": "sparseq.compress",
