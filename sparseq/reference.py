@@ -167,12 +167,18 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------ quantization
 
 
-def _absmax_scale(amax: torch.Tensor) -> torch.Tensor:
+def absmax_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The symmetric int8 scale for an absolute maximum: ``amax / 127`` (1.0 where it is 0)."""
     return torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
 
 
+def round_to_int8_grid(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``clamp(round(x / scale), -127, 127)`` (round half to even), still in ``x``'s dtype."""
+    return torch.clamp(torch.round(x / scale), -INT8_MAX, INT8_MAX)
+
+
 def _round_to_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(torch.round(x / scale), -INT8_MAX, INT8_MAX).to(torch.int8)
+    return round_to_int8_grid(x, scale).to(torch.int8)
 
 
 def quantize_per_channel(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +186,7 @@ def quantize_per_channel(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     check_tensor("w", w, dtypes=FLOAT_DTYPES, ndim=2)
     check_finite("w", w)
     wf = w.float()
-    scale = _absmax_scale(wf.abs().amax(dim=1))
+    scale = absmax_scale(wf.abs().amax(dim=1))
     return _round_to_int8(wf, scale[:, None]), scale
 
 
@@ -203,7 +209,7 @@ def quantize_per_token(
     """
     xs = _smoothed(x, smooth)
     check_finite("x", xs)
-    scale = _absmax_scale(xs.abs().amax(dim=1))
+    scale = absmax_scale(xs.abs().amax(dim=1))
     return _round_to_int8(xs, scale[:, None]), scale
 
 
@@ -220,7 +226,7 @@ def quantize_per_tensor(
 
 def per_tensor_scale(amax: float) -> torch.Tensor:
     """The static activation scale for a calibrated absolute maximum."""
-    return _absmax_scale(torch.tensor([float(amax)], dtype=torch.float32))
+    return absmax_scale(torch.tensor([float(amax)], dtype=torch.float32))
 
 
 # ---------------------------------------------------------------------------- matmuls

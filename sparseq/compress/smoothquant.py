@@ -12,7 +12,7 @@ from typing import Iterable, Optional, Tuple
 
 import torch
 
-from ..reference import INT8_MAX
+from ..reference import absmax_scale, round_to_int8_grid
 
 DEFAULT_ALPHA = 0.5
 ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -33,8 +33,8 @@ def smooth_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float 
 def _fake_quant_rows(x: torch.Tensor) -> torch.Tensor:
     """Symmetric int8 per row, dequantized: the reference rule (scale 1.0 for a zero row)."""
     amax = x.detach().abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
-    q = torch.clamp(torch.round(x / scale), -INT8_MAX, INT8_MAX) * scale
+    scale = absmax_scale(amax)
+    q = round_to_int8_grid(x, scale) * scale
     return x + (q - x).detach()  # straight-through estimator
 
 
