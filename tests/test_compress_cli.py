@@ -54,3 +54,20 @@ def test_main_job_smoke_on_the_bundled_model(capsys, tmp_path):
     rc, text, err = _run(capsys, "eval", str(out), "--quiet", "--threads", "2")
     assert rc == 0, err
     assert abs(float(text.split("cosine ")[1].split()[0]) - report["cosine"]) < 2e-3
+
+
+def test_bundled_split_keeps_evaluation_plays_out_of_training():
+    """Calibration and recovery text never contain an evaluation line (nor a Folio copy of one)."""
+    data = pytest.importorskip("sparseq.compress.data")
+    try:
+        folder = data.bundled_text_dir()
+    except data.DataError as e:
+        pytest.skip(str(e))
+    plays = data.train_plays(folder)
+    assert len(plays) >= 20 and data.CALIB_PLAY not in plays
+    assert not set(plays) & set(data.EVAL_PLAYS) and not any(p.endswith("_f") for p in plays)
+    split = data.bundled_texts(n_calib=64, n_eval=300, n_train=3000)
+    assert len(split.eval) == 300 and len(split.train) == 3000
+    full_train = set(data.bundled_texts(n_calib=64, n_eval=300, n_train=10**6).train)
+    shared = set(split.eval) & full_train  # only stock phrases that recur across plays
+    assert len(shared) <= 0.02 * len(split.eval), sorted(shared)[:10]

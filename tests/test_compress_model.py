@@ -84,6 +84,48 @@ def test_recovery_keeps_masks_and_improves(tiny):
             assert reference.is_24_sparse(x.pruned_weight()) and bool((x.weight[~x.mask] == 0).all())
 
 
+@pytest.mark.parametrize("layers", ["all", "last"])
+def test_recovery_layer_choice_improves_the_final_state(tiny, layers):
+    """Distilling every layer's output (default) or only the last one both lower the loss
+    on the final hidden state, which is what the sentence embeddings are made of."""
+    model, tok = tiny
+    m = copy.deepcopy(model)
+    compress_model(m, tok, LINES, "2:4", "magnitude")
+    b = tok(LINES)
+    def loss():
+        with torch.no_grad():
+            return float(distill_loss(m(**b).last_hidden_state, model(**b).last_hidden_state, b["attention_mask"])[0])
+
+    before = loss()
+    recover(m, model, tok, LINES, steps=30, batch_size=16, lr=1e-3, layers=layers)
+    assert loss() < 0.9 * before
+
+
+def test_layered_loss_averages_layers_and_is_zero_at_the_teacher():
+    from sparseq.compress.recovery import layered_distill_loss
+
+    torch.manual_seed(0)
+    t = [torch.randn(2, 5, 8) for _ in range(3)]
+    mask = torch.ones(2, 5, dtype=torch.long)
+    loss, cos = layered_distill_loss(t, t, mask)
+    assert abs(float(loss)) < 1e-6 and abs(cos - 1.0) < 1e-6
+    s = [t[0], -t[1], t[2]]  # one of three layers exactly opposite: token term (0 + 2 + 0) / 3
+    loss, _ = layered_distill_loss(s, t, mask)
+    assert abs(float(loss) - 2.0 / 3.0) < 1e-5
+
+
+def test_recovery_rejects_bad_arguments(tiny):
+    model, tok = tiny
+    m = copy.deepcopy(model)
+    compress_model(m, tok, LINES, "2:4", "magnitude")
+    with pytest.raises(ValueError, match="layers"):
+        recover(m, model, tok, LINES, steps=1, layers="some")
+    with pytest.raises(ValueError, match="no lines"):
+        recover(m, model, tok, [], steps=1)
+    with pytest.raises(ValueError, match="no compressed"):
+        recover(copy.deepcopy(model), model, tok, LINES, steps=1)
+
+
 def test_lora_recovery_merges_back(tiny):
     model, tok = tiny
     m = copy.deepcopy(model)

@@ -17,8 +17,8 @@ CALIB_PLAY = "hamlet"
 """The bundled play that calibrates (and trains the recovery)."""
 EVAL_PLAYS = ("macbeth", "othello", "tempest", "julius_caesar", "twelfth_night", "lear")
 """Bundled plays whose lines score the compressed model (disjoint from the calibration play)."""
-TRAIN_PLAYS = ("romeo_and_juliet", "merchant_of_venice", "richard_iii", "much_ado_about_nothing")
-"""Extra plays for distillation recovery (disjoint from the evaluation plays)."""
+TRAIN_EXCLUDE = ("sonnets", "lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle", "rape_of_lucrece")
+"""Bundled texts that are poems, not plays: left out of the recovery text."""
 
 _MIN_WORDS = 4
 
@@ -106,6 +106,13 @@ def _play_lines(name: str, folder: Path) -> List[str]:
     return clean_lines(path.read_text(encoding="utf-8", errors="replace"))
 
 
+def train_plays(folder: Path) -> List[str]:
+    """Plays whose lines train the distillation recovery: every bundled play (modern spelling;
+    the ``_f`` First Folio files are second copies) except the calibration and evaluation plays."""
+    names = sorted(p.name[: -len("_gut.txt")] for p in folder.glob("*_gut.txt"))
+    return [n for n in names if n not in EVAL_PLAYS and n != CALIB_PLAY and n not in TRAIN_EXCLUDE]
+
+
 def _spread(lines: Sequence[str], n: int) -> List[str]:
     """``n`` lines evenly spread over ``lines`` (all of them when there are fewer)."""
     if n >= len(lines):
@@ -120,7 +127,7 @@ def bundled_texts(n_calib: int = 256, n_eval: int = 1200, n_train: int = 4000) -
     calib_all = _play_lines(CALIB_PLAY, folder)
     per_play = -(-n_eval // len(EVAL_PLAYS))
     evals = [line for play in EVAL_PLAYS for line in _spread(_play_lines(play, folder), per_play)][:n_eval]
-    extra = [line for play in TRAIN_PLAYS for line in _play_lines(play, folder)]
+    extra = [line for play in train_plays(folder) for line in _play_lines(play, folder)]
     calib = _spread(calib_all, n_calib)
     train = _spread(calib_all + extra, n_train) if n_train else []
     return TextSplit(calib, evals, train, f"shakespeare: calib {CALIB_PLAY}, eval {', '.join(EVAL_PLAYS)}")

@@ -5,7 +5,9 @@ multiplies the weight by the fixed keep-mask (pruned weights get no gradient) an
 weights are re-masked after every optimizer step, so the sparsity pattern never changes.
 W8A8 layers train through their fake quantization (straight-through). With ``lora_rank``
 only low-rank adapters (plus biases and LayerNorms) train and are merged back at the end.
-Loss: token-wise (1 - cosine) of the hidden states + (1 - cosine) of the sentence embeddings.
+Loss: token-wise (1 - cosine) of the hidden states + (1 - cosine) of the sentence embeddings;
+with ``layers="all"`` (default) the token-wise term is averaged over every encoder layer's
+output, not only the last: each block gets a direct signal, which recovers faster.
 """
 from __future__ import annotations
 
@@ -64,10 +66,30 @@ def distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, att
     Cosines rather than squared errors: BERT-style hidden states have a few huge outlier
     dimensions that would dominate an MSE while the embedding metric is a cosine.
     """
-    m = attention_mask.to(student_hidden.dtype)
-    tok = 1.0 - torch.nn.functional.cosine_similarity(student_hidden, teacher_hidden, dim=-1)
-    tok = (tok * m).sum() / m.sum().clamp(min=1)
-    cos = torch.nn.functional.cosine_similarity(mean_pool(student_hidden, attention_mask), mean_pool(teacher_hidden, attention_mask)).mean()
+    return layered_distill_loss([student_hidden], [teacher_hidden], attention_mask)
+
+
+def _hidden(model: nn.Module, inputs: Dict[str, torch.Tensor], all_layers: bool) -> List[torch.Tensor]:
+    """The encoder's output states: every layer's (without the embeddings) or only the last."""
+    if not all_layers:
+        return [model(**inputs).last_hidden_state]
+    out = model(**inputs, output_hidden_states=True)
+    states = getattr(out, "hidden_states", None)
+    if not states:
+        raise ValueError(f"{type(model).__name__} returns no hidden_states; use layers='last'")
+    return list(states[1:])
+
+
+def layered_distill_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], attention_mask: torch.Tensor) -> tuple:
+    """``(loss, batch cosine)``: token-wise (1 - cosine) averaged over the layers given, plus
+    (1 - cosine) of the pooled sentence embeddings of the last layer."""
+    m = attention_mask.to(student[-1].dtype)
+    tok = 0.0
+    for s, t in zip(student, teacher):
+        per_tok = 1.0 - torch.nn.functional.cosine_similarity(s, t, dim=-1)
+        tok = tok + (per_tok * m).sum() / m.sum().clamp(min=1)
+    tok = tok / len(student)
+    cos = torch.nn.functional.cosine_similarity(mean_pool(student[-1], attention_mask), mean_pool(teacher[-1], attention_mask)).mean()
     return tok + (1.0 - cos), float(cos.detach())
 
 
@@ -84,18 +106,24 @@ def recover(
     max_length: int = 64,
     max_seconds: Optional[float] = None,
     seed: int = 0,
+    layers: str = "all",
 ) -> RecoveryReport:
     """Train ``student`` to match ``teacher`` on ``lines`` for ``steps`` (or ``max_seconds``).
 
     Masks of the student's ``SimulatedLinear`` layers stay fixed; LoRA adapters (if
-    ``lora_rank``) are merged back before returning. Returns a short report.
+    ``lora_rank``) are merged back before returning. ``layers``: ``"all"`` distills every
+    encoder layer's output (needs a transformers model returning ``hidden_states``),
+    ``"last"`` only the final one. Returns a short report.
     """
+    if layers not in ("all", "last"):
+        raise ValueError(f"layers must be 'all' or 'last', got {layers!r}")
+    all_layers = layers == "all"
     if not lines:
         raise ValueError("recovery needs training text: got no lines")
-    layers = simulated_layers(student)
-    if not layers:
+    compressed = simulated_layers(student)
+    if not compressed:
         raise ValueError("the student has no compressed (SimulatedLinear) layers to recover")
-    masks_before = {n: m.mask.clone() for n, m in layers.items() if m.mask is not None}
+    masks_before = {n: m.mask.clone() for n, m in compressed.items() if m.mask is not None}
     device = next(student.parameters()).device
     teacher.eval()
     params = _trainable(student, lora_rank)
@@ -111,14 +139,14 @@ def recover(
         for step in bar:
             inputs = model_inputs(batches[int(order[step % len(batches)])], device)
             with torch.no_grad():
-                target = teacher(**inputs).last_hidden_state
-            hidden = student(**inputs).last_hidden_state
-            loss, cos = distill_loss(hidden, target, inputs["attention_mask"])
+                target = _hidden(teacher, inputs, all_layers)
+            hidden = _hidden(student, inputs, all_layers)
+            loss, cos = layered_distill_loss(hidden, target, inputs["attention_mask"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            for mod in layers.values():
+            for mod in compressed.values():
                 mod.apply_mask()
             last = float(loss.detach())
             first = last if first is None else first
@@ -129,10 +157,10 @@ def recover(
                 break
     finally:
         bar.close()
-        for mod in layers.values():
+        for mod in compressed.values():
             mod.merge_lora()
         for p in student.parameters():
             p.requires_grad_(False)
     for n, mask in masks_before.items():  # the contract: the sparsity pattern never changes
-        assert torch.equal(layers[n].mask, mask), f"mask of {n} changed during recovery"
+        assert torch.equal(compressed[n].mask, mask), f"mask of {n} changed during recovery"
     return RecoveryReport(done, time.perf_counter() - start, first or 0.0, last, cos_ema)
