@@ -8,9 +8,11 @@ from sparseq.compress.recipe import parse_format, resolve
 from sparseq.compress.simulated import SimulatedLinear
 from sparseq.compress.smoothquant import (
     fake_quant_per_channel,
+    fake_quant_per_tensor,
     fake_quant_per_token,
     search_alpha,
     smooth_factors,
+    static_amax,
     w8a8_output,
 )
 
@@ -118,3 +120,41 @@ def test_alpha_search_tames_activation_outliers():
     alpha, s, err = search_alpha(x, w, x.abs().amax(0))
     base = float(((w8a8_output(x, w, None) - x @ w.T) ** 2).sum() / ((x @ w.T) ** 2).sum())
     assert s is not None and 0 < alpha <= 1 and err < 0.5 * base
+
+
+def test_static_fake_quant_matches_the_reference_and_saturates():
+    x = torch.randn(13, 64) * 3
+    s = torch.rand(64) + 0.5
+    amax = static_amax(x[:8].abs().amax(0), s)  # calibrated on 8 rows: later rows may exceed it
+    assert amax == pytest.approx(float((x[:8] / s).abs().max()))
+    scale = reference.per_tensor_scale(amax)
+    q = reference.quantize_per_tensor(x, scale, s)
+    assert torch.equal(fake_quant_per_tensor(x, amax, s), q.float() * scale)
+    assert float(fake_quant_per_tensor(x * 100, amax, s).abs().max()) == pytest.approx(127 * float(scale))
+
+
+def test_simulated_static_w8a8_matches_reference_int8_mm():
+    lin = torch.nn.Linear(64, 24)
+    x = torch.randn(9, 64)
+    s = torch.rand(64) + 0.5
+    sim = SimulatedLinear(lin, "w8a8", smooth=s, act_amax=6.0)
+    scale = reference.per_tensor_scale(6.0)
+    xq = reference.quantize_per_tensor(x, scale, s)
+    wq, sw = reference.quantize_per_channel(lin.weight.detach() * s)
+    ref = reference.int8_mm(xq, wq, scale, sw, lin.bias.detach(), torch.float32)
+    torch.testing.assert_close(sim(x), ref, rtol=1e-5, atol=1e-5)
+    assert "activations=static" in repr(sim)
+    with pytest.raises(ValueError, match="W8A8"):
+        SimulatedLinear(lin, "2:4", act_amax=6.0)
+
+
+def test_static_alpha_search_scores_with_static_scales():
+    x = torch.randn(512, 64)
+    x[:, 3] *= 60
+    w = torch.randn(32, 64)
+    alpha, s, err = search_alpha(x, w, x.abs().amax(0), static=True)
+    ref = x @ w.T
+    none = float(((w8a8_output(x, w, None, static_amax(x.abs().amax(0), None)) - ref) ** 2).sum() / (ref ** 2).sum())
+    assert s is not None and err < 0.5 * none
+    again = float(((w8a8_output(x, w, s, static_amax(x.abs().amax(0), s)) - ref) ** 2).sum() / (ref ** 2).sum())
+    assert err == pytest.approx(again)

@@ -120,6 +120,8 @@ def test_recovery_rejects_bad_arguments(tiny):
     compress_model(m, tok, LINES, "2:4", "magnitude")
     with pytest.raises(ValueError, match="layers"):
         recover(m, model, tok, LINES, steps=1, layers="some")
+    with pytest.raises(ValueError, match="activations"):
+        compress_model(copy.deepcopy(model), tok, LINES, "w8a8", activations="per-tensor")
     with pytest.raises(ValueError, match="no lines"):
         recover(m, model, tok, [], steps=1)
     with pytest.raises(ValueError, match="no compressed"):
@@ -136,18 +138,23 @@ def test_lora_recovery_merges_back(tiny):
             assert x.lora_a is None and reference.is_24_sparse(x.pruned_weight())
 
 
-def test_export_swap_save_load_matches_simulation(tiny, tmp_path):
+@pytest.mark.parametrize("activations", ["dynamic", "static"])
+def test_export_swap_save_load_matches_simulation(tiny, tmp_path, activations):
     sparseq = pytest.importorskip("sparseq")
     pytest.importorskip("sparseq.nn")
     from sparseq.compress.export import to_kernel_layers
 
     model, tok = tiny
     m = copy.deepcopy(model)
-    compress_model(m, tok, LINES, "2:4+w8a8", "sparsegpt")
+    compress_model(m, tok, LINES, "2:4+w8a8", "sparsegpt", activations=activations)
+    sims = [x for x in m.modules() if isinstance(x, SimulatedLinear)]
+    assert all((x.act_amax is not None) == (activations == "static") for x in sims)
     b = batches_by_length(tok, EVAL, 16)
     sim_emb = embed(m, b)
     report, recipe = to_kernel_layers(m)
     assert len(report.swapped) == 12 and set(recipe.values()) == {"2:4+w8a8"}
+    layers = [x for x in m.modules() if hasattr(x, "x_scale")]
+    assert len(layers) == 12 and all((x.x_scale is not None) == (activations == "static") for x in layers)
     sparseq.save(m, tmp_path, recipe=recipe)
     loaded = sparseq.load(copy.deepcopy(model), tmp_path)
     assert compare(sim_emb, embed(loaded, b)).cosine > 0.9999

@@ -52,6 +52,8 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
                         "N:M, 50%%, dense) or a JSON dict/file {layer pattern: format} (default %(default)s)")
     p.add_argument("--method", default="sparsegpt", choices=("magnitude", "wanda", "sparsegpt"))
     p.add_argument("--alpha", default="search", help="SmoothQuant migration strength, 'search' (default) or 'none'")
+    p.add_argument("--activations", default="dynamic", choices=("dynamic", "static"),
+                   help="W8A8 activation scales: per token at run time (default) or one calibrated scale per layer")
     p.add_argument("--calib", type=int, default=512, help="calibration lines (default %(default)s)")
     p.add_argument("--eval-lines", type=int, default=1200, help="held-out lines scored (default %(default)s)")
     p.add_argument("--recover", action="store_true", help="distillation recovery with masks fixed")
@@ -74,7 +76,8 @@ def run_compress(args: argparse.Namespace) -> int:
         recipe = _recipe_arg(args.recipe)
         report = compress_job(args.model, args.text, recipe, args.method, args.out,
                               recover_steps=args.steps if args.recover else 0, n_calib=args.calib,
-                              n_eval=args.eval_lines, alpha=alpha, lora_rank=args.lora, save=not args.no_save)
+                              n_eval=args.eval_lines, alpha=alpha, lora_rank=args.lora, save=not args.no_save,
+                              activations=args.activations)
     except (DataError, ValueError, TypeError, FileNotFoundError, json.JSONDecodeError) as e:
         return _fail(str(e))
     print_report(report)

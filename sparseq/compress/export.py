@@ -30,6 +30,7 @@ def linear_weight_bytes(model: nn.Module, dense_bytes_per_value: int = 2) -> Dic
             after += n * k * m.format.bits_per_weight() / 8 * (dense_bytes_per_value / 2)
             after += 4 * n if m.format.weight_quant else 0
             after += 4 * k if m.smooth is not None else 0
+            after += 4 if m.act_amax is not None else 0
         elif type(m) is nn.Linear:
             before += m.weight.numel() * dense_bytes_per_value
             after += m.weight.numel() * dense_bytes_per_value
@@ -66,7 +67,8 @@ def to_kernel_layers(model: nn.Module, dtype: Optional[torch.dtype] = None):
         model.to(dtype)
     recipe = {n: s.format.name for n, s in sims.items() if s.format.runs_on_kernels and s.format.name != "dense"}
     smooth = {n: s.smooth for n, s in sims.items() if s.smooth is not None and n in recipe}
-    report = sparseq.swap(model, recipe, smooth=smooth)
+    act_amax = {n: float(s.act_amax) for n, s in sims.items() if s.act_amax is not None and n in recipe}
+    report = sparseq.swap(model, recipe, smooth=smooth, act_amax=act_amax or None)
     return report, recipe
 
 

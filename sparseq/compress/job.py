@@ -81,10 +81,14 @@ def compress_job(
     alpha: Any = "search",
     lora_rank: int = 0,
     save: bool = True,
+    activations: str = "dynamic",
 ) -> Dict[str, Any]:
     """Run the main job; returns the report (also written to ``out/compress.json``)."""
     t_start = time.perf_counter()
     check_recipe(recipe)
+    from .oneshot import check_activations
+
+    check_activations(activations)
     texts = load_texts(text, n_calib=n_calib, n_eval=n_eval, n_train=4000 if recover_steps else 0)
     model, tokenizer = load_model(model_dir)
     _say(f"model  {model_dir or 'bundled all-MiniLM-L6-v2'} ({type(model).__name__})")
@@ -92,7 +96,7 @@ def compress_job(
     dense = copy.deepcopy(model)
     eval_batches = batches_by_length(tokenizer, texts.eval, 128)
     ref = embed(dense, eval_batches, desc="dense embeddings")
-    result = compress_model(model, tokenizer, texts.calib, recipe, method, alpha=alpha)
+    result = compress_model(model, tokenizer, texts.calib, recipe, method, alpha=alpha, activations=activations)
     scores: Dict[str, Scores] = {"oneshot": compare(ref, embed(model, eval_batches, desc="score"))}
     _say(f"one-shot {method}: cosine {scores['oneshot'].cosine:.4f}, neighbour agreement "
          f"{scores['oneshot'].nn_agreement:.3f} ({result.seconds:.0f} s)")
@@ -107,7 +111,7 @@ def compress_job(
     report: Dict[str, Any] = {
         "model_dir": str(model_dir) if model_dir else None,
         "text": str(text) if text else None,
-        "recipe": recipe, "method": method, "n_calib": len(texts.calib), "n_eval": len(texts.eval),
+        "recipe": recipe, "method": method, "activations": activations, "n_calib": len(texts.calib), "n_eval": len(texts.eval),
         "scores": {k: v.as_dict() for k, v in scores.items()},
         "cosine": final.cosine, "nn_agreement": final.nn_agreement,
         "linear_bytes_bf16": size["before"], "linear_bytes_compressed": size["after"],

@@ -29,7 +29,7 @@ from .progress import progress
 from .pruning import METHODS, prune
 from .recipe import DEFAULT_RECIPE, Format, Recipe, resolve
 from .simulated import SimulatedLinear
-from .smoothquant import search_alpha, smooth_factors
+from .smoothquant import search_alpha, smooth_factors, static_amax
 
 
 @dataclass
@@ -81,6 +81,16 @@ def _as_linear(mod: nn.Module) -> nn.Linear:
     return mod
 
 
+ACTIVATIONS = ("dynamic", "static")
+"""W8A8 activation scales: per token at run time (default), or one calibrated per-tensor scale."""
+
+
+def check_activations(activations: str) -> None:
+    """ValueError unless ``activations`` is one of ``ACTIVATIONS``."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+
+
 @torch.no_grad()
 def compress_linear(
     linear: nn.Module,
@@ -91,8 +101,10 @@ def compress_linear(
     damp: float = 0.01,
     blocksize: int = 128,
     bias_correction: bool = False,
+    activations: str = "dynamic",
 ) -> tuple:
-    """Compress one layer: prune (``method``), then SmoothQuant factors for W8A8.
+    """Compress one layer: prune (``method``), then SmoothQuant factors for W8A8 (and, with
+    ``activations="static"``, the calibrated per-tensor activation maximum).
 
     Returns ``(SimulatedLinear, alpha used or None)``.
     """
@@ -105,13 +117,18 @@ def compress_linear(
         w, mask = prune(w, fmt.sparsity, method,
                         hessian=stats.hessian_mean() if stats else None,
                         x_norm=stats.x_norm if stats else None, **kw)
+    check_activations(activations)
+    static = activations == "static" and fmt.act_quant
+    if static and stats is None:
+        raise ValueError("static activation scales need calibration statistics")
     used_alpha, smooth = None, None
     if fmt.act_quant and stats is not None and alpha != "none":
         if alpha == "search" and stats.rows is not None:
-            used_alpha, smooth, _ = search_alpha(stats.rows, w, stats.absmax)
+            used_alpha, smooth, _ = search_alpha(stats.rows, w, stats.absmax, static=static)
         elif alpha != "search":
             used_alpha, smooth = float(alpha), smooth_factors(stats.absmax, w, float(alpha))
-    sim = SimulatedLinear(lin, fmt, mask=mask, smooth=smooth)
+    act_amax = static_amax(stats.absmax, smooth) if static else None
+    sim = SimulatedLinear(lin, fmt, mask=mask, smooth=smooth, act_amax=act_amax)
     sim.weight.data.copy_(w)
     if mask is not None:
         sim.apply_mask()
@@ -154,6 +171,7 @@ def compress_model(
     blocksize: int = 128,
     max_rows: int = 1024,
     filter: Optional[Callable[[str, nn.Module], bool]] = None,
+    activations: str = "dynamic",
 ) -> CompressionResult:
     """Compress ``model``'s Linear layers in place by ``recipe`` (see ``sparseq.compress.recipe``).
 
@@ -163,9 +181,12 @@ def compress_model(
     the dense model's activations instead (one-shot). ``target="dense"`` (sequential only) makes
     SparseGPT reconstruct the dense model's layer outputs from the compressed model's inputs
     (asymmetric calibration; corrects the error accumulated upstream); ``"self"`` is the
-    classic layer-wise objective. Layers outside the repeated blocks and
-    layers rejected by ``filter(name, module)`` stay dense.
+    classic layer-wise objective. ``activations="static"`` gives W8A8 layers one calibrated
+    per-tensor activation scale (no per-token max at run time) instead of dynamic per-token
+    scales. Layers outside the repeated blocks and layers rejected by ``filter(name, module)``
+    stay dense.
     """
+    check_activations(activations)
     if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}: choose from {', '.join(METHODS)}")
     if target not in ("dense", "self"):
@@ -199,7 +220,8 @@ def compress_model(
                 t0 = time.perf_counter()
                 name, old = rel[g], mods[g]
                 dense_w = old.weight.detach().clone() if isinstance(old, nn.Linear) else old.pruned_weight()
-                sim, used = compress_linear(old, formats[name], method, stats[g], alpha, damp, blocksize, bias_correction)
+                sim, used = compress_linear(old, formats[name], method, stats[g], alpha, damp, blocksize, bias_correction,
+                                            activations)
                 set_module(block, g, sim)
                 err = _rel_error(dense_w, old.bias, sim, stats[g].rows)
                 result.layers.append(LayerReport(name, formats[name].name, method, tuple(dense_w.shape), used, err,

@@ -93,6 +93,15 @@ def layered_distill_loss(student: Sequence[torch.Tensor], teacher: Sequence[torc
     return tok + (1.0 - cos), float(cos.detach())
 
 
+def lr_factor(step: int, steps: int, warmup: Optional[int] = None) -> float:
+    """Learning-rate multiplier: linear warm-up over ``warmup`` steps (default 5% of ``steps``),
+    then cosine decay to 0 at ``steps``. Warm-up keeps the first large steps of Adam from
+    throwing the freshly pruned model away from the one-shot solution."""
+    warmup = max(1, steps // 20) if warmup is None else max(1, warmup)
+    ramp = min(1.0, (step + 1) / warmup)
+    return ramp * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
 def recover(
     student: nn.Module,
     teacher: nn.Module,
@@ -107,6 +116,7 @@ def recover(
     max_seconds: Optional[float] = None,
     seed: int = 0,
     layers: str = "all",
+    warmup: Optional[int] = None,
 ) -> RecoveryReport:
     """Train ``student`` to match ``teacher`` on ``lines`` for ``steps`` (or ``max_seconds``).
 
@@ -128,7 +138,7 @@ def recover(
     teacher.eval()
     params = _trainable(student, lora_rank)
     opt = torch.optim.AdamW(params, lr=lr * (10 if lora_rank else 1), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))
     batches = batches_by_length(tokenizer, list(lines), batch_size, max_length)
     order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed))
     student.eval()  # no dropout: the student should match the teacher's deterministic outputs

@@ -13,14 +13,14 @@ import torch
 from torch import nn
 
 from .recipe import Format, parse_format
-from .smoothquant import fake_quant_per_channel, fake_quant_per_token
+from .smoothquant import fake_quant_per_channel, fake_quant_per_tensor, fake_quant_per_token
 
 
 class SimulatedLinear(nn.Module):
     """Drop-in for ``nn.Linear`` computing ``fmt`` (pruned weight, optional int8 fake quant)."""
 
     def __init__(self, linear: nn.Linear, fmt: Format | str = "dense", mask: Optional[torch.Tensor] = None,
-                 smooth: Optional[torch.Tensor] = None) -> None:
+                 smooth: Optional[torch.Tensor] = None, act_amax: Optional[float] = None) -> None:
         super().__init__()
         self.format = parse_format(fmt) if isinstance(fmt, str) else fmt
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -28,6 +28,10 @@ class SimulatedLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().clone())
         self.register_buffer("mask", None if mask is None else mask.to(torch.bool).clone())
         self.register_buffer("smooth", None if smooth is None else smooth.float().clone())
+        if act_amax is not None and not self.format.act_quant:
+            raise ValueError(f"a static activation maximum needs a W8A8 format, not {self.format}")
+        # static per-tensor activation quantization: the calibrated max |x / smooth| (None: per token)
+        self.register_buffer("act_amax", None if act_amax is None else torch.tensor([float(act_amax)]))
         self.lora_a: Optional[nn.Parameter] = None
         self.lora_b: Optional[nn.Parameter] = None
         if self.mask is not None:
@@ -67,7 +71,9 @@ class SimulatedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.format.act_quant:
+        if self.format.act_quant and self.act_amax is not None:
+            x2 = fake_quant_per_tensor(x2, float(self.act_amax), self.smooth)
+        elif self.format.act_quant:
             x2 = fake_quant_per_token(x2, self.smooth)
         elif self.smooth is not None:
             x2 = x2.float() / self.smooth
@@ -82,4 +88,5 @@ class SimulatedLinear(nn.Module):
         return (self.weight if self.mask is None else self.weight * self.mask).detach().clone()
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
+        act = "" if not self.format.act_quant else (", activations=static" if self.act_amax is not None else ", activations=per-token")
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}{act}"
