@@ -38,11 +38,13 @@ ROWS = [
     ("w8a8, no smoothing (plain)", "w8a8", "magnitude", {"alpha": "none"}),
     ("w8a8, SmoothQuant alpha 0.5", "w8a8", "magnitude", {"alpha": 0.5}),
     ("w8a8, SmoothQuant alpha searched", "w8a8", "magnitude", {"alpha": "search"}),
+    ("w8a8 static activations, SmoothQuant alpha searched", "w8a8", "magnitude", {"alpha": "search", "activations": "static"}),
     ("2:4 magnitude", "2:4", "magnitude", {}),
     ("2:4 Wanda", "2:4", "wanda", {}),
     ("2:4 SparseGPT one-shot (dense inputs)", "2:4", "sparsegpt", {"sequential": False}),
     ("2:4 SparseGPT sequential", "2:4", "sparsegpt", {}),
     ("2:4+w8a8 SparseGPT sequential", "2:4+w8a8", "sparsegpt", {}),
+    ("2:4+w8a8 static activations, SparseGPT sequential", "2:4+w8a8", "sparsegpt", {"activations": "static"}),
 ]
 RECOVER = [("2:4 SparseGPT + recovery", "2:4 SparseGPT sequential"),
            ("2:4+w8a8 SparseGPT + recovery", "2:4+w8a8 SparseGPT sequential")]

