@@ -4,7 +4,7 @@ Calibrates on Hamlet, scores >= 1000 held-out lines of other plays: mean cosine 
 embeddings (compressed vs dense) and nearest-neighbour agreement. Writes
 benchmarks/results/accuracy/{accuracy.csv, accuracy.md, accuracy.png}.
 
-    python benchmarks/accuracy.py                 # full table (CPU, ~15-30 min on 2 cores)
+    python benchmarks/accuracy.py                 # full table (CPU, about 40 min on 2 cores)
     python benchmarks/accuracy.py --quick         # small smoke run, written to /tmp
 """
 from __future__ import annotations
@@ -100,7 +100,8 @@ def write(rows: list, args: argparse.Namespace, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     meta = (f"sparseq accuracy, git {git_sha()}, torch {torch.__version__}, {platform.machine()} CPU x{torch.get_num_threads()} threads, "
             f"{datetime.date.today()}; bundled all-MiniLM-L6-v2, calibration {args.calib} lines of Hamlet, "
-            f"{args.eval_lines} held-out lines of 6 other plays, recovery {args.steps} steps on {args.train_lines} lines")
+            f"{args.eval_lines} held-out lines of 6 other plays, recovery {args.steps} steps (lr {args.lr}, batch 32, "
+            f"every layer's output distilled) on {args.train_lines} lines of 30 other plays")
     with open(out / "accuracy.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -140,9 +141,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--calib", type=int, default=512)
     p.add_argument("--eval-lines", type=int, default=1200)
-    p.add_argument("--train-lines", type=int, default=4000)
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--train-lines", type=int, default=64000)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny sizes, output to /tmp/sparseq-accuracy")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "accuracy"))

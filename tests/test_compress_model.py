@@ -160,17 +160,40 @@ def test_export_swap_save_load_matches_simulation(tiny, tmp_path, activations):
     assert compare(sim_emb, embed(loaded, b)).cosine > 0.9999
 
 
-def test_planner_respects_the_budget_and_writes_a_frontier(tiny, tmp_path):
-    from sparseq.compress.planner import frontier_png, greedy, plan
+def test_planner_meets_the_budget_when_measured_and_writes_a_frontier(tiny, tmp_path):
+    from sparseq.compress.planner import frontier_png, plan
 
     model, tok = tiny
     p = plan(model, tok, LINES, EVAL, formats=("2:4", "w8a8", "2:4+w8a8"), budget=0.02, method="magnitude")
-    assert set(p.formats) == set(p.sensitivity) and len(p.formats) == 12
-    assert p.est_loss <= 0.02 and p.speedup >= 1.0
+    assert set(p.formats) == set(p.sensitivity) == set(p.layer_loss) and len(p.formats) == 12
+    assert all(v >= 0 for losses in p.layer_loss.values() for v in losses.values())
+    assert 1.0 - p.measured_cosine <= 0.02 and p.speedup >= 1.0  # the measured loss, not the estimate
     assert p.frontier[0] == (1.0, 1.0) and all(b[0] >= a[0] for a, b in zip(p.frontier, p.frontier[1:]))
+    assert p.checked and p.speedup <= p.greedy_speedup + 1e-9
     frontier_png(p, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 1000
-    # a zero-error format is always taken; an unaffordable one never
-    sens = {"a": {"w8a8": 0.0, "2:4": 1.0}, "b": {"w8a8": 0.0, "2:4": 1.0}}
-    chosen, loss, _ = greedy(sens, {"w8a8": 1.0, "2:4": 1.0}, {"a": (64, 64), "b": (64, 64)}, budget=0.5)
+
+
+def test_greedy_takes_free_upgrades_and_never_an_unaffordable_one():
+    from sparseq.compress.planner import greedy
+
+    losses = {"a": {"w8a8": 0.0, "2:4": 1.0}, "b": {"w8a8": 0.0, "2:4": 1.0}}
+    chosen, loss, frontier, path = greedy(losses, {"a": (64, 64), "b": (64, 64)}, budget=0.5)
     assert chosen == {"a": "w8a8", "b": "w8a8"} and loss == 0.0
+    assert path[0] == {"a": "dense", "b": "dense"} and path[-1] == chosen and len(frontier) == len(path)
+
+
+@pytest.mark.parametrize("true_losses,expected", [([0, .1, .2, .3, .4], 4), ([0, .1, .2, .3, .9], 3),
+                                                  ([0, .6, .7, .8, .9], 0), ([0, .2, .5, .6, .9], 2)])
+def test_back_off_finds_the_furthest_plan_within_budget(true_losses, expected):
+    from sparseq.compress.planner import back_off
+
+    calls = []
+
+    def measure(i):
+        calls.append(i)
+        return true_losses[i]
+
+    idx, checked = back_off(len(true_losses), 0.5, measure)
+    assert idx == expected and checked[idx] <= 0.5 and len(calls) <= 3
+    assert all(checked[i] == true_losses[i] for i in calls)

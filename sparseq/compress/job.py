@@ -82,6 +82,7 @@ def compress_job(
     lora_rank: int = 0,
     save: bool = True,
     activations: str = "dynamic",
+    recover_lr: float = 1e-3,
 ) -> Dict[str, Any]:
     """Run the main job; returns the report (also written to ``out/compress.json``)."""
     t_start = time.perf_counter()
@@ -89,7 +90,7 @@ def compress_job(
     from .oneshot import check_activations
 
     check_activations(activations)
-    texts = load_texts(text, n_calib=n_calib, n_eval=n_eval, n_train=4000 if recover_steps else 0)
+    texts = load_texts(text, n_calib=n_calib, n_eval=n_eval, n_train=max(4000, 32 * recover_steps) if recover_steps else 0)
     model, tokenizer = load_model(model_dir)
     _say(f"model  {model_dir or 'bundled all-MiniLM-L6-v2'} ({type(model).__name__})")
     _say(f"text   {texts.source}: {len(texts.calib)} calibration lines, {len(texts.eval)} held-out lines")
@@ -102,7 +103,7 @@ def compress_job(
          f"{scores['oneshot'].nn_agreement:.3f} ({result.seconds:.0f} s)")
     rec = None
     if recover_steps:
-        rec = recover(model, dense, tokenizer, texts.train, steps=recover_steps, lora_rank=lora_rank)
+        rec = recover(model, dense, tokenizer, texts.train, steps=recover_steps, lr=recover_lr, lora_rank=lora_rank)
         scores["recovered"] = compare(ref, embed(model, eval_batches, desc="score"))
         _say(f"recovered ({rec.steps} steps, {rec.seconds:.0f} s): cosine {scores['recovered'].cosine:.4f}, "
              f"neighbour agreement {scores['recovered'].nn_agreement:.3f}")

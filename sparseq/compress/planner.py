@@ -1,15 +1,19 @@
 """The sweet-spot planner: per-layer formats that maximize speed within an accuracy budget.
 
-1. Sensitivity: every Linear is compressed alone in every candidate format (calibrated on
-   the dense model) and its relative output error on calibration rows is recorded.
-2. Calibration of the error model: each format applied to every layer is scored on held-out
-   text; ``k_f = cosine loss / sum of layer errors`` turns layer errors into model loss, so
-   a mixed plan's loss is estimated as ``sum_l k_f(l) * err_l(f(l))``.
-3. Speed: per-layer speedups, measured (``ops.csv`` of ``sparseq bench``) or tabled; the
+1. Sensitivity, measured: every Linear is compressed alone in every candidate format
+   (calibrated on the dense model) and the whole model is scored with only that layer
+   changed: its cosine loss against the dense model on probe lines (calibration text). The
+   layer's relative output error is recorded too (for the table); it is not used to decide,
+   because equal output errors in different layers cost the model very different amounts.
+2. Speed: per-layer speedups, measured (``ops.csv`` of ``sparseq bench``) or tabled; the
    model time is the sum of layer times, each proportional to ``N * K`` when dense.
-4. Greedy: repeatedly take the layer upgrade with the most time saved per unit of added
-   loss while the estimate stays within the budget; the path is the frontier. The chosen
-   plan is then applied and measured.
+3. Greedy: repeatedly take the layer upgrade with the most time saved per unit of added
+   (estimated, additive) loss while the estimate stays within the budget; the path is the
+   estimated frontier.
+4. Verification: the chosen plan is applied and scored on held-out lines. Losses do not add
+   exactly, so when the measured loss exceeds the budget the planner backs off along the
+   greedy path (binary search, each step measured) to the fastest plan whose *measured*
+   loss meets the budget.
 """
 from __future__ import annotations
 
@@ -18,14 +22,14 @@ import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .calibration import capture_block_inputs, collect_stats, find_blocks, linear_names, run_block
-from .evaluate import batches_by_length, compare, embed
-from .oneshot import _token_masks, compress_linear, compress_model
+from .evaluate import batches_by_length, compare, embed, encode
+from .oneshot import _token_masks, compress_linear, compress_model, set_module
 from .progress import progress
 from .recipe import parse_format
 
@@ -46,15 +50,22 @@ class Plan:
     measured_nn: Optional[float] = None
     frontier: List[Tuple[float, float]] = field(default_factory=list)  # (speedup, estimated cosine)
     uniform: Dict[str, Tuple[float, float]] = field(default_factory=dict)  # format -> (speedup, cosine)
-    sensitivity: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    sensitivity: Dict[str, Dict[str, float]] = field(default_factory=dict)  # relative output error
+    layer_loss: Dict[str, Dict[str, float]] = field(default_factory=dict)  # measured cosine loss, layer alone
+    checked: List[Tuple[float, float]] = field(default_factory=list)  # (speedup, measured cosine) of plans tried
+    greedy_speedup: float = 0.0  # of the greedy plan before any back-off
 
     def table(self) -> str:
-        """Markdown: one row per layer."""
+        """Markdown: one row per layer (measured loss of the layer alone, and its output error)."""
         fmts = sorted({f for s in self.sensitivity.values() for f in s})
-        lines = ["| layer | chosen | " + " | ".join(f"err {f}" for f in fmts) + " |", "|---|---|" + "---|" * len(fmts)]
+        lines = ["| layer | chosen | " + " | ".join(f"loss / err {f}" for f in fmts) + " |", "|---|---|" + "---|" * len(fmts)]
         for name, chosen in self.formats.items():
-            errs = " | ".join(f"{self.sensitivity.get(name, {}).get(f, float('nan')):.2e}" for f in fmts)
-            lines.append(f"| {name} | {chosen} | {errs} |")
+            cells = []
+            for f in fmts:
+                loss = self.layer_loss.get(name, {}).get(f, float("nan"))
+                err = self.sensitivity.get(name, {}).get(f, float("nan"))
+                cells.append(f"{loss:.1e} / {err:.1e}")
+            lines.append(f"| {name} | {chosen} | {' | '.join(cells)} |")
         return "\n".join(lines)
 
 
@@ -84,14 +95,29 @@ def layer_speedup(fmt: str, shape: Tuple[int, int], measured: Dict[Tuple[str, in
 
 
 @torch.no_grad()
+def _probe_loss(model: nn.Module, batches: List[Dict[str, torch.Tensor]], ref: torch.Tensor) -> float:
+    """Cosine loss (1 - mean cosine) of ``model`` against reference embeddings, no progress bar."""
+    out = torch.empty_like(ref)
+    for b in batches:
+        out[b["index"]] = encode(model, b).cpu()
+    return max(0.0, 1.0 - compare(ref, out).cosine)
+
+
+@torch.no_grad()
 def sensitivity(model: nn.Module, tokenizer, calib_lines: Sequence[str], formats: Sequence[str], method: str = "sparsegpt",
-                batch_size: int = 32, max_rows: int = 512) -> Tuple[Dict[str, Dict[str, float]], Dict[str, Tuple[int, int]]]:
-    """``{layer: {format: relative output error}}`` (each layer alone, dense inputs) and layer shapes."""
+                batch_size: int = 32, max_rows: int = 512, probe_lines: Optional[Sequence[str]] = None,
+                ) -> Tuple[Dict[str, Dict[str, float]], Dict[str, Tuple[int, int]], Dict[str, Dict[str, float]]]:
+    """Each layer alone (dense inputs) in each format: ``(relative output errors, layer shapes,
+    measured model losses)``, the last on ``probe_lines`` (default: the calibration lines) as
+    ``{layer: {format: 1 - mean cosine vs dense}}`` with every other layer dense."""
     prefix, blocks = find_blocks(model)
     batches = batches_by_length(tokenizer, list(calib_lines), batch_size)
     masks = _token_masks(batches)
+    probe = batches_by_length(tokenizer, list(probe_lines or calib_lines), 128)
+    probe_ref = embed(model, probe, desc="dense probe")
     inputs = capture_block_inputs(model, batches, blocks[0])
-    out: Dict[str, Dict[str, float]] = {}
+    errors: Dict[str, Dict[str, float]] = {}
+    losses: Dict[str, Dict[str, float]] = {}
     shapes: Dict[str, Tuple[int, int]] = {}
     parsed = [parse_format(f) for f in formats]
     bar = progress(total=sum(len(linear_names(b)) for b in blocks), desc="sensitivity", unit="layer")
@@ -102,16 +128,22 @@ def sensitivity(model: nn.Module, tokenizer, calib_lines: Sequence[str], formats
         for n in names:
             lin, st = mods[n], stats[n]
             ref = st.rows @ lin.weight.T.float() + (0.0 if lin.bias is None else lin.bias.float())
-            errs = {}
+            errs, loss = {}, {}
             for f in parsed:
                 sim, _ = compress_linear(lin, f, method, st, alpha="search")
                 errs[f.name] = float((sim(st.rows) - ref).pow(2).sum() / ref.pow(2).sum().clamp(min=1e-20))
+                set_module(block, n, sim)
+                try:
+                    loss[f.name] = _probe_loss(model, probe, probe_ref)
+                finally:
+                    set_module(block, n, lin)
             full = f"{prefix}.{i}.{n}"
-            out[full], shapes[full] = errs, (lin.out_features, lin.in_features)
+            errors[full], losses[full], shapes[full] = errs, loss, (lin.out_features, lin.in_features)
             bar.update(1)
+            bar.set_postfix(layer=full, loss=f"{min(loss.values()):.1e}")
         inputs = run_block(block, inputs)
     bar.close()
-    return out, shapes
+    return errors, shapes, losses
 
 
 def _speed(formats: Dict[str, str], shapes: Dict[str, Tuple[int, int]], measured) -> float:
@@ -119,17 +151,19 @@ def _speed(formats: Dict[str, str], shapes: Dict[str, Tuple[int, int]], measured
     return dense / sum(n * k / layer_speedup(formats[l], (n, k), measured) for l, (n, k) in shapes.items())
 
 
-def greedy(sens: Dict[str, Dict[str, float]], scale: Dict[str, float], shapes: Dict[str, Tuple[int, int]], budget: float,
-           measured=None) -> Tuple[Dict[str, str], float, List[Tuple[float, float]]]:
-    """The greedy plan under ``budget`` (estimated cosine loss); returns (formats, loss, frontier)."""
+def greedy(losses: Dict[str, Dict[str, float]], shapes: Dict[str, Tuple[int, int]], budget: float,
+           measured=None) -> Tuple[Dict[str, str], float, List[Tuple[float, float]], List[Dict[str, str]]]:
+    """The greedy plan under ``budget`` for per-layer losses ``losses[layer][format]`` (taken as
+    additive); returns ``(formats, estimated loss, frontier, path)``: ``path[i]`` is the plan
+    after ``i`` upgrades (``path[0]`` all dense), ``frontier[i]`` its (speedup, 1 - loss)."""
     measured = measured or {}
-    current = {l: "dense" for l in sens}
-    cost = lambda l, f: 0.0 if f == "dense" else scale[f] * sens[l][f]  # noqa: E731
+    current = {l: "dense" for l in losses}
+    cost = lambda l, f: 0.0 if f == "dense" else losses[l][f]  # noqa: E731
     time_of = lambda l, f: shapes[l][0] * shapes[l][1] / layer_speedup(f, shapes[l], measured)  # noqa: E731
-    loss, frontier = 0.0, [(1.0, 1.0)]
+    loss, frontier, path = 0.0, [(1.0, 1.0)], [dict(current)]
     while True:
         best = None
-        for l, fmts in sens.items():
+        for l, fmts in losses.items():
             for f in fmts:
                 saved = time_of(l, current[l]) - time_of(l, f)
                 if saved <= 0:
@@ -145,40 +179,73 @@ def greedy(sens: Dict[str, Dict[str, float]], scale: Dict[str, float], shapes: D
         _, l, f, extra = best
         current[l], loss = f, loss + extra
         frontier.append((_speed(current, shapes, measured), 1.0 - loss))
-    return current, loss, frontier
+        path.append(dict(current))
+    return current, loss, frontier, path
+
+
+def back_off(n_plans: int, budget: float, measure: Callable[[int], float]) -> Tuple[int, Dict[int, float]]:
+    """Index of the furthest of ``n_plans`` plans along a greedy path whose measured loss
+    ``measure(index)`` is within ``budget`` (binary search: the loss is taken to grow along the
+    path; plan 0 is all dense, loss 0). Returns ``(index, {index: measured loss})``."""
+    checked: Dict[int, float] = {}
+    last = n_plans - 1
+    if last > 0:
+        checked[last] = measure(last)
+    if last <= 0 or checked[last] <= budget:
+        return max(last, 0), checked
+    lo, hi = 0, last  # lo within budget, hi over it
+    checked[0] = 0.0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        checked[mid] = measure(mid)
+        lo, hi = (mid, hi) if checked[mid] <= budget else (lo, mid)
+    return lo, checked
 
 
 def plan(model: nn.Module, tokenizer, calib_lines: Sequence[str], eval_lines: Sequence[str],
          formats: Sequence[str] = ("2:4", "w8a8", "2:4+w8a8", "int8_weight_only", "2:4+int8_weight_only"),
          budget: float = 0.01, method: str = "sparsegpt", speedups_csv: Optional[str] = None) -> Plan:
-    """Choose a format per Linear of ``model`` (not modified) so the estimated loss of mean
-    cosine vs dense stays within ``budget``, maximizing the modelled speed; then measure it."""
+    """Choose a format per Linear of ``model`` (not modified) so that the loss of mean cosine vs
+    dense on ``eval_lines`` stays within ``budget`` (measured, see the module doc), maximizing
+    the modelled speed."""
     if not 0 < budget < 1:
         raise ValueError(f"budget must be a cosine loss in (0, 1), got {budget}")
     for f in formats:
         if not parse_format(f).runs_on_kernels:
             raise ValueError(f"format {f!r} has no sparseq kernel; plan among {TABLED_SPEEDUP}")
+    if not eval_lines:
+        raise ValueError("the planner needs held-out lines to verify the plan: got none")
     measured = load_speedups(speedups_csv)
-    sens, shapes = sensitivity(model, tokenizer, calib_lines, formats, method)
+    sens, shapes, losses = sensitivity(model, tokenizer, calib_lines, formats, method)
     eval_batches = batches_by_length(tokenizer, list(eval_lines), 128)
     ref = embed(model, eval_batches, desc="dense embeddings")
 
-    def measure(recipe) -> Tuple[float, float]:
+    def score(recipe) -> Tuple[float, float]:
+        recipe = {l: f for l, f in recipe.items() if f != "dense"} if isinstance(recipe, dict) else recipe
+        if not recipe:
+            return 1.0, 1.0
         m = copy.deepcopy(model)
         compress_model(m, tokenizer, calib_lines, recipe, method, sequential=False)
         s = compare(ref, embed(m, eval_batches, desc="score"))
         return s.cosine, s.nn_agreement
 
-    scale, uniform = {}, {}
+    uniform = {}
     for f in formats:
-        cos, _ = measure(f)
-        total = sum(sens[l][f] for l in sens)
-        scale[f] = max(1.0 - cos, 0.0) / max(total, 1e-12)
-        uniform[f] = (_speed({l: f for l in shapes}, shapes, measured), cos)
-    chosen, loss, frontier = greedy(sens, scale, shapes, budget, measured)
-    recipe = {l: f for l, f in chosen.items() if f != "dense"}
-    cos, nn_agree = measure(recipe) if recipe else (1.0, 1.0)
-    return Plan(chosen, budget, loss, _speed(chosen, shapes, measured), cos, nn_agree, frontier, uniform, sens)
+        uniform[f] = (_speed({l: f for l in shapes}, shapes, measured), score(f)[0])
+    _, loss, frontier, path = greedy(losses, shapes, budget, measured)
+    scores: Dict[int, Tuple[float, float]] = {}
+
+    def measure(i: int) -> float:
+        scores[i] = score(path[i])
+        return 1.0 - scores[i][0]
+
+    idx, checked = back_off(len(path), budget, measure)
+    chosen = path[idx]
+    cos, nn_agree = scores.get(idx, (1.0, 1.0))
+    est = 1.0 - frontier[idx][1]
+    tried = [(_speed(path[i], shapes, measured), 1.0 - checked[i]) for i in sorted(checked)]
+    return Plan(chosen, budget, est, _speed(chosen, shapes, measured), cos, nn_agree, frontier, uniform, sens,
+                losses, tried, _speed(path[-1], shapes, measured))
 
 
 def frontier_png(p: Plan, path: Path) -> None:
@@ -194,6 +261,9 @@ def frontier_png(p: Plan, path: Path) -> None:
     for f, (s, c) in p.uniform.items():
         ax.scatter([s], [c], marker="s")
         ax.annotate(f, (s, c), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if p.checked:
+        cx, cy = zip(*p.checked)
+        ax.scatter(cx, cy, color="tab:orange", marker="o", s=18, zorder=4, label="greedy-path plans (measured)")
     if p.measured_cosine is not None:
         ax.scatter([p.speedup], [p.measured_cosine], color="tab:red", marker="*", s=120, zorder=5, label="plan (measured)")
     ax.axhline(1.0 - p.budget, color="gray", ls="--", lw=0.8, label=f"budget {p.budget}")
@@ -218,12 +288,16 @@ def plan_job(model_dir: Optional[str], text: Optional[str], formats: Sequence[st
     src = f"measured ({speedups_csv})" if speedups_csv else "tabled (no measurement given)"
     head = (f"plan under a cosine budget of {budget}: modelled speedup {p.speedup:.2f}x (speedups {src}); "
             f"estimated cosine {1 - p.est_loss:.4f}, measured {p.measured_cosine:.4f}, "
-            f"neighbour agreement {p.measured_nn:.3f}\n"
-            + "uniform recipes: " + ", ".join(f"{f} {c:.4f} @ {s:.2f}x" for f, (s, c) in p.uniform.items()))
+            f"neighbour agreement {p.measured_nn:.3f} on {len(texts.eval)} held-out lines\n"
+            + "plans measured on the greedy path (speedup -> cosine): "
+            + ", ".join(f"{s:.2f}x -> {c:.4f}" for s, c in p.checked) + "\n"
+            + "uniform recipes: " + ", ".join(f"{f} {c:.4f} @ {s:.2f}x" for f, (s, c) in p.uniform.items())
+            + "\ncells: measured cosine loss of the model with only that layer compressed / the layer's relative output error")
     text_out = head + "\n\n" + p.table()
     (root / "plan.json").write_text(json.dumps({"recipe": p.formats, "budget": budget, "speedup": p.speedup,
                                                 "estimated_cosine": 1 - p.est_loss, "measured_cosine": p.measured_cosine,
-                                                "nn_agreement": p.measured_nn, "uniform": p.uniform}, indent=2))
+                                                "nn_agreement": p.measured_nn, "uniform": p.uniform,
+                                                "checked": p.checked, "layer_loss": p.layer_loss}, indent=2))
     (root / "plan.md").write_text(text_out + "\n")
     frontier_png(p, root / "frontier.png")
     return text_out + f"\n\nwrote {root / 'plan.json'} (use: sparseq compress --recipe {root / 'plan.json'}), plan.md, frontier.png"
