@@ -58,6 +58,7 @@ def git_sha() -> str:
 
 
 def run(args: argparse.Namespace) -> list:
+    args.git_sha = git_sha()  # the code that ran, even if HEAD moves while the table is computed
     torch.manual_seed(0)
     model, tok = load_model()
     texts = load_texts(n_calib=args.calib, n_eval=args.eval_lines, n_train=args.train_lines)
@@ -98,7 +99,7 @@ def _fmt(r: dict) -> str:
 
 def write(rows: list, args: argparse.Namespace, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    meta = (f"sparseq accuracy, git {git_sha()}, torch {torch.__version__}, {platform.machine()} CPU x{torch.get_num_threads()} threads, "
+    meta = (f"sparseq accuracy, git {getattr(args, 'git_sha', None) or git_sha()}, torch {torch.__version__}, {platform.machine()} CPU x{torch.get_num_threads()} threads, "
             f"{datetime.date.today()}; bundled all-MiniLM-L6-v2, calibration {args.calib} lines of Hamlet, "
             f"{args.eval_lines} held-out lines of 6 other plays, recovery {args.steps} steps (lr {args.lr}, batch 32, "
             f"every layer's output distilled) on {args.train_lines} lines of 30 other plays")

@@ -48,7 +48,7 @@ class Plan:
     speedup: float
     measured_cosine: Optional[float] = None
     measured_nn: Optional[float] = None
-    frontier: List[Tuple[float, float]] = field(default_factory=list)  # (speedup, estimated cosine)
+    frontier: List[Tuple[float, float]] = field(default_factory=list)  # (speedup, estimated cosine), no budget
     uniform: Dict[str, Tuple[float, float]] = field(default_factory=dict)  # format -> (speedup, cosine)
     sensitivity: Dict[str, Dict[str, float]] = field(default_factory=dict)  # relative output error
     layer_loss: Dict[str, Dict[str, float]] = field(default_factory=dict)  # measured cosine loss, layer alone
@@ -233,6 +233,7 @@ def plan(model: nn.Module, tokenizer, calib_lines: Sequence[str], eval_lines: Se
     for f in formats:
         uniform[f] = (_speed({l: f for l in shapes}, shapes, measured), score(f)[0])
     _, loss, frontier, path = greedy(losses, shapes, budget, measured)
+    full_frontier = greedy(losses, shapes, float("inf"), measured)[2]  # the whole estimated curve, for the plot
     scores: Dict[int, Tuple[float, float]] = {}
 
     def measure(i: int) -> float:
@@ -244,7 +245,7 @@ def plan(model: nn.Module, tokenizer, calib_lines: Sequence[str], eval_lines: Se
     cos, nn_agree = scores.get(idx, (1.0, 1.0))
     est = 1.0 - frontier[idx][1]
     tried = [(_speed(path[i], shapes, measured), 1.0 - checked[i]) for i in sorted(checked)]
-    return Plan(chosen, budget, est, _speed(chosen, shapes, measured), cos, nn_agree, frontier, uniform, sens,
+    return Plan(chosen, budget, est, _speed(chosen, shapes, measured), cos, nn_agree, full_frontier, uniform, sens,
                 losses, tried, _speed(path[-1], shapes, measured))
 
 
@@ -257,7 +258,7 @@ def frontier_png(p: Plan, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     xs, ys = zip(*p.frontier)
-    ax.plot(xs, ys, "-", color="tab:blue", label="frontier (estimated)")
+    ax.plot(xs, ys, "-", color="tab:blue", label="greedy frontier (estimated: layer losses added)")
     for f, (s, c) in p.uniform.items():
         ax.scatter([s], [c], marker="s")
         ax.annotate(f, (s, c), fontsize=7, xytext=(3, 3), textcoords="offset points")
