@@ -77,3 +77,10 @@ def test_bundled_split_keeps_evaluation_plays_out_of_training():
     full_train = set(data.bundled_texts(n_calib=64, n_eval=300, n_train=10**6).train)
     shared = set(split.eval) & full_train  # only stock phrases that recur across plays
     assert len(shared) <= 0.02 * len(split.eval), sorted(shared)[:10]
+
+
+@pytest.mark.parametrize("argv,msg", [(["--floor", "0.9"], "needs --schedule"), (["--schedule", " , "], "empty"),
+                                      (["--schedule", "50%,2:4+fp4"], "unknown format")])
+def test_bad_schedule(capsys, argv, msg):
+    rc, _, err = _run(capsys, "compress", *argv, "--quiet")
+    assert rc == 2 and msg in err

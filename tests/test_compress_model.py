@@ -197,3 +197,45 @@ def test_back_off_finds_the_furthest_plan_within_budget(true_losses, expected):
     idx, checked = back_off(len(true_losses), 0.5, measure)
     assert idx == expected and checked[idx] <= 0.5 and len(calls) <= 3
     assert all(checked[i] == true_losses[i] for i in calls)
+
+
+def _schedule(tiny, steps, floor=None):
+    from sparseq.compress.schedule import compress_in_steps
+
+    model, tok = tiny
+    m = copy.deepcopy(model)
+    b = batches_by_length(tok, EVAL, 16)
+    done, result, _ = compress_in_steps(m, model, tok, LINES, b, embed(model, b), steps, "magnitude", floor=floor,
+                                        say=lambda *_: None)
+    return m, done, result
+
+
+def test_schedule_steps_grow_sparsity_and_report_each_step(tiny):
+    from sparseq.compress.schedule import steps_table
+
+    m, done, result = _schedule(tiny, ["25%", "50%", "2:4"])
+    assert [s.recipe for s in done] == ["25%", "50%", "2:4"] and all(s.kept for s in done)
+    assert done[0].oneshot.cosine > done[1].oneshot.cosine > done[2].oneshot.cosine
+    assert done[0].linear_bytes > done[1].linear_bytes
+    assert done[0].modelled_speedup == 1.0 and done[2].modelled_speedup > 1.5  # only 2:4 has kernels
+    sims = [x for x in m.modules() if isinstance(x, SimulatedLinear)]
+    assert all(str(x.format) == "2:4" and reference.is_24_sparse(x.pruned_weight()) for x in sims)
+    assert len(result.layers) == 12
+    table = steps_table(done, 1e6)
+    assert "2:4" in table and "modelled" in table and len(table.splitlines()) == 6
+
+
+def test_schedule_floor_undoes_the_step_that_costs_too_much(tiny):
+    _, done, _ = _schedule(tiny, ["25%", "50%", "2:4"])
+    floor = (done[1].oneshot.cosine + done[2].oneshot.cosine) / 2  # between step 2 and step 3
+    m, done2, result = _schedule(tiny, ["25%", "50%", "2:4"], floor=floor)
+    assert [s.kept for s in done2] == [True, True, False]
+    sims = [x for x in m.modules() if isinstance(x, SimulatedLinear)]
+    assert sims and all(str(x.format) == "50%" for x in sims)  # back at step 2
+    assert {r.format for r in result.layers} == {"50%"}
+    b = batches_by_length(tiny[1], EVAL, 16)
+    assert compare(embed(tiny[0], b), embed(m, b)).cosine == pytest.approx(done2[1].oneshot.cosine, abs=1e-6)
+    with pytest.raises(ValueError, match="first step"):
+        _schedule(tiny, ["2:4", "50%"], floor=0.9999)
+    with pytest.raises(ValueError, match="no steps"):
+        _schedule(tiny, [])

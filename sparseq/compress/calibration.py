@@ -104,11 +104,14 @@ class LayerStats:
 
 
 def find_blocks(model: nn.Module) -> Tuple[str, nn.ModuleList]:
-    """``(name, ModuleList)`` of the model's repeated blocks: the list holding the most Linears."""
+    """``(name, ModuleList)`` of the model's repeated blocks: the list holding the most Linears
+    (plain or already compressed ``SimulatedLinear``, so a compressed model can be compressed further)."""
+    from .simulated import SimulatedLinear
+
     best = None
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            n = sum(isinstance(m, nn.Linear) for m in mod.modules())
+            n = sum(isinstance(m, (nn.Linear, SimulatedLinear)) for m in mod.modules())
             if n and (best is None or n > best[0]):
                 best = (n, name, mod)
     if best is None:

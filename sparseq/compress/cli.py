@@ -50,6 +50,11 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", default=DEFAULT_RECIPE,
                    help="format for every Linear (2:4, w8a8, int8_weight_only, 2:4+w8a8, 2:4+int8_weight_only, "
                         "N:M, 50%%, dense) or a JSON dict/file {layer pattern: format} (default %(default)s)")
+    p.add_argument("--schedule", metavar="R1,R2,...",
+                   help="compress step by step instead: formats applied in turn, each scored (and recovered with "
+                        "--recover), e.g. 30%%,50%%,2:4,2:4+w8a8")
+    p.add_argument("--floor", type=float, metavar="COSINE",
+                   help="with --schedule: undo and stop at the first step whose cosine ends below this")
     p.add_argument("--method", default="sparsegpt", choices=("magnitude", "wanda", "sparsegpt"))
     p.add_argument("--alpha", default="search", help="SmoothQuant migration strength, 'search' (default) or 'none'")
     p.add_argument("--activations", default="dynamic", choices=("dynamic", "static"),
@@ -74,12 +79,17 @@ def run_compress(args: argparse.Namespace) -> int:
     set_quiet(args.quiet)
     _threads(args.threads)
     alpha = args.alpha if args.alpha in ("search", "none") else float(args.alpha)
+    if args.floor is not None and not args.schedule:
+        return _fail("--floor needs --schedule (a floor stops a schedule of several steps)")
+    schedule = [r.strip() for r in args.schedule.split(",") if r.strip()] if args.schedule else None
+    if args.schedule is not None and not schedule:
+        return _fail("--schedule is empty: give formats separated by commas, e.g. 50%,2:4")
     try:
         recipe = _recipe_arg(args.recipe)
         report = compress_job(args.model, args.text, recipe, args.method, args.out,
                               recover_steps=args.steps if args.recover else 0, n_calib=args.calib,
                               n_eval=args.eval_lines, alpha=alpha, lora_rank=args.lora, save=not args.no_save,
-                              activations=args.activations, recover_lr=args.lr)
+                              activations=args.activations, recover_lr=args.lr, schedule=schedule, floor=args.floor)
     except (DataError, ValueError, TypeError, FileNotFoundError, json.JSONDecodeError) as e:
         return _fail(str(e))
     print_report(report)
@@ -95,6 +105,13 @@ def print_report(report: dict) -> None:
         print(f"{layer['name']:<44} {layer['format']:<22} {a:>5} {layer['rel_error']:>9.2e}")
     mib = 2 ** 20
     b, a = report["linear_bytes_bf16"], report["linear_bytes_compressed"]
+    if report.get("schedule"):
+        from .schedule import Step, steps_table
+        from .evaluate import Scores
+
+        steps = [Step(**dict(s, oneshot=Scores(**s["oneshot"]), recovered=Scores(**s["recovered"]) if s["recovered"] else None))
+                 for s in report["steps"]]
+        print("\n" + steps_table(steps, b))
     print(f"\nLinear weights: {b / mib:.2f} MiB (bf16) -> {a / mib:.2f} MiB ({b / max(a, 1):.2f}x smaller)")
     for name, s in report["scores"].items():
         print(f"accuracy ({name}) vs dense on {s['n']} held-out lines: cosine {s['cosine']:.4f} "

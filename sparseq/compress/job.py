@@ -12,16 +12,15 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
 from .data import load_model, load_texts
 from .evaluate import Scores, batches_by_length, compare, embed
 from .export import linear_weight_bytes, to_kernel_layers
-from .oneshot import compress_model
 from .recipe import DEFAULT_RECIPE, Recipe, parse_format
-from .recovery import recover
+from .schedule import compress_in_steps, recipe_name
 
 REPORT = "compress.json"
 
@@ -83,10 +82,19 @@ def compress_job(
     save: bool = True,
     activations: str = "dynamic",
     recover_lr: float = 1e-3,
+    schedule: Optional[Sequence[Recipe]] = None,
+    floor: Optional[float] = None,
 ) -> Dict[str, Any]:
-    """Run the main job; returns the report (also written to ``out/compress.json``)."""
+    """Run the main job; returns the report (also written to ``out/compress.json``).
+
+    ``schedule``: recipes applied one after another instead of ``recipe`` alone (each step
+    scored, and recovered when ``recover_steps``); ``floor``: undo and stop at the first
+    step whose cosine ends below it (see ``sparseq.compress.schedule``).
+    """
     t_start = time.perf_counter()
-    check_recipe(recipe)
+    steps = list(schedule) if schedule else [recipe]
+    for r in steps:
+        check_recipe(r)
     from .oneshot import check_activations
 
     check_activations(activations)
@@ -97,22 +105,23 @@ def compress_job(
     dense = copy.deepcopy(model)
     eval_batches = batches_by_length(tokenizer, texts.eval, 128)
     ref = embed(dense, eval_batches, desc="dense embeddings")
-    result = compress_model(model, tokenizer, texts.calib, recipe, method, alpha=alpha, activations=activations)
-    scores: Dict[str, Scores] = {"oneshot": compare(ref, embed(model, eval_batches, desc="score"))}
-    _say(f"one-shot {method}: cosine {scores['oneshot'].cosine:.4f}, neighbour agreement "
-         f"{scores['oneshot'].nn_agreement:.3f} ({result.seconds:.0f} s)")
-    rec = None
-    if recover_steps:
-        rec = recover(model, dense, tokenizer, texts.train, steps=recover_steps, lr=recover_lr, lora_rank=lora_rank)
-        scores["recovered"] = compare(ref, embed(model, eval_batches, desc="score"))
-        _say(f"recovered ({rec.steps} steps, {rec.seconds:.0f} s): cosine {scores['recovered'].cosine:.4f}, "
-             f"neighbour agreement {scores['recovered'].nn_agreement:.3f}")
+    done, result, rec = compress_in_steps(
+        model, dense, tokenizer, texts.calib, eval_batches, ref, steps, method, train_lines=texts.train,
+        recover_steps=recover_steps, recover_lr=recover_lr, lora_rank=lora_rank, floor=floor, say=_say,
+        alpha=alpha, activations=activations)
+    kept = [s for s in done if s.kept]
+    scores: Dict[str, Scores] = {"oneshot": kept[-1].oneshot}
+    if kept[-1].recovered is not None:
+        scores["recovered"] = kept[-1].recovered
     size = linear_weight_bytes(model)
-    final = scores.get("recovered", scores["oneshot"])
+    final = kept[-1].final
     report: Dict[str, Any] = {
         "model_dir": str(model_dir) if model_dir else None,
         "text": str(text) if text else None,
-        "recipe": recipe, "method": method, "activations": activations, "n_calib": len(texts.calib), "n_eval": len(texts.eval),
+        "recipe": steps[len(kept) - 1],
+        "schedule": [recipe_name(r) for r in schedule] if schedule else None,
+        "steps": [asdict(x) for x in done],
+        "method": method, "activations": activations, "n_calib": len(texts.calib), "n_eval": len(texts.eval),
         "scores": {k: v.as_dict() for k, v in scores.items()},
         "cosine": final.cosine, "nn_agreement": final.nn_agreement,
         "linear_bytes_bf16": size["before"], "linear_bytes_compressed": size["after"],

@@ -1,0 +1,149 @@
+"""Incremental compression: apply recipes one after another, scoring (and recovering) each step.
+
+The way to find how small a model can get for the accuracy you can afford: start small
+(e.g. ``30%`` unstructured), go on (``50%``, ``2:4``, ``2:4+w8a8``), watch accuracy, size and
+modelled speed after every step, and stop before the step that costs too much (``floor``).
+Each step re-compresses the previous step's (pruned, maybe recovered) weights, so the
+sparsity grows gradually; recovery, when asked for, runs after every step and always
+distills from the original dense model.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .evaluate import Scores, compare, embed
+from .export import linear_weight_bytes
+from .oneshot import CompressionResult, compress_model
+from .recipe import Recipe
+from .recovery import RecoveryReport, recover
+from .simulated import SimulatedLinear
+
+
+@dataclass
+class Step:
+    """What one step of a schedule did to the model."""
+
+    recipe: str
+    oneshot: Scores  # right after compression
+    recovered: Optional[Scores]  # after recovery, when it ran
+    linear_bytes: float
+    modelled_speedup: float
+    seconds: float
+    kept: bool = True
+
+    @property
+    def final(self) -> Scores:
+        return self.oneshot if self.recovered is None else self.recovered
+
+
+def modelled_speedup(model: nn.Module) -> float:
+    """Speed of the model's Linear layers vs dense under the planner's tabled per-format
+    speedups (formats without kernels count as dense); a placeholder until measured."""
+    from .planner import TABLED_SPEEDUP
+
+    dense = fast = 0.0
+    for m in model.modules():
+        if isinstance(m, SimulatedLinear):
+            work = m.in_features * m.out_features
+            fast += work / max(1.0, TABLED_SPEEDUP.get(m.format.name, 1.0))
+        elif type(m) is nn.Linear:
+            work = m.in_features * m.out_features
+            fast += work
+        else:
+            continue
+        dense += work
+    return dense / fast if fast else 1.0
+
+
+def _restore(model: nn.Module, snapshot: nn.Module) -> None:
+    """Put ``snapshot``'s children back into ``model`` (the caller keeps the same object)."""
+    for name, child in snapshot.named_children():
+        setattr(model, name, child)
+
+
+def recipe_name(recipe: Recipe) -> str:
+    """A short printable name of a recipe (a format, or ``{pattern: format, ...}``)."""
+    if isinstance(recipe, str):
+        return recipe
+    return "{" + ", ".join(f"{k}: {v}" for k, v in recipe.items()) + "}"
+
+
+def compress_in_steps(
+    model: nn.Module,
+    dense: nn.Module,
+    tokenizer,
+    calib_lines: Sequence[str],
+    eval_batches: List[Dict[str, torch.Tensor]],
+    ref: torch.Tensor,
+    steps: Sequence[Recipe],
+    method: str = "sparsegpt",
+    *,
+    train_lines: Sequence[str] = (),
+    recover_steps: int = 0,
+    recover_lr: float = 1e-3,
+    lora_rank: int = 0,
+    floor: Optional[float] = None,
+    say=print,
+    **compress_options: Any,
+) -> Tuple[List[Step], Optional[CompressionResult], Optional[RecoveryReport]]:
+    """Compress ``model`` in place by each recipe of ``steps`` in turn; score each step on
+    ``eval_batches`` against the dense embeddings ``ref`` (and recover it from ``dense``
+    when ``recover_steps``). With ``floor`` (a cosine), the first step that ends below it is
+    undone and the schedule stops; ValueError if that is the first step.
+
+    Returns ``(steps, compression result of the last kept step, its recovery report)``.
+    """
+    if not steps:
+        raise ValueError("the schedule has no steps")
+    if floor is not None and not 0.0 < floor <= 1.0:
+        raise ValueError(f"floor must be a cosine in (0, 1], got {floor}")
+    if recover_steps and not train_lines:
+        raise ValueError("recovery needs training lines (train_lines)")
+    done: List[Step] = []
+    kept: Tuple[Optional[CompressionResult], Optional[RecoveryReport]] = (None, None)
+    for i, recipe in enumerate(steps):
+        t0 = time.perf_counter()
+        snapshot = copy.deepcopy(model) if floor is not None else None
+        tag = f"step {i + 1}/{len(steps)} {recipe_name(recipe)}" if len(steps) > 1 else recipe_name(recipe)
+        result = compress_model(model, tokenizer, calib_lines, recipe, method, **compress_options)
+        s: Scores = compare(ref, embed(model, eval_batches, desc="score"))
+        say(f"{tag}: one-shot {method} cosine {s.cosine:.4f}, neighbour agreement {s.nn_agreement:.3f} ({result.seconds:.0f} s)")
+        rec, r = None, None
+        if recover_steps:
+            rec = recover(model, dense, tokenizer, train_lines, steps=recover_steps, lr=recover_lr, lora_rank=lora_rank)
+            r = compare(ref, embed(model, eval_batches, desc="score"))
+            say(f"{tag}: recovered ({rec.steps} steps, {rec.seconds:.0f} s) cosine {r.cosine:.4f}, "
+                f"neighbour agreement {r.nn_agreement:.3f}")
+        step = Step(recipe_name(recipe), s, r, linear_weight_bytes(model)["after"], modelled_speedup(model),
+                    time.perf_counter() - t0)
+        done.append(step)
+        if floor is not None and step.final.cosine < floor:
+            step.kept = False
+            if i == 0:
+                raise ValueError(f"the first step ({step.recipe}) already ends at cosine {step.final.cosine:.4f}, "
+                                 f"below the floor {floor}; start with a smaller step")
+            _restore(model, snapshot)
+            say(f"{tag}: cosine {step.final.cosine:.4f} < floor {floor}: undone; keeping step {i}")
+            break
+        kept = (result, rec)
+    return done, kept[0], kept[1]
+
+
+def steps_table(steps: Sequence[Step], dense_bytes: float) -> str:
+    """A printable table: one row per step (accuracy, size, modelled speed)."""
+    mib = 2 ** 20
+    lines = [f"{'step':<5} {'recipe':<28} {'cosine':>7} {'recovered':>9} {'NN agr.':>7} {'MiB':>7} {'size':>6} {'speed*':>6}  ",
+             f"{'0':<5} {'dense':<28} {1.0:>7.4f} {'-':>9} {1.0:>7.3f} {dense_bytes / mib:>7.2f} {1.0:>5.2f}x {1.0:>5.2f}x"]
+    for i, s in enumerate(steps, 1):
+        rec = "-" if s.recovered is None else f"{s.recovered.cosine:.4f}"
+        lines.append(f"{i:<5} {s.recipe[:28]:<28} {s.oneshot.cosine:>7.4f} {rec:>9} {s.final.nn_agreement:>7.3f} {s.linear_bytes / mib:>7.2f} "
+                     f"{dense_bytes / max(s.linear_bytes, 1):>5.2f}x {s.modelled_speedup:>5.2f}x" + ("" if s.kept else "  undone"))
+    lines.append("* modelled from tabled per-format speedups (sparseq plan's table), not measured; formats without "
+                 "kernels (N:M other than 2:4, unstructured %) run dense, and their sizes count no index cost")
+    return "\n".join(lines)
