@@ -12,39 +12,12 @@
 #include "cutlass/layout/matrix.h"
 
 #include "sparseq/launchers.h"
+#include "sparseq/rounded_ops.cuh"
 
 namespace sparseq::sm80 {
 
 using namespace cute;
 
-template <class T>
-struct MulRn {
-  CUTLASS_HOST_DEVICE T operator()(T a, T b) const { return a * b; }
-};
-template <int N>
-struct MulRn<cutlass::Array<float, N>> {
-  CUTLASS_DEVICE cutlass::Array<float, N> operator()(cutlass::Array<float, N> const& a,
-                                                      cutlass::Array<float, N> const& b) const {
-    cutlass::Array<float, N> r;
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < N; ++i) r[i] = __fmul_rn(a[i], b[i]);
-    return r;
-  }
-};
-template <class T>
-struct AddRn {
-  CUTLASS_HOST_DEVICE T operator()(T a, T b) const { return a + b; }
-};
-template <int N>
-struct AddRn<cutlass::Array<float, N>> {
-  CUTLASS_DEVICE cutlass::Array<float, N> operator()(cutlass::Array<float, N> const& a,
-                                                      cutlass::Array<float, N> const& b) const {
-    cutlass::Array<float, N> r;
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < N; ++i) r[i] = __fadd_rn(a[i], b[i]);
-    return r;
-  }
-};
 
 template <class ElementAB_, class ElementD_, int TbN, int WarpN>
 struct Sparse24Gemm {

@@ -20,40 +20,12 @@
 #include "cutlass/util/packed_stride.hpp"
 
 #include "sparseq/launchers.h"
+#include "sparseq/rounded_ops.cuh"
 
 namespace sparseq::sm90 {
 
 using namespace cute;
 
-// Correctly rounded elementwise ops that the compiler may not fuse into an FMA.
-template <class T>
-struct MulRn {
-  CUTLASS_HOST_DEVICE T operator()(T a, T b) const { return a * b; }
-};
-template <int N>
-struct MulRn<cutlass::Array<float, N>> {
-  CUTLASS_DEVICE cutlass::Array<float, N> operator()(cutlass::Array<float, N> const& a,
-                                                      cutlass::Array<float, N> const& b) const {
-    cutlass::Array<float, N> r;
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < N; ++i) r[i] = __fmul_rn(a[i], b[i]);
-    return r;
-  }
-};
-template <class T>
-struct AddRn {
-  CUTLASS_HOST_DEVICE T operator()(T a, T b) const { return a + b; }
-};
-template <int N>
-struct AddRn<cutlass::Array<float, N>> {
-  CUTLASS_DEVICE cutlass::Array<float, N> operator()(cutlass::Array<float, N> const& a,
-                                                      cutlass::Array<float, N> const& b) const {
-    cutlass::Array<float, N> r;
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < N; ++i) r[i] = __fadd_rn(a[i], b[i]);
-    return r;
-  }
-};
 
 template <class TileShape, class ElementD, bool kInt8>
 struct Epilogue;
