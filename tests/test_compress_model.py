@@ -101,6 +101,32 @@ def test_recovery_layer_choice_improves_the_final_state(tiny, layers):
     assert loss() < 0.9 * before
 
 
+def test_recovery_guard_undoes_a_harmful_run(tiny, monkeypatch):
+    from sparseq.compress import recovery
+
+    model, tok = tiny
+    m = copy.deepcopy(model)
+    compress_model(m, tok, LINES, "2:4", "magnitude")
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    scores = iter([0.9, 0.8])  # the held-back lines get worse
+    monkeypatch.setattr(recovery, "_val_cosine", lambda *a: next(scores))
+    rep = recover(m, model, tok, LINES, steps=3, batch_size=16, lr=1e-2)
+    assert rep.kept is False and (rep.val_cosine_before, rep.val_cosine_after) == (0.9, 0.8)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    rep = recover(m, model, tok, LINES, steps=3, batch_size=16, lr=1e-2, guard=False)
+    assert rep.kept and rep.val_cosine_before is None
+    assert not all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def test_split_validation_holds_back_a_tenth():
+    from sparseq.compress.recovery import split_validation
+
+    train, val = split_validation([f"l{i}" for i in range(100)])
+    assert len(val) == 10 and len(train) == 90 and not set(train) & set(val)
+    assert split_validation(["a"] * 5) == (["a"] * 5, [])
+    assert len(split_validation([f"l{i}" for i in range(10000)])[1]) == 256
+
+
 def test_layered_loss_averages_layers_and_is_zero_at_the_teacher():
     from sparseq.compress.recovery import layered_distill_loss
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .evaluate import batches_by_length, mean_pool, model_inputs
+from .evaluate import batches_by_length, compare, embed, mean_pool, model_inputs
 from .progress import progress
 from .simulated import SimulatedLinear
 
@@ -33,6 +33,9 @@ class RecoveryReport:
     first_loss: float
     last_loss: float
     train_cosine: float
+    val_cosine_before: Optional[float] = None  # student vs teacher on the held-back lines
+    val_cosine_after: Optional[float] = None
+    kept: bool = True  # False: recovery made the held-back lines worse and was undone
 
 
 def simulated_layers(model: nn.Module) -> Dict[str, SimulatedLinear]:
@@ -102,6 +105,23 @@ def lr_factor(step: int, steps: int, warmup: Optional[int] = None) -> float:
     return ramp * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
 
 
+def split_validation(lines: Sequence[str], n_max: int = 256) -> Tuple[List[str], List[str]]:
+    """``(train, val)``: every k-th line (at most ``n_max``, about a tenth) held back to
+    validate; no lines are held back from fewer than 20."""
+    lines = list(lines)
+    n_val = min(n_max, len(lines) // 10) if len(lines) >= 20 else 0
+    if n_val == 0:
+        return lines, []
+    stride = len(lines) // n_val
+    held = set(range(0, stride * n_val, stride))
+    return [l for i, l in enumerate(lines) if i not in held], [lines[i] for i in sorted(held)]
+
+
+@torch.no_grad()
+def _val_cosine(student: nn.Module, teacher_emb: torch.Tensor, batches) -> float:
+    return compare(teacher_emb, embed(student, batches, desc="validate")).cosine
+
+
 def recover(
     student: nn.Module,
     teacher: nn.Module,
@@ -117,6 +137,7 @@ def recover(
     seed: int = 0,
     layers: str = "all",
     warmup: Optional[int] = None,
+    guard: bool = True,
 ) -> RecoveryReport:
     """Train ``student`` to match ``teacher`` on ``lines`` for ``steps`` (or ``max_seconds``).
 
@@ -125,7 +146,10 @@ def recover(
     is multiplied by 10. Masks of the student's ``SimulatedLinear`` layers stay fixed; LoRA adapters (if
     ``lora_rank``) are merged back before returning. ``layers``: ``"all"`` distills every
     encoder layer's output (needs a transformers model returning ``hidden_states``),
-    ``"last"`` only the final one. Returns a short report.
+    ``"last"`` only the final one. ``guard``: hold back about a tenth of ``lines`` (at most
+    256), score the student's sentence embeddings against the teacher's on them before and
+    after, and undo the recovery if it made them worse (e.g. too few steps at a high
+    learning rate); this keeps a copy of the student's weights meanwhile. Returns a short report.
     """
     if layers not in ("all", "last"):
         raise ValueError(f"layers must be 'all' or 'last', got {layers!r}")
@@ -138,6 +162,13 @@ def recover(
     masks_before = {n: m.mask.clone() for n, m in compressed.items() if m.mask is not None}
     device = next(student.parameters()).device
     teacher.eval()
+    lines, val_lines = split_validation(lines) if guard else (list(lines), [])
+    val_before, snapshot, val_batches, teacher_emb = None, None, None, None
+    if val_lines:
+        val_batches = batches_by_length(tokenizer, val_lines, 128, max_length)
+        teacher_emb = embed(teacher, val_batches, desc="validate")
+        val_before = _val_cosine(student, teacher_emb, val_batches)
+        snapshot = {k: v.detach().clone() for k, v in student.state_dict().items()}
     params = _trainable(student, lora_rank)
     opt = torch.optim.AdamW(params, lr=lr * (10 if lora_rank else 1), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))
@@ -175,4 +206,10 @@ def recover(
             p.requires_grad_(False)
     for n, mask in masks_before.items():  # the contract: the sparsity pattern never changes
         assert torch.equal(compressed[n].mask, mask), f"mask of {n} changed during recovery"
-    return RecoveryReport(done, time.perf_counter() - start, first or 0.0, last, cos_ema)
+    val_after, kept = None, True
+    if snapshot is not None:
+        val_after = _val_cosine(student, teacher_emb, val_batches)
+        if val_after < val_before:
+            student.load_state_dict(snapshot)
+            kept = False
+    return RecoveryReport(done, time.perf_counter() - start, first or 0.0, last, cos_ema, val_before, val_after, kept)

@@ -118,6 +118,9 @@ def compress_in_steps(
         if recover_steps:
             rec = recover(model, dense, tokenizer, train_lines, steps=recover_steps, lr=recover_lr, lora_rank=lora_rank)
             r = compare(ref, embed(model, eval_batches, desc="score"))
+            if not rec.kept:
+                say(f"{tag}: recovery lowered the held-back training lines' cosine ({rec.val_cosine_before:.4f} -> "
+                    f"{rec.val_cosine_after:.4f}; more steps or a lower --lr may help): undone")
             say(f"{tag}: recovered ({rec.steps} steps, {rec.seconds:.0f} s) cosine {r.cosine:.4f}, "
                 f"neighbour agreement {r.nn_agreement:.3f}")
         step = Step(recipe_name(recipe), s, r, linear_weight_bytes(model)["after"], modelled_speedup(model),
