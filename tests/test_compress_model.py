@@ -265,3 +265,12 @@ def test_schedule_floor_undoes_the_step_that_costs_too_much(tiny):
         _schedule(tiny, ["2:4", "50%"], floor=0.9999)
     with pytest.raises(ValueError, match="no steps"):
         _schedule(tiny, [])
+
+
+def test_schedule_step_may_not_undo_compression_and_keeps_old_zeros(tiny):
+    m, done, _ = _schedule(tiny, ["50%", "2:4"])
+    for x in m.modules():
+        if isinstance(x, SimulatedLinear):
+            assert reference.is_24_sparse(x.pruned_weight()) and float((~x.mask).float().mean()) >= 0.5
+    with pytest.raises(ValueError, match="undo sparsity"):
+        _schedule(tiny, ["2:4", "w8a8"])

@@ -91,6 +91,17 @@ def check_activations(activations: str) -> None:
         raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
 
 
+def _check_not_weaker(name: str, old: nn.Module, fmt: Format) -> None:
+    """A compressed layer may only be compressed further (schedules): no lost sparsity or quantization."""
+    if not isinstance(old, SimulatedLinear):
+        return
+    was = old.format
+    if was.sparsity is not None and (fmt.sparsity is None or fmt.sparsity.zero_fraction < was.sparsity.zero_fraction):
+        raise ValueError(f"layer {name!r} is already {was}; {fmt} would undo sparsity (a step may only compress further)")
+    if was.quant is not None and fmt.quant != was.quant:
+        raise ValueError(f"layer {name!r} is already {was}; {fmt} would change its quantization")
+
+
 @torch.no_grad()
 def compress_linear(
     linear: nn.Module,
@@ -128,6 +139,8 @@ def compress_linear(
         elif alpha != "search":
             used_alpha, smooth = float(alpha), smooth_factors(stats.absmax, w, float(alpha))
     act_amax = static_amax(stats.absmax, smooth) if static else None
+    if mask is not None and isinstance(linear, SimulatedLinear) and linear.mask is not None:
+        mask = mask & linear.mask  # re-compressing: weights pruned before stay pruned
     sim = SimulatedLinear(lin, fmt, mask=mask, smooth=smooth, act_amax=act_amax)
     sim.weight.data.copy_(w)
     if mask is not None:
@@ -219,6 +232,7 @@ def compress_model(
             for g in group:
                 t0 = time.perf_counter()
                 name, old = rel[g], mods[g]
+                _check_not_weaker(name, old, formats[name])
                 dense_w = old.weight.detach().clone() if isinstance(old, nn.Linear) else old.pruned_weight()
                 sim, used = compress_linear(old, formats[name], method, stats[g], alpha, damp, blocksize, bias_correction,
                                             activations)

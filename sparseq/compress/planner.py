@@ -210,6 +210,8 @@ def plan(model: nn.Module, tokenizer, calib_lines: Sequence[str], eval_lines: Se
     the modelled speed."""
     if not 0 < budget < 1:
         raise ValueError(f"budget must be a cosine loss in (0, 1), got {budget}")
+    if not formats:
+        raise ValueError("the planner needs at least one candidate format")
     for f in formats:
         if not parse_format(f).runs_on_kernels:
             raise ValueError(f"format {f!r} has no sparseq kernel; plan among {TABLED_SPEEDUP}")

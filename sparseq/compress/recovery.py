@@ -156,12 +156,15 @@ def recover(
     all_layers = layers == "all"
     if not lines:
         raise ValueError("recovery needs training text: got no lines")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
     compressed = simulated_layers(student)
     if not compressed:
         raise ValueError("the student has no compressed (SimulatedLinear) layers to recover")
     masks_before = {n: m.mask.clone() for n, m in compressed.items() if m.mask is not None}
     device = next(student.parameters()).device
     teacher.eval()
+    student.eval()  # no dropout: the student should match the teacher's deterministic outputs
     lines, val_lines = split_validation(lines) if guard else (list(lines), [])
     val_before, snapshot, val_batches, teacher_emb = None, None, None, None
     if val_lines:
@@ -174,7 +177,6 @@ def recover(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))
     batches = batches_by_length(tokenizer, list(lines), batch_size, max_length)
     order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed))
-    student.eval()  # no dropout: the student should match the teacher's deterministic outputs
     start, first, last, cos_ema = time.perf_counter(), None, 0.0, 0.0
     bar = progress(range(steps), desc="recover", unit="step")
     done = 0
