@@ -45,20 +45,14 @@ class Step:
 def modelled_speedup(model: nn.Module) -> float:
     """Speed of the model's Linear layers vs dense under the planner's tabled per-format
     speedups (formats without kernels count as dense); a placeholder until measured."""
-    from .planner import TABLED_SPEEDUP
+    from .planner import _speed
 
-    dense = fast = 0.0
-    for m in model.modules():
-        if isinstance(m, SimulatedLinear):
-            work = m.in_features * m.out_features
-            fast += work / max(1.0, TABLED_SPEEDUP.get(m.format.name, 1.0))
-        elif type(m) is nn.Linear:
-            work = m.in_features * m.out_features
-            fast += work
-        else:
-            continue
-        dense += work
-    return dense / fast if fast else 1.0
+    formats, shapes = {}, {}
+    for name, m in model.named_modules():
+        if isinstance(m, SimulatedLinear) or type(m) is nn.Linear:
+            formats[name] = m.format.name if isinstance(m, SimulatedLinear) else "dense"
+            shapes[name] = (m.out_features, m.in_features)
+    return _speed(formats, shapes, {}) if shapes else 1.0
 
 
 def _restore(model: nn.Module, snapshot: nn.Module) -> None:
