@@ -1,0 +1,150 @@
+"""The tolerances of sparseq's formats, stated once: every test, benchmark check and
+``sparseq tune`` candidate check compares against these elementwise bounds.
+
+Kernel vs reference (same format, same operands). The reference computes a float matmul
+from the exact operands in fp32 and casts once; a kernel multiplies the same exact operands
+(bf16/fp16 products and int8-to-float conversions are exact in fp32; fp32 inputs use IEEE fp32
+dots), accumulates in fp32 in another order and casts once. So, elementwise:
+
+    |kernel - reference| <= eps(out) * |reference|      (one rounding to the output dtype)
+                          + 2 (K + 2) eps32 * magnitude   (fp32 summation order, both sides)
+                          + tiny(out)                     (subnormal outputs)
+
+where ``magnitude = |x| @ |W|^T * |x_scale| * |w_scale| + |bias|``. int8 x int8 products
+accumulate exactly in int32, so for W8A8 (``exact_accumulator=True``) only the epilogue's
+few fp32 roundings and the one output rounding remain:
+
+    |kernel - reference| <= eps(out) * |reference| + 4 eps32 * magnitude + tiny(out)
+
+Layer vs the dense layer it replaces: ``F.linear(x, W, bias)`` with the layer's weight in
+fp32 (``q * s`` for int8 weights, never rounded to the layer dtype), within the float bound
+above. For W8A8 layers ``x`` is quantized and dequantized by the reference quantizer first:
+the format defines that rounding, and the kernel must match it bit for bit.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def magnitude(x: Tensor, w: Tensor, x_scale: Optional[Tensor] = None,
+              w_scale: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
+    """``|x| @ |w|^T`` scaled like the product, in fp64 on the CPU (the bound itself is exact enough)."""
+    mag = x.detach().cpu().double().abs() @ w.detach().cpu().double().abs().T
+    if x_scale is not None:
+        xs = x_scale.detach().cpu().double().abs()
+        mag = mag * (xs[:, None] if xs.numel() > 1 else xs)
+    if w_scale is not None:
+        mag = mag * w_scale.detach().cpu().double().abs()[None, :]
+    if bias is not None:
+        mag = mag + bias.detach().cpu().double().abs()[None, :]
+    return mag
+
+
+def matmul_bound(expected: Tensor, k: int, mag: Tensor, exact_accumulator: bool = False) -> Tensor:
+    """The elementwise fp64 bound on ``|out - expected|`` for an output of ``expected.dtype``
+    (see the module docstring); ``mag`` from :func:`magnitude`."""
+    info = torch.finfo(expected.dtype)
+    terms = 4 if exact_accumulator else 2 * (k + 2)
+    return info.eps * expected.detach().cpu().double().abs() + terms * EPS32 * mag + info.tiny
+
+
+def first_violation(out: Tensor, expected: Tensor, bound: Tensor) -> Optional[str]:
+    """None when ``|out - expected| <= bound`` everywhere (NaN counts as a violation, as does a
+    dtype or shape mismatch), else a message naming how many and the first offending element."""
+    if out.dtype != expected.dtype:
+        return f"dtype {out.dtype}, expected {expected.dtype}"
+    if tuple(out.shape) != tuple(expected.shape):
+        return f"shape {tuple(out.shape)}, expected {tuple(expected.shape)}"
+    exp = expected.detach().cpu().double()
+    err = (out.detach().cpu().double() - exp).abs()
+    bad = ~(err <= bound)  # NaN compares False: counted as bad
+    if not bool(bad.any()):
+        return None
+    idx = tuple(int(v) for v in bad.nonzero()[0])
+    return (f"{int(bad.sum())} of {bad.numel()} outputs out of tolerance; first {list(idx)}: got "
+            f"{float(out[idx])}, reference {float(expected[idx])}, bound {float(bound[idx]):.3g}")
+
+
+def check_matmul_close(out: Tensor, expected: Tensor, x: Tensor, w: Tensor,
+                       x_scale: Optional[Tensor] = None, w_scale: Optional[Tensor] = None,
+                       bias: Optional[Tensor] = None, exact_accumulator: Optional[bool] = None) -> Optional[str]:
+    """:func:`first_violation` of a kernel output against the reference output ``expected`` of
+    ``x @ w^T`` (scaled, biased); ``exact_accumulator`` defaults to ``x`` and ``w`` both int8."""
+    if exact_accumulator is None:
+        exact_accumulator = x.dtype == torch.int8 and w.dtype == torch.int8
+    mag = magnitude(x, w, x_scale, w_scale, bias)
+    return first_violation(out, expected, matmul_bound(expected, x.shape[-1], mag, exact_accumulator))
+
+
+def assert_matmul_close(out: Tensor, expected: Tensor, x: Tensor, w: Tensor,
+                        x_scale: Optional[Tensor] = None, w_scale: Optional[Tensor] = None,
+                        bias: Optional[Tensor] = None, exact_accumulator: Optional[bool] = None) -> None:
+    """Assert :func:`check_matmul_close` finds nothing."""
+    msg = check_matmul_close(out, expected, x, w, x_scale, w_scale, bias, exact_accumulator)
+    if msg is not None:
+        raise AssertionError(msg)
+
+
+def _fp32_weight(layer) -> Tensor:
+    """The layer's weight in fp32 without rounding to the layer dtype (int8 formats: ``q * s``
+    in the smoothed space; the SmoothQuant factors are applied to the activations instead)."""
+    from . import reference
+
+    q = layer.weight_q if "weight_q" in layer._buffers else None
+    if q is None:
+        q = reference.decompress_24(layer.values, layer.meta)
+    w = q.float()
+    if "w_scale" in layer._buffers:
+        w = w * layer.w_scale.float()[:, None]
+    return w
+
+
+def layer_expected(layer, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(expected, x_used, w_used)``: the dense layer's output ``F.linear(x, W, bias)`` in fp32
+    math, cast to ``x.dtype``. For W8A8 layers ``x`` is first quantized as the format defines
+    (the reference quantizer, smoothing included) and dequantized, so the comparison states
+    what the kernel must compute, not how far int8 activations are from float ones."""
+    from . import reference
+
+    x2 = x.detach().reshape(-1, x.shape[-1])
+    w = _fp32_weight(layer).to(x2.device)
+    if layer.FORMAT in ("w8a8", "2:4+w8a8"):
+        if layer.x_scale is not None:
+            xq = reference.quantize_per_tensor(x2, layer.x_scale, layer.smooth)
+            xs = layer.x_scale.float()
+        else:
+            xq, xs = reference.quantize_per_token(x2, layer.smooth)
+        xf = xq.float() * (xs[:, None] if xs.numel() > 1 else xs)
+    else:
+        if layer.FORMAT != "2:4" and getattr(layer, "smooth", None) is not None:
+            xf = x2.float() / layer.smooth.float()
+        else:
+            xf = x2.float()
+    bias = layer.bias
+    expected = torch.nn.functional.linear(xf, w, None if bias is None else bias.float())
+    return expected.to(x.dtype), xf, w
+
+
+def check_layer_close(layer, x: Tensor, out: Optional[Tensor] = None) -> Optional[str]:
+    """:func:`first_violation` of ``layer(x)`` (or a given ``out``) against the dense layer it
+    replaces (:func:`layer_expected`), within the float-matmul bound of the module docstring."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if out is None:
+        with torch.no_grad():
+            out = layer(x2)
+    out = out.reshape(-1, out.shape[-1])
+    expected, xf, w = layer_expected(layer, x2)
+    mag = magnitude(xf, w, bias=layer.bias)
+    return first_violation(out, expected, matmul_bound(expected, x2.shape[-1], mag))
+
+
+def assert_layer_close(layer, x: Tensor, out: Optional[Tensor] = None) -> None:
+    """Assert :func:`check_layer_close` finds nothing."""
+    msg = check_layer_close(layer, x, out)
+    if msg is not None:
+        raise AssertionError(f"{type(layer).__name__} ({getattr(layer, 'FORMAT', '')}): {msg}")
