@@ -1,11 +1,17 @@
-"""sparseq.nn layers: CPU forward equals the reference ops, from_linear, buffers, repr, errors."""
+"""sparseq.nn layers: CPU forward is wired to the reference ops, from_linear, buffers, repr,
+errors; on the GPU, every format against the dense layer it replaces (the CPU comparison with
+the dense layer, for every variant and dtype, is tests/test_layers_vs_dense.py)."""
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import sparseq
+from sparseq import dispatch
 from sparseq import reference as ref
 from sparseq.nn import FORMATS, Sparse24Linear
+from sparseq.testing import assert_layer_close, check_layer_close
 
 
 def tiny_model(dtype=torch.float32):
@@ -40,8 +46,9 @@ def test_forward_matches_reference(fmt, dtype):
             expected = ref.sparse24_int8_mm(xq, qv, m, s, xs, b, dtype)
         else:
             expected = ref.sparse24_int8_mm(x2, qv, m, s, None, b)
-    assert torch.equal(y.reshape(-1, 32), expected)  # CPU runs the reference op itself
+    assert torch.equal(y.reshape(-1, 32), expected)  # CPU runs the reference op itself (wiring)
     assert set(layer.backends.values()) == {"reference"}
+    assert_layer_close(layer, x, out=y)  # and that is the dense layer it replaces
 
 
 def test_smoothquant_and_static_scales():
@@ -56,6 +63,7 @@ def test_smoothquant_and_static_scales():
     assert torch.equal(layer(x), expected)
     # smoothing is exact in float: the layer approximates the dense output
     assert torch.allclose(layer(x), lin(x), atol=0.05)
+    assert_layer_close(layer, x)  # and, with x quantized as the format says, is the dense layer
     assert layer.options() == {"smooth": True, "static": True}
 
 
@@ -78,12 +86,22 @@ def test_extra_repr_and_state_dict_is_compressed():
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 @pytest.mark.parametrize("m", [1, 16, 64, 300, 2048])
-def test_cuda_layers_match_reference(fmt, m):
+def test_cuda_layers_match_the_dense_layer(fmt, m):
+    """The layer on the GPU (whatever backend dispatch picks) against the dense layer it
+    replaces, within sparseq.testing's bound (computed on the CPU from a copy of the layer)."""
+    from test_layers_vs_dense import dense_fallback_gap
+
     lin = nn.Linear(256, 128).to(torch.bfloat16)
     layer = sparseq.nn.make_layer(lin, fmt, **({"prune": "magnitude"} if fmt.startswith("2:4") else {}))
     x = torch.randn(m, 256, dtype=torch.bfloat16)
-    expected = layer(x).float()
+    cpu_layer = copy.deepcopy(layer)
     layer = layer.cuda()
-    y = layer(x.cuda()).float().cpu()
-    err = (y - expected).abs().max().item()
-    assert err <= 0.05 * expected.abs().max().item() + 1e-2, (layer.backends, err)
+    with torch.no_grad():
+        y = layer(x.cuda())
+    msg = check_layer_close(cpu_layer, x, out=y.cpu())
+    backend = layer.prepare()[dispatch.BUCKET_NAMES[dispatch.bucket_of(m)]]  # resolved already
+    gap = dense_fallback_gap(fmt, torch.bfloat16)
+    if gap and backend == "dense":  # a strict xfail by hand: the backend depends on the GPU's table
+        assert msg is not None, "the dense fallback now meets the bound: drop this xfail"
+        pytest.xfail(gap)
+    assert msg is None, (backend, msg)
