@@ -192,13 +192,16 @@ def swap_fn() -> Callable[..., object]:
 
 
 def apply_recipe(model: nn.Module, recipe: str, part: str) -> nn.Module:
-    """``sparseq.swap`` the Linear layers under ``model.<part>`` (the whole model for ``part=""``)."""
+    """``sparseq.swap`` the Linear layers under ``model.<part>`` (the whole model for ``part=""``).
+
+    2:4 recipes prune by magnitude first (random or pretrained weights are not 2:4): the speed
+    of a 2:4 model does not depend on which two of four weights are kept. Raises when the
+    swap replaced no layer (the "recipe" would be the dense model under another name).
+    """
     target = getattr(model, part) if part else model
-    out = swap_fn()(target, recipe)
-    if isinstance(out, nn.Module) and out is not target:
-        if not part:
-            return out
-        setattr(model, part, out)
+    report = swap_fn()(target, recipe, prune="magnitude" if recipe.startswith("2:4") else None)
+    if not report.swapped:
+        raise RuntimeError(f"sparseq.swap({recipe!r}) replaced no layer")
     return model
 
 
