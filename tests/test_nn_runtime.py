@@ -6,11 +6,12 @@ import threading
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 import sparseq
 from sparseq import dispatch
+from sparseq import reference as ref
 from sparseq.nn import Sparse24Linear
+from sparseq.testing import assert_layer_close, check_layer_close
 
 
 def tiny_model(dtype=torch.float32):
@@ -78,14 +79,43 @@ def test_prepare_resolves_every_bucket():
     assert len(model[3].backends) == len(dispatch.BUCKET_NAMES)
 
 
-def test_dense_fallback_runs_dense_copy_and_can_be_switched_off(monkeypatch):
-    force_backends(monkeypatch, ["dense", "reference"])
-    layer = Sparse24Linear.from_linear(nn.Linear(16, 8), prune="magnitude")
-    x = torch.randn(3, 16)
-    assert torch.equal(layer(x), F.linear(x, layer.dense_weight(), layer.bias))
-    assert set(layer.backends.values()) == {"dense"}
-    assert ("dense", torch.device("cpu")) in layer._derived
+def _dense_linear(layer):
+    """An ``nn.Linear`` built here from the layer's buffers: the decompressed, dequantized
+    weight in fp32 (divided by the SmoothQuant factors, as the dense copy is) and the bias."""
+    buffers = dict(layer.named_buffers())
+    w = buffers["weight_q"] if "weight_q" in buffers else ref.decompress_24(buffers["values"], buffers["meta"])
+    w = w.float()
+    if "w_scale" in buffers:
+        w = w * buffers["w_scale"][:, None]
+    if buffers.get("smooth") is not None:
+        w = w / buffers["smooth"][None, :]
+    dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    with torch.no_grad():
+        dense.weight.copy_(w)
+        if layer.bias is not None:
+            dense.bias.copy_(layer.bias)
+    return dense
 
+
+@pytest.mark.parametrize("fmt", sorted(sparseq.nn.FORMATS))
+def test_dense_fallback_is_the_dense_linear(monkeypatch, fmt):
+    force_backends(monkeypatch, ["dense", "reference"])
+    lin = nn.Linear(16, 8)
+    layer = sparseq.nn.make_layer(lin, fmt, **({"prune": "magnitude"} if fmt.startswith("2:4") else {}))
+    x = torch.randn(3, 16)
+    y = layer(x)
+    assert set(layer.backends.values()) == {"dense"}
+    assert torch.equal(y, _dense_linear(layer)(x))  # same fp32 weight, same F.linear
+    if fmt == "2:4":  # lossless: the dense copy is the original Linear, pruned by magnitude
+        pruned = copy.deepcopy(lin)
+        with torch.no_grad():
+            pruned.weight.mul_(ref.prune_24(pruned.weight))
+        assert torch.equal(y, pruned(x))
+
+
+def test_dense_fallback_can_be_switched_off(monkeypatch):
+    force_backends(monkeypatch, ["dense", "reference"])
+    x = torch.randn(3, 16)
     off = Sparse24Linear.from_linear(nn.Linear(16, 8), prune="magnitude", dense_fallback=False)
     off(x)
     assert set(off.backends.values()) == {"reference"} and not off._derived
@@ -180,19 +210,43 @@ def test_cuda_dispatch_follows_tuned_table(tmp_path, monkeypatch):
         assert all(chosen[b] == "dense" for b in dispatch.BUCKET_NAMES[1:])
         assert chosen["1"] in ("triton", "dense", "reference")
         x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
-        torch.testing.assert_close(layer(x), F.linear(x, layer.dense_weight(), layer.bias))
+        y = layer(x)
+        pruned = copy.deepcopy(lin)  # the dense layer it replaces, built here
+        with torch.no_grad():
+            pruned.weight.mul_(ref.prune_24(pruned.weight))
+        torch.testing.assert_close(y, pruned(x))
+        assert_layer_close(copy.deepcopy(layer).cpu(), x.cpu(), out=y.cpu())
     finally:
         dispatch.reload_tables()
 
 
 @pytest.mark.gpu
 def test_cuda_load_prepares_kernels(tmp_path):
+    from test_layers_vs_dense import dense_fallback_gap
+
     model = swapped(torch.bfloat16)
     x = torch.randn(5, 64, dtype=torch.bfloat16)
-    expected = model(x).float()
     sparseq.save(model, tmp_path)
     loaded = sparseq.load(tiny_model(torch.bfloat16), tmp_path, device="cuda")
-    assert all(len(m.backends) == len(dispatch.BUCKET_NAMES) for m in loaded.modules()
-               if isinstance(m, sparseq.nn.CompressedLinear))
-    y = loaded(x.cuda()).float().cpu()
-    assert (y - expected).abs().max() <= 0.05 * expected.abs().max() + 1e-2
+    layers = {n: m for n, m in loaded.named_modules() if isinstance(m, sparseq.nn.CompressedLinear)}
+    assert set(layers) == {"0", "2", "3"}
+    assert all(len(m.backends) == len(dispatch.BUCKET_NAMES) for m in layers.values())
+    for name, m in layers.items():  # the loaded buffers are the saved ones
+        saved = model.get_submodule(name).state_dict()
+        assert all(torch.equal(t.cpu(), saved[k]) for k, t in m.state_dict().items())
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, (inp[0], out)))
+             for name, m in layers.items()]
+    with torch.no_grad():
+        loaded(x.cuda())
+    for h in hooks:
+        h.remove()
+    bucket = dispatch.BUCKET_NAMES[dispatch.bucket_of(5)]
+    for name, (inp, out) in seen.items():  # each layer on the GPU against the dense layer it replaces
+        cpu_layer = model.get_submodule(name)
+        msg = check_layer_close(cpu_layer, inp.cpu(), out=out.cpu())
+        backend = layers[name].prepare()[bucket]
+        if backend == "dense" and dense_fallback_gap(cpu_layer.FORMAT, torch.bfloat16):
+            assert msg is not None, "the dense fallback now meets the bound: drop this xfail"
+            pytest.xfail(dense_fallback_gap(cpu_layer.FORMAT, torch.bfloat16))
+        assert msg is None, (name, backend, msg)
