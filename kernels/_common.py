@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparseq.ops import LIB, fake_from_reference
+from sparseq import ops
 
 from .configs import MatmulConfig
 
@@ -37,15 +37,11 @@ def device_guard(t: torch.Tensor) -> ContextManager:
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def register_op(name: str, impl: Callable, reference: Callable):
-    """Register ``impl`` (typed like the reference op) as ``sparseq::name`` for every device,
-    with the reference's fake; a second import returns the existing op."""
-    qualname = f"{LIB}::{name}"
-    if qualname in torch._C._dispatch_get_all_op_names():
-        return getattr(torch.ops.sparseq, name)
-    op = torch.library.custom_op(qualname, mutates_args=())(impl)
-    op.register_fake(fake_from_reference(reference))
-    return op
+def register_backend(name: str, impl: Callable, launch: Optional[Callable] = None):
+    """Register the kernel wrapper ``impl`` as ``sparseq::<name>_triton`` with the schema of the
+    public op ``sparseq::<name>`` (signatures live in ``sparseq.reference`` only); ``launch`` is
+    the same kernel without argument checks, for layers (checked once when they were built)."""
+    return ops.register_backend(name, "triton", impl, launch)
 
 
 # ------------------------------------------------------------------------ device helpers
@@ -135,27 +131,45 @@ def k_range(K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
 def _splitk_epilogue_kernel(acc_ptr, out_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, M, N,
                             stride_om, stride_on,
                             HAS_X_SCALE: tl.constexpr, X_SCALE_PER_TOKEN: tl.constexpr,
-                            HAS_W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            HAS_W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Second half of split-K: the summed partials (int32 or fp32, [M, N] contiguous) through
-    the epilogue into the output."""
+    """Second half of split-K: the SPLIT_K partials (int32 or fp32, [SPLIT_K, M, N] contiguous)
+    summed in split order (deterministic: no atomics) and put through the epilogue."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    acc = tl.load(acc_ptr + offs_m[:, None] * N + offs_n[None, :], mask=mask, other=0)
+    ptrs = acc_ptr + offs_m[:, None] * N + offs_n[None, :]
+    acc = tl.load(ptrs, mask=mask, other=0)
+    for split in range(1, SPLIT_K):
+        acc += tl.load(ptrs + split * M * N, mask=mask, other=0)
     scale_bias_store(acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_on, x_scale_ptr, w_scale_ptr, bias_ptr,
                      HAS_X_SCALE, X_SCALE_PER_TOKEN, HAS_W_SCALE, HAS_BIAS)
 
 
-def splitk_workspace(m: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The zeroed [M, N] partial-sum buffer the split-K programs atomically add into."""
-    return torch.zeros((m, n), dtype=dtype, device=device)
+@triton.jit
+def store_partial(acc, offs_m, offs_n, M, N, acc_ptr):
+    """First half of split-K: split ``program_id(1)`` stores its partial tile into its own slice
+    of the ``[SPLIT_K, M, N]`` workspace (every element is written once: no zeroing pass, no read-modify-write)."""
+    rows = tl.program_id(1) * M + offs_m  # int32: split-K runs at M <= 64 only (split * M * N < 2**31)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    # A relaxed exchange writes each element once, like a store (the sum stays deterministic);
+    # with a plain tl.store, ptxas spills a register in the sm90 int8 decode config (kernels.aot).
+    # Exchanged as int32 bits (fp32 partials too: the interpreter's exchange takes integers only).
+    bits = acc.to(tl.int32, bitcast=True)
+    ptrs = acc_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * N + offs_n[None, :]
+    tl.atomic_xchg(ptrs, bits, mask=mask, sem="relaxed")
+
+
+def splitk_workspace(split: int, m: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The ``[split, M, N]`` partial-sum buffer: uninitialized (each split writes its whole slice),
+    so it costs the caching allocator a lookup and no memset launch."""
+    return torch.empty((split, m, n), dtype=dtype, device=device)
 
 
 def splitk_epilogue(acc: torch.Tensor, out: torch.Tensor, x_scale: Optional[torch.Tensor],
                     w_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> None:
     """Launch :func:`_splitk_epilogue_kernel` over ``out``."""
-    m, n = out.shape
+    split, m, n = acc.shape
     bm, bn = 32, 128
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     dummy = acc
@@ -163,7 +177,7 @@ def splitk_epilogue(acc: torch.Tensor, out: torch.Tensor, x_scale: Optional[torc
         acc, out, x_scale if x_scale is not None else dummy, w_scale if w_scale is not None else dummy,
         bias if bias is not None else dummy, m, n, out.stride(0), out.stride(1),
         HAS_X_SCALE=x_scale is not None, X_SCALE_PER_TOKEN=x_scale is not None and x_scale.shape[0] > 1,
-        HAS_W_SCALE=w_scale is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+        HAS_W_SCALE=w_scale is not None, HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
 
 
 def launch_meta(cfg: MatmulConfig, k: int, allow_even_k: bool = True) -> dict:

@@ -142,7 +142,8 @@ def jobs(quick: bool = False, arch: int = 90) -> Iterator[Tuple[str, object, Sig
     yield ("splitk_epilogue i32->bf16", _splitk_epilogue_kernel,
            dict(acc_ptr="*i32", out_ptr="*bf16", x_scale_ptr="*fp32", w_scale_ptr="*fp32", bias_ptr="*bf16",
                 M="i32", N="i32", stride_om="i32", stride_on="i32"),
-           dict(HAS_X_SCALE=True, X_SCALE_PER_TOKEN=True, HAS_W_SCALE=True, HAS_BIAS=True, BLOCK_M=32, BLOCK_N=128),
+           dict(HAS_X_SCALE=True, X_SCALE_PER_TOKEN=True, HAS_W_SCALE=True, HAS_BIAS=True, SPLIT_K=4, BLOCK_M=32,
+                BLOCK_N=128),
            4, 3)
 
 

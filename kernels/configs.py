@@ -17,8 +17,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-M_BUCKETS: Tuple[int, ...] = (1, 16, 64, 256, 1024)
-"""Upper bounds of the M buckets; above the last one is the large-M bucket (key 0)."""
+from sparseq.dispatch import BUCKET_BOUNDS as M_BUCKETS  # the one definition of the buckets
+
+# Config tables are keyed by each bucket's upper bound in M_BUCKETS; key 0 is the large-M bucket.
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,13 @@ def sm_count(device: Optional[torch.device] = None) -> int:
 
 
 def table(family: str, capability: int = 90) -> Dict[int, MatmulConfig]:
-    """The M-bucket -> config table of ``family`` for a GPU of compute capability ``capability`` (x10)."""
+    """The M-bucket -> config table of ``family`` for a GPU of compute capability ``capability`` (x10)
+    (a fresh dict: callers may change it)."""
+    return dict(_table(family, capability))
+
+
+@functools.lru_cache(maxsize=None)
+def _table(family: str, capability: int) -> Dict[int, MatmulConfig]:
     try:
         base = dict(CONFIGS[family])
     except KeyError:
@@ -155,8 +162,13 @@ def split_k_for(m: int, n: int, k: int, cfg: MatmulConfig, sms: int) -> int:
 
 
 def pick(family: str, m: int, n: int, k: int, device: Optional[torch.device] = None) -> MatmulConfig:
-    """The config of ``family`` for an ``[m, k] x [n, k]^T`` product on ``device``."""
-    sms, capability = _gpu(device)
-    cfg = table(family, capability)[m_bucket(m)]
+    """The config of ``family`` for an ``[m, k] x [n, k]^T`` product on ``device`` (memoized:
+    no per-call table copy on the hot path)."""
+    return _pick(family, m, n, k, *_gpu(device))
+
+
+@functools.lru_cache(maxsize=4096)
+def _pick(family: str, m: int, n: int, k: int, sms: int, capability: int) -> MatmulConfig:
+    cfg = _table(family, capability)[m_bucket(m)]
     split = split_k_for(m, n, k, cfg, sms)
     return replace(cfg, SPLIT_K=split) if split != cfg.SPLIT_K else cfg

@@ -19,8 +19,8 @@ from sparseq import reference as ref
 from sparseq._checks import check_bias, check_same_device, check_scale_vector, check_tensor
 
 from . import configs
-from ._common import (check_triton_device, device_guard, gemm_grid, k_range, launch_meta, register_op,
-                      scale_bias_store, splitk_epilogue, splitk_workspace, tile_ids)
+from ._common import (check_triton_device, device_guard, gemm_grid, k_range, launch_meta, register_backend,
+                      scale_bias_store, splitk_epilogue, store_partial, splitk_workspace, tile_ids)
 
 
 @triton.jit
@@ -56,8 +56,7 @@ def _int8_mm_kernel(a_ptr, b_ptr, out_ptr, acc_ptr, x_scale_ptr, w_scale_ptr, bi
         scale_bias_store(acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_on, x_scale_ptr, w_scale_ptr,
                          bias_ptr, True, X_SCALE_PER_TOKEN, True, HAS_BIAS)
     else:
-        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        tl.atomic_add(acc_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask, sem="relaxed")
+        store_partial(acc, offs_m, offs_n, M, N, acc_ptr)
 
 
 def check_w8a8_epilogue(m: int, n: int, x_scale: Tensor, w_scale: Tensor, bias: Optional[Tensor],
@@ -94,6 +93,15 @@ def int8_mm(xq: Tensor, wq: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Opti
     check_int32_k(k)
     check_w8a8_epilogue(m, n, x_scale, w_scale, bias, out_dtype, xq)
     check_triton_device(xq=xq, wq=wq, x_scale=x_scale, w_scale=w_scale, bias=bias)
+    return launch_int8_mm(xq, wq, x_scale, w_scale, bias, out_dtype, config)
+
+
+def launch_int8_mm(xq: Tensor, wq: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
+                   out_dtype: torch.dtype = torch.bfloat16, config: Optional[configs.MatmulConfig] = None) -> Tensor:
+    """:func:`int8_mm` without its argument checks: the hot path of layers whose buffers were
+    checked when they were built (the caller guarantees what :func:`int8_mm` checks)."""
+    m, k = xq.shape
+    n = wq.shape[0]
     out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     if m == 0 or n == 0:
         return out
@@ -102,7 +110,7 @@ def int8_mm(xq: Tensor, wq: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Opti
     x_scale, w_scale = x_scale.contiguous(), w_scale.contiguous()
     bias = bias.contiguous() if bias is not None else None
     cfg = config or configs.pick("int8", m, n, k, xq.device)
-    acc = splitk_workspace(m, n, torch.int32, xq.device) if cfg.SPLIT_K > 1 else out
+    acc = splitk_workspace(cfg.SPLIT_K, m, n, torch.int32, xq.device) if cfg.SPLIT_K > 1 else out
     with device_guard(xq):
         _int8_mm_kernel[gemm_grid(m, n, cfg)](
             xq, wq, out, acc, x_scale, w_scale, bias if bias is not None else w_scale, m, n, k,
@@ -113,9 +121,4 @@ def int8_mm(xq: Tensor, wq: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Opti
     return out
 
 
-def _int8_mm_triton(xq: Tensor, wq: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
-                    out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    return int8_mm(xq, wq, x_scale, w_scale, bias, out_dtype)
-
-
-int8_mm_triton = register_op("int8_mm_triton", _int8_mm_triton, ref.int8_mm)
+int8_mm_triton = register_backend("int8_mm", int8_mm, launch_int8_mm)

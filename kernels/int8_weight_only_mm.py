@@ -15,12 +15,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sparseq import reference as ref
 from sparseq._checks import FLOAT_DTYPES, check_bias, check_same_device, check_scale_vector, check_tensor
 
 from . import configs
-from ._common import (check_triton_device, device_guard, gemm_grid, k_range, launch_meta, register_op,
-                      scale_bias_store, splitk_epilogue, splitk_workspace, tile_ids)
+from ._common import (check_triton_device, device_guard, gemm_grid, k_range, launch_meta, register_backend,
+                      scale_bias_store, splitk_epilogue, store_partial, splitk_workspace, tile_ids)
 
 
 @triton.jit
@@ -58,8 +57,7 @@ def _int8_weight_only_mm_kernel(a_ptr, b_ptr, out_ptr, acc_ptr, w_scale_ptr, bia
         scale_bias_store(acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_on, w_scale_ptr, w_scale_ptr,
                          bias_ptr, False, False, True, HAS_BIAS)
     else:
-        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        tl.atomic_add(acc_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask, sem="relaxed")
+        store_partial(acc, offs_m, offs_n, M, N, acc_ptr)
 
 
 def int8_weight_only_mm(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
@@ -67,8 +65,8 @@ def int8_weight_only_mm(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[T
     """Triton ``int8_weight_only_mm``: ``x[M, K]`` bf16/fp16/fp32, ``wq[N, K]`` int8, ``w_scale``
     fp32 ``[N]``, optional ``bias[N]`` -> ``[M, N]`` in ``x.dtype``. Any M, N, K.
 
-    fp32 activations use IEEE fp32 dot products (no TF32). Split-K partials are fp32 atomics,
-    so the last bits may vary from run to run (always within the fp32 summation bound).
+    fp32 activations use IEEE fp32 dot products (no TF32). Split-K partials are summed in a
+    fixed order by the epilogue kernel, so results are deterministic.
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
     check_tensor("wq", wq, dtypes=(torch.int8,), ndim=2)
@@ -80,6 +78,14 @@ def int8_weight_only_mm(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[T
     check_scale_vector("w_scale", w_scale, n, x)
     check_bias(bias, n, x)
     check_triton_device(x=x, wq=wq, w_scale=w_scale, bias=bias)
+    return launch_int8_weight_only_mm(x, wq, w_scale, bias, config)
+
+
+def launch_int8_weight_only_mm(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
+                               config: Optional[configs.MatmulConfig] = None) -> Tensor:
+    """:func:`int8_weight_only_mm` without its argument checks (the layers' hot path)."""
+    m, k = x.shape
+    n = wq.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
@@ -88,7 +94,7 @@ def int8_weight_only_mm(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[T
     w_scale = w_scale.contiguous()
     bias = bias.contiguous() if bias is not None else None
     cfg = config or configs.pick("int8_weight_only", m, n, k, x.device)
-    acc = splitk_workspace(m, n, torch.float32, x.device) if cfg.SPLIT_K > 1 else out
+    acc = splitk_workspace(cfg.SPLIT_K, m, n, torch.float32, x.device) if cfg.SPLIT_K > 1 else out
     with device_guard(x):
         _int8_weight_only_mm_kernel[gemm_grid(m, n, cfg)](
             x, wq, out, acc, w_scale, bias if bias is not None else w_scale, m, n, k,
@@ -99,9 +105,5 @@ def int8_weight_only_mm(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[T
     return out
 
 
-def _int8_weight_only_mm_triton(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    return int8_weight_only_mm(x, wq, w_scale, bias)
-
-
-int8_weight_only_mm_triton = register_op("int8_weight_only_mm_triton", _int8_weight_only_mm_triton,
-                                         ref.int8_weight_only_mm)
+int8_weight_only_mm_triton = register_backend("int8_weight_only_mm", int8_weight_only_mm,
+                                              launch_int8_weight_only_mm)

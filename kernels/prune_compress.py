@@ -20,10 +20,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sparseq import reference as ref
 from sparseq._checks import FLOAT_DTYPES, check_finite, check_multiple, check_same_device, check_shape, check_tensor
 
-from ._common import check_triton_device, device_guard, register_op, to_int8
+from ._common import check_triton_device, device_guard, register_backend, to_int8
 
 
 @triton.jit
@@ -159,17 +158,9 @@ def prune_and_compress_24(w: Tensor, score: Optional[Tensor] = None, quantize: b
     return (values, meta, scale) if quantize else (values, meta)
 
 
-def _prune_and_compress_24_triton(w: Tensor, score: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    return prune_and_compress_24(w, score, quantize=False)
-
-
-def _prune_and_compress_24_int8_triton(w: Tensor, score: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+def _prune_and_compress_24_int8(w: Tensor, score: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     return prune_and_compress_24(w, score, quantize=True)
 
 
-prune_and_compress_24_triton = register_op(
-    "prune_and_compress_24_triton", _prune_and_compress_24_triton,
-    lambda w, score=None: ref.prune_and_compress_24(w, score, quantize=False))
-prune_and_compress_24_int8_triton = register_op(
-    "prune_and_compress_24_int8_triton", _prune_and_compress_24_int8_triton,
-    lambda w, score=None: ref.prune_and_compress_24(w, score, quantize=True))
+prune_and_compress_24_triton = register_backend("prune_and_compress_24", prune_and_compress_24)
+prune_and_compress_24_int8_triton = register_backend("prune_and_compress_24_int8", _prune_and_compress_24_int8)

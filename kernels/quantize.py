@@ -17,10 +17,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sparseq import reference as ref
 from sparseq._checks import FLOAT_DTYPES, check_scale_vector, check_tensor
 
-from ._common import check_triton_device, device_guard, register_op, to_int8
+from ._common import check_triton_device, device_guard, register_backend, to_int8
 
 MAX_SINGLE_PASS_K = 16384
 """Rows up to this many features are loaded once and kept in registers."""
@@ -94,6 +93,12 @@ def quantize_per_token(x: Tensor, smooth: Optional[Tensor] = None,
     ``block_k`` (a power of two) forces the K chunk, e.g. to test the two-pass path.
     """
     _check(x, smooth)
+    return launch_quantize_per_token(x, smooth, block_k)
+
+
+def launch_quantize_per_token(x: Tensor, smooth: Optional[Tensor] = None,
+                              block_k: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """:func:`quantize_per_token` without its argument checks (the layers' hot path)."""
     if x.stride(1) != 1:
         x = x.contiguous()
     m, k = x.shape
@@ -136,6 +141,11 @@ def quantize_per_tensor(x: Tensor, scale: Tensor, smooth: Optional[Tensor] = Non
     _check(x, smooth)
     check_scale_vector("scale", scale, 1, x)
     check_triton_device(scale=scale)
+    return launch_quantize_per_tensor(x, scale, smooth)
+
+
+def launch_quantize_per_tensor(x: Tensor, scale: Tensor, smooth: Optional[Tensor] = None) -> Tensor:
+    """:func:`quantize_per_tensor` without its argument checks (the layers' hot path)."""
     if x.stride(1) != 1:
         x = x.contiguous()
     m, k = x.shape
@@ -151,14 +161,5 @@ def quantize_per_tensor(x: Tensor, scale: Tensor, smooth: Optional[Tensor] = Non
     return q
 
 
-def _quantize_per_tensor_triton(x: Tensor, scale: Tensor, smooth: Optional[Tensor] = None) -> Tensor:
-    return quantize_per_tensor(x, scale, smooth)
-
-
-def _quantize_per_token_triton(x: Tensor, smooth: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    return quantize_per_token(x, smooth)
-
-
-quantize_per_token_triton = register_op("quantize_per_token_triton", _quantize_per_token_triton, ref.quantize_per_token)
-quantize_per_tensor_triton = register_op("quantize_per_tensor_triton", _quantize_per_tensor_triton,
-                                         ref.quantize_per_tensor)
+quantize_per_token_triton = register_backend("quantize_per_token", quantize_per_token, launch_quantize_per_token)
+quantize_per_tensor_triton = register_backend("quantize_per_tensor", quantize_per_tensor, launch_quantize_per_tensor)

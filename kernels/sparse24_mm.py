@@ -28,8 +28,8 @@ from sparseq import reference as ref
 from sparseq._checks import FLOAT_DTYPES, check_bias, check_scale_vector, check_tensor
 
 from . import configs
-from ._common import (check_triton_device, device_guard, gemm_grid, k_range, launch_meta, register_op,
-                      scale_bias_store, splitk_epilogue, splitk_workspace, tile_ids)
+from ._common import (check_triton_device, device_guard, gemm_grid, k_range, launch_meta, register_backend,
+                      scale_bias_store, splitk_epilogue, store_partial, splitk_workspace, tile_ids)
 from .int8_mm import check_int32_k, check_w8a8_epilogue
 
 
@@ -105,8 +105,7 @@ def _sparse24_mm_kernel(x_ptr, v_ptr, meta_ptr, out_ptr, acc_ptr, x_scale_ptr, w
         scale_bias_store(acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_on, x_scale_ptr, w_scale_ptr,
                          bias_ptr, HAS_X_SCALE, X_SCALE_PER_TOKEN, HAS_W_SCALE, HAS_BIAS)
     else:
-        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        tl.atomic_add(acc_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask, sem="relaxed")
+        store_partial(acc, offs_m, offs_n, M, N, acc_ptr)
 
 
 def _launch(x: Tensor, values: Tensor, meta: Tensor, out: Tensor, x_scale: Optional[Tensor],
@@ -129,7 +128,7 @@ def _launch(x: Tensor, values: Tensor, meta: Tensor, out: Tensor, x_scale: Optio
     min_block_k = 128 if int_dot else 64  # 4 dots of BLOCK_K/4: >= 16 (float) / >= 32 (int8) on tensor cores
     if cfg.BLOCK_K < min_block_k:
         raise ValueError(f"sparse24 kernels need BLOCK_K >= {min_block_k} for {x.dtype} activations, got {cfg.BLOCK_K}")
-    acc = splitk_workspace(m, n, torch.int32 if int_dot else torch.float32, x.device) if cfg.SPLIT_K > 1 else out
+    acc = splitk_workspace(cfg.SPLIT_K, m, n, torch.int32 if int_dot else torch.float32, x.device) if cfg.SPLIT_K > 1 else out
     dummy = values
     with device_guard(x):
         _sparse24_mm_kernel[gemm_grid(m, n, cfg)](
@@ -165,7 +164,13 @@ def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor] 
     _check_x(x, k, FLOAT_DTYPES)
     check_bias(bias, n, x)
     check_triton_device(x=x, values=values, meta=meta, bias=bias)
-    out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    return launch_sparse24_mm(x, values, meta, bias, config)
+
+
+def launch_sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor] = None,
+                       config: Optional[configs.MatmulConfig] = None) -> Tensor:
+    """:func:`sparse24_mm` without its argument checks (the layers' hot path)."""
+    out = torch.empty((x.shape[0], values.shape[0]), dtype=x.dtype, device=x.device)
     return _launch(x, values, meta, out, None, None, bias, "sparse24", config)
 
 
@@ -197,18 +202,19 @@ def sparse24_int8_mm(x: Tensor, values: Tensor, meta: Tensor, w_scale: Tensor, x
         check_scale_vector("w_scale", w_scale, n, x)
         check_bias(bias, n, x)
     check_triton_device(x=x, values=values, meta=meta, w_scale=w_scale, x_scale=x_scale, bias=bias)
-    out = torch.empty((x.shape[0], n), dtype=out_dtype, device=x.device)
+    return launch_sparse24_int8_mm(x, values, meta, w_scale, x_scale, bias, out_dtype, config)
+
+
+def launch_sparse24_int8_mm(x: Tensor, values: Tensor, meta: Tensor, w_scale: Tensor, x_scale: Optional[Tensor] = None,
+                            bias: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None,
+                            config: Optional[configs.MatmulConfig] = None) -> Tensor:
+    """:func:`sparse24_int8_mm` without its argument checks (the layers' hot path); ``out_dtype``
+    None means bf16 for int8 ``x`` and ``x.dtype`` otherwise, as in the checked function."""
+    if out_dtype is None:
+        out_dtype = torch.bfloat16 if x.dtype == torch.int8 else x.dtype
+    out = torch.empty((x.shape[0], values.shape[0]), dtype=out_dtype, device=x.device)
     return _launch(x, values, meta, out, x_scale, w_scale, bias, "sparse24_int8", config)
 
 
-def _sparse24_mm_triton(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    return sparse24_mm(x, values, meta, bias)
-
-
-def _sparse24_int8_mm_triton(x: Tensor, values: Tensor, meta: Tensor, w_scale: Tensor, x_scale: Optional[Tensor] = None,
-                             bias: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    return sparse24_int8_mm(x, values, meta, w_scale, x_scale, bias, out_dtype)
-
-
-sparse24_mm_triton = register_op("sparse24_mm_triton", _sparse24_mm_triton, ref.sparse24_mm)
-sparse24_int8_mm_triton = register_op("sparse24_int8_mm_triton", _sparse24_int8_mm_triton, ref.sparse24_int8_mm)
+sparse24_mm_triton = register_backend("sparse24_mm", sparse24_mm, launch_sparse24_mm)
+sparse24_int8_mm_triton = register_backend("sparse24_int8_mm", sparse24_int8_mm, launch_sparse24_int8_mm)

@@ -22,15 +22,16 @@ import torch
 from torch import Tensor
 
 from . import cutlass_layout as cl
-from . import ops  # noqa: F401  (the reference ops share the namespace)
+from . import ops
 from . import reference as ref
 from ._checks import check_tensor
 
 _lib = torch.library.Library("sparseq", "FRAGMENT")
 
-_MM = "(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor"
-_INT8_MM = ("(Tensor x, Tensor values, Tensor meta, Tensor w_scale, Tensor? x_scale=None, Tensor? bias=None, "
-            "ScalarType? out_dtype=None) -> Tensor")
+# The GEMMs take the schemas of the public ops (written once, in sparseq.reference); their
+# ``meta`` argument is the prepared (CUTLASS) layout instead of the canonical one.
+_MM = ops.schema_of("sparse24_mm")
+_INT8_MM = ops.schema_of("sparse24_int8_mm")
 _TO = "(Tensor values, Tensor meta) -> Tensor"
 _FROM = "(Tensor values, Tensor meta_cutlass) -> Tensor"
 
@@ -191,14 +192,24 @@ def _op(name: str):
     return getattr(torch.ops.sparseq, name).default
 
 
-def cutlass_arch(device: Optional[torch.device] = None) -> int:
-    """The CUTLASS layout family of a CUDA device: 90 (sm90a kernels) or 80 (sm80 kernels)."""
+def supported_arch(device: Optional[torch.device] = None) -> Optional[int]:
+    """The CUTLASS layout family of a CUDA device: 90 (sm90a kernels), 80 (sm80 kernels), or
+    None for a GPU the kernels do not support (e.g. sm100, sm120): callers fall through."""
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) == (9, 0):
         return cl.SM90
     if major == 8:
         return cl.SM80
-    raise RuntimeError(f"sparseq's CUTLASS 2:4 kernels run on sm80-sm89 and sm90 GPUs, not sm{major}{minor}")
+    return None
+
+
+def cutlass_arch(device: Optional[torch.device] = None) -> int:
+    """:func:`supported_arch`, raising a clear error for an unsupported GPU."""
+    arch = supported_arch(device)
+    if arch is None:
+        major, minor = torch.cuda.get_device_capability(device)
+        raise RuntimeError(f"sparseq's CUTLASS 2:4 kernels run on sm80-sm89 and sm90 GPUs, not sm{major}{minor}")
+    return arch
 
 
 def prepare_sparse24_cutlass(values: Tensor, meta: Tensor, arch: Optional[int] = None) -> Tensor:
@@ -223,19 +234,10 @@ def unprepare_sparse24_cutlass(values: Tensor, meta_cutlass: Tensor) -> Tensor:
     return _op(f"sparse24_meta_from_cutlass_sm{arch}")(values, meta_cutlass)
 
 
-def sparse24_mm_cutlass(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``x[M, K] @ W^T + bias`` with W as ``values`` + prepared ``meta``; output ``x.dtype``."""
-    return _op("sparse24_mm_cutlass")(x, values, meta, bias)
+sparse24_mm_cutlass = _op("sparse24_mm_cutlass")
+"""``sparse24_mm_cutlass(x, values, prepared_meta, bias=None)``: ``x[M, K] @ W^T + bias`` with W
+as ``values`` + prepared ``meta``; output ``x.dtype`` (bf16/fp16)."""
 
-
-def sparse24_int8_mm_cutlass(
-    xq: Tensor,
-    values: Tensor,
-    meta: Tensor,
-    w_scale: Tensor,
-    x_scale: Tensor,
-    bias: Optional[Tensor] = None,
-    out_dtype: torch.dtype = torch.bfloat16,
-) -> Tensor:
-    """W8A8: ``fp32(xq @ Wq^T) * x_scale[:, None] * w_scale[None, :] + bias`` -> ``out_dtype``."""
-    return _op("sparse24_int8_mm_cutlass")(xq, values, meta, w_scale, x_scale, bias, out_dtype)
+sparse24_int8_mm_cutlass = _op("sparse24_int8_mm_cutlass")
+"""``sparse24_int8_mm_cutlass(xq, values, prepared_meta, w_scale, x_scale, bias=None, out_dtype=None)``:
+W8A8 ``fp32(xq @ Wq^T) * x_scale[:, None] * w_scale[None, :] + bias`` -> ``out_dtype`` (bf16 default)."""

@@ -3,22 +3,26 @@
 Resolution happens once per layer, device and M bucket (outside the hot path) and is cached
 by the layer; a tuned table written by ``sparseq tune`` overrides the shipped defaults.
 Backends: ``triton`` (sparseq.kernels), ``cutlass`` (sparseq._C*), ``dense`` (F.linear on a
-dense copy of the weight: the "never slower than dense" fallback) and ``reference``.
+dense copy of the weight: the "never slower than dense" fallback) and ``reference``. On a GPU
+the list always ends with ``dense``, never the reference: the reference checks values (a host
+sync) and rebuilds the weight every call, which no GPU path may do.
+
+The M buckets are defined here, once; the Triton configs (``sparseq.kernels.configs``) use them.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import threading
 import warnings
 from importlib import resources
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 BUCKET_BOUNDS = (1, 16, 64, 256, 1024)
+"""Upper bounds of the M buckets; above the last one is the large-M bucket."""
 BUCKET_NAMES = ("1", "2-16", "17-64", "65-256", "257-1024", ">1024")
 BUCKET_M = (1, 16, 64, 256, 1024, 4096)
 """A representative M per bucket (what ``sparseq tune`` measures)."""
@@ -88,22 +92,28 @@ def preferences(op: str, n: int, k: int, dtype: torch.dtype, device: torch.devic
     bucket = BUCKET_NAMES[bucket_of(m)]
     tuned = _load("tuned").get(tuned_key(op, n, k, dtype, cap))
     if tuned and bucket in tuned:
-        return [tuned[bucket], "dense", "reference"]
+        return list(dict.fromkeys([tuned[bucket], "dense"]))
     table = _load("default")
     arch = f"sm{cap[0]}x" if f"sm{cap[0]}x" in table else "default"
     per_op = table[arch].get(op) or table["default"].get(op) or {}
-    return list(per_op.get(bucket, [])) + ["dense", "reference"]
+    return list(dict.fromkeys(list(per_op.get(bucket, [])) + ["dense"]))
 
 
 def triton_op(op: str) -> Optional[object]:
-    """The ``sparseq::<op>_triton`` op, importing its kernel module on first use."""
-    name = f"{op}_triton"
-    try:
-        kernels = importlib.import_module("sparseq.kernels")
-        importlib.import_module(kernels.module_for(name))
-    except (ImportError, KeyError):
+    """The ``sparseq::<op>_triton`` op, importing its kernel module on first use; None where no
+    Triton kernel implements ``op`` or the kernels fail to import (warned once, with the cause)."""
+    from . import ops
+
+    if ops.backend_impl(op, "triton") is None:
         return None
-    return getattr(torch.ops.sparseq, name, None)
+    return getattr(torch.ops.sparseq, f"{op}_triton")
+
+
+def triton_launcher(op: str) -> Optional[Callable]:
+    """The unchecked launcher of ``sparseq::<op>_triton`` (see ``sparseq.ops.launcher``)."""
+    from . import ops
+
+    return ops.launcher(op, "triton")
 
 
 def cutlass_op(op: str) -> Optional[object]:

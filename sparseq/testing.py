@@ -33,15 +33,17 @@ EPS32 = torch.finfo(torch.float32).eps
 
 def magnitude(x: Tensor, w: Tensor, x_scale: Optional[Tensor] = None,
               w_scale: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
-    """``|x| @ |w|^T`` scaled like the product, in fp64 on the CPU (the bound itself is exact enough)."""
-    mag = x.detach().cpu().double().abs() @ w.detach().cpu().double().abs().T
+    """``|x| @ |w|^T`` scaled like the product, in fp64 on ``x``'s device (the bound itself is
+    exact enough; a GPU computes it for large benchmark shapes in milliseconds)."""
+    dev = x.device
+    mag = x.detach().double().abs() @ w.detach().to(dev).double().abs().T
     if x_scale is not None:
-        xs = x_scale.detach().cpu().double().abs()
+        xs = x_scale.detach().to(dev).double().abs()
         mag = mag * (xs[:, None] if xs.numel() > 1 else xs)
     if w_scale is not None:
-        mag = mag * w_scale.detach().cpu().double().abs()[None, :]
+        mag = mag * w_scale.detach().to(dev).double().abs()[None, :]
     if bias is not None:
-        mag = mag + bias.detach().cpu().double().abs()[None, :]
+        mag = mag + bias.detach().to(dev).double().abs()[None, :]
     return mag
 
 
@@ -50,7 +52,7 @@ def matmul_bound(expected: Tensor, k: int, mag: Tensor, exact_accumulator: bool 
     (see the module docstring); ``mag`` from :func:`magnitude`."""
     info = torch.finfo(expected.dtype)
     terms = 4 if exact_accumulator else 2 * (k + 2)
-    return info.eps * expected.detach().cpu().double().abs() + terms * EPS32 * mag + info.tiny
+    return info.eps * expected.detach().to(mag.device).double().abs() + terms * EPS32 * mag + info.tiny
 
 
 def first_violation(out: Tensor, expected: Tensor, bound: Tensor) -> Optional[str]:
@@ -60,8 +62,8 @@ def first_violation(out: Tensor, expected: Tensor, bound: Tensor) -> Optional[st
         return f"dtype {out.dtype}, expected {expected.dtype}"
     if tuple(out.shape) != tuple(expected.shape):
         return f"shape {tuple(out.shape)}, expected {tuple(expected.shape)}"
-    exp = expected.detach().cpu().double()
-    err = (out.detach().cpu().double() - exp).abs()
+    exp = expected.detach().to(bound.device).double()
+    err = (out.detach().to(bound.device).double() - exp).abs()
     bad = ~(err <= bound)  # NaN compares False: counted as bad
     if not bool(bad.any()):
         return None

@@ -2,14 +2,16 @@
 the winners as the dispatch table (``sparseq.dispatch.tuned_table_path()``).
 
 A bucket where dense ``F.linear`` is faster than every sparseq kernel is saved as
-``dense``, so a layer never runs slower than the dense layer it replaced.
+``dense``, so a layer never runs slower than the dense layer it replaced. Every candidate's
+output is checked against the dense layer it replaces (``sparseq.testing.check_layer_close``,
+the format's stated bound) before it is timed: a fast wrong kernel is reported and never saved.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -28,13 +30,41 @@ def _time_us(fn, x) -> float:
     return 1000.0 * do_bench(lambda: fn(x), warmup=25, rep=100, return_mode="median")
 
 
+def choose_backend(layer, x: torch.Tensor, dense_us: float, backends: Sequence[str] = ("triton", "cutlass"),
+                   time_us: Callable = _time_us) -> Tuple[str, float, Dict[str, str]]:
+    """``(backend, microseconds, rejected)`` for one layer and batch ``x``: the fastest candidate
+    that computes the right answer and beats dense by :data:`MARGIN`, else ``dense``.
+    ``rejected`` maps each candidate that was not timed to why (wrong output, error)."""
+    from .testing import check_layer_close
+
+    best, best_us = "dense", dense_us
+    rejected: Dict[str, str] = {}
+    for backend in backends:
+        try:
+            impl = layer.backend_impl(backend, x.shape[0], x.dtype, x.device)
+            if impl is None:
+                continue
+            with torch.no_grad():
+                wrong = check_layer_close(layer, x, impl(x))
+            if wrong is not None:
+                rejected[backend] = f"wrong output: {wrong}"
+                continue
+            us = time_us(impl, x)
+        except Exception as e:  # a kernel that cannot run this shape loses
+            rejected[backend] = f"{type(e).__name__}: {e}"
+            continue
+        if us < min(best_us, MARGIN * dense_us):
+            best, best_us = backend, us
+    return best, best_us, rejected
+
+
 def tune_shape(n: int, k: int, dtype: torch.dtype, formats: Sequence[str] = FORMATS) -> Dict[str, Dict[str, str]]:
     """``{table key: {bucket: backend}}`` for one ``N x K`` on the current GPU."""
     from .nn.swap import make_layer
 
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())
     cap = torch.cuda.get_device_capability(device)
-    lin = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
+    lin = nn.Linear(k, n, bias=True, device=device, dtype=dtype)
     out: Dict[str, Dict[str, str]] = {}
     for fmt in formats:
         layer = make_layer(lin, fmt, **({"prune": "magnitude"} if fmt.startswith("2:4") else {}))
@@ -42,19 +72,10 @@ def tune_shape(n: int, k: int, dtype: torch.dtype, formats: Sequence[str] = FORM
         for bucket, m in zip(dispatch.BUCKET_NAMES, dispatch.BUCKET_M):
             x = torch.randn(m, k, device=device, dtype=dtype)
             with torch.no_grad():
-                dense_us = _time_us(lambda t: torch.nn.functional.linear(t, lin.weight), x)
-                best, best_us = "dense", dense_us
-                for backend in ("triton", "cutlass"):
-                    impl = layer.backend_impl(backend, m)
-                    if impl is None:
-                        continue
-                    try:
-                        us = _time_us(impl, x)
-                    except Exception as e:  # a kernel that cannot run this shape loses
-                        print(f"  {fmt} {backend} M={m}: {type(e).__name__}: {e}", file=sys.stderr)
-                        continue
-                    if us < min(best_us, MARGIN * dense_us):
-                        best, best_us = backend, us
+                dense_us = _time_us(lambda t: torch.nn.functional.linear(t, lin.weight, lin.bias), x)
+                best, best_us, rejected = choose_backend(layer, x, dense_us)
+            for backend, why in rejected.items():
+                print(f"  {fmt} {backend} M={m}: not chosen: {why}", file=sys.stderr)
             choice[bucket] = best
             print(f"{fmt:<18} {n:>6}x{k:<6} M={m:<5} dense {dense_us:8.1f} us -> {best} {best_us:8.1f} us")
         out[dispatch.tuned_key(layer.table_op, n, k, dtype, cap)] = choice

@@ -56,14 +56,38 @@ def test_corrupt_tuned_table_warns_and_uses_defaults(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     with pytest.warns(UserWarning, match="ignoring the tuned dispatch table"):
         prefs = dispatch.preferences("sparse24_mm", 128, 256, torch.bfloat16, torch.device("cuda"), 1)
-    assert prefs == ["triton", "dense", "reference"]
+    assert prefs == ["triton", "dense"]
     dispatch.reload_tables()
+
+
+def test_gpu_preferences_end_with_dense_never_the_reference(monkeypatch):
+    """The reference syncs the host (value checks) and rebuilds the weight every call: no GPU
+    path may pick it, for any op, bucket, or capability (sm80, sm90, an unknown sm120)."""
+    monkeypatch.setenv(dispatch.CACHE_ENV, "/nonexistent/tuned.json")
+    dispatch.reload_tables()
+    ops = ("sparse24_mm", "sparse24_int8_mm", "sparse24_int8_weight_only_mm", "int8_mm", "int8_weight_only_mm")
+    for cap in ((8, 0), (9, 0), (12, 0)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
+        for op in ops:
+            for m in dispatch.BUCKET_M:
+                prefs = dispatch.preferences(op, 4096, 4096, torch.bfloat16, torch.device("cuda"), m)
+                assert prefs[-1] == "dense" and "reference" not in prefs, (cap, op, m, prefs)
+                assert len(prefs) == len(set(prefs))
+    dispatch.reload_tables()
+
+
+def test_m_buckets_have_one_definition():
+    from sparseq.kernels import configs
+
+    assert configs.M_BUCKETS is dispatch.BUCKET_BOUNDS
+    assert [configs.m_bucket(m) for m in dispatch.BUCKET_M] == [1, 16, 64, 256, 1024, 0]
+    assert [dispatch.bucket_of(m) for m in dispatch.BUCKET_M] == list(range(len(dispatch.BUCKET_NAMES)))
 
 
 def test_layers_use_their_table_op(monkeypatch):
     from torch import nn
 
-    import sparseq
+    import sparseq.nn
 
     seen = []
     monkeypatch.setattr(dispatch, "preferences", lambda op, *a: seen.append(op) or ["reference"])

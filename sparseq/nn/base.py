@@ -9,7 +9,8 @@ time, never in the hot path, and dropped when the layer is moved, cast or reload
 from __future__ import annotations
 
 import threading
-from typing import Callable, Dict, Optional, Tuple
+import warnings
+from typing import Callable, Dict, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +20,32 @@ from .. import dispatch
 from .._checks import FLOAT_DTYPES
 
 Impl = Callable[[Tensor], Tensor]
-Key = Tuple[torch.device, int]
+Key = Tuple[torch.device, int, torch.dtype]
+"""(device, M bucket index, compute dtype): what a resolved implementation is cached by."""
+
+_warned: Set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Warn with ``message`` once per process (dispatch fallbacks would otherwise warn per layer)."""
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def kernel_call(op: Callable, launch: Optional[Callable]) -> Callable:
+    """Call ``launch`` (a kernel without argument checks) in eager mode and ``op`` (the custom op:
+    one opaque node) while torch.compile traces. Layers check their buffers once when they are
+    built; the per-call checks and op dispatch of the public op cost tens of microseconds."""
+    if launch is None or launch is op:
+        return op
+
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return op(*args)
+        return launch(*args)
+
+    return call
 
 # Buffers that stay float32 whatever dtype the layer is cast to (``model.half()``).
 FP32_BUFFERS = ("w_scale", "smooth", "x_scale")
@@ -37,8 +63,7 @@ class _LinearGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: Tensor):  # type: ignore[override]
-        w = ctx.layer.dense_weight().to(dy.device, dy.dtype)
-        return dy @ w, None, None
+        return dy @ ctx.layer.dense_copy(dy.device, dy.dtype), None, None
 
 
 class CompressedLinear(nn.Module):
@@ -48,8 +73,14 @@ class CompressedLinear(nn.Module):
     dense (or none supports the shape), run ``F.linear`` on a dense copy of the weight, built
     per device when such a bucket is first resolved. The copy costs ``N * K`` elements of the
     layer dtype (2x the bytes of a bf16 2:4 layer, 4x an int8 2:4 layer) and exists only on
-    GPUs whose table picks dense somewhere. ``dense_fallback=False`` never builds it (the
-    next backend in the table, finally the reference op, runs instead).
+    GPUs whose table picks dense somewhere (and, for training, once backward has run).
+    ``dense_fallback=False`` skips the dense buckets of the table (the next backend runs) — but
+    on a GPU where no sparseq kernel can run the layer at all, the dense copy is built anyway,
+    with a warning that names why: the only other path, the reference, checks values (a host
+    sync) and rebuilds the weight on every call, which no GPU path may do.
+
+    Under ``torch.autocast`` a layer computes in the autocast dtype like ``nn.Linear`` (2:4
+    float values and the bias are cast once per device and dtype, not per call).
     """
 
     FORMAT = ""
@@ -77,9 +108,16 @@ class CompressedLinear(nn.Module):
         (decompressed, dequantized, SmoothQuant factors divided out)."""
         raise NotImplementedError
 
-    def backend_impl(self, backend: str, m: int) -> Optional[Impl]:
-        """A callable for ``backend`` (2-D input), or None where it cannot run this layer."""
+    def backend_impl(self, backend: str, m: int, dtype: torch.dtype, device: torch.device) -> Optional[Impl]:
+        """A callable for ``backend`` (2-D input of ``dtype`` on ``device``), or None where it
+        cannot run this layer."""
         raise NotImplementedError
+
+    def check_input_dtype(self, dtype: torch.dtype, autocast: bool) -> None:
+        """Raise a TypeError for a compute dtype the layer cannot take (``autocast``: the dtype
+        comes from ``torch.autocast``, which every layer follows)."""
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{type(self).__name__}: input dtype must be float32, float16 or bfloat16, got {dtype}")
 
     # ------------------------------------------------------------------------ dispatch
     @property
@@ -106,24 +144,60 @@ class CompressedLinear(nn.Module):
             t = self._derived.setdefault(key, build())
         return t
 
-    def _dense_impl(self, device: torch.device) -> Optional[Impl]:
-        if not self.dense_fallback:
-            return None
-        w = self.derived("dense", device, lambda: self.dense_weight().to(device))
-        return lambda x: F.linear(x, w, self.bias)
+    def cast(self, name: str, dtype: torch.dtype, device: torch.device) -> Optional[Tensor]:
+        """Buffer ``name`` (None stays None) in ``dtype`` on ``device``: the buffer itself when it
+        already is, else a copy built once per device and dtype (autocast, fp32 bias for CUTLASS)."""
+        t = getattr(self, name)
+        if t is None or (t.dtype == dtype and t.device == device):
+            return t
+        return self.derived(f"{name}:{dtype}", device, lambda: t.to(device, dtype).contiguous())
+
+    def dense_copy(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """``dense_weight()`` on ``device`` in ``dtype``, built once (dense fallback, backward).
+        While torch.compile traces, a missing copy is computed in the graph, not cached (a
+        traced function may not change the layer); the first eager step caches it."""
+        key = (f"dense:{dtype}", device)
+        if torch.compiler.is_compiling() and key not in self._derived:
+            return self.dense_weight().to(device, dtype)
+        return self.derived(key[0], device, lambda: self.dense_weight().to(device, dtype).contiguous())
+
+    def _dense_impl(self, device: torch.device, dtype: torch.dtype) -> Impl:
+        w = self.dense_copy(device, dtype)
+        bias = self.cast("bias", dtype, device)
+        return lambda x: F.linear(x, w, bias)
 
     def _pick(self, key: Key) -> Tuple[str, Impl]:
-        device, bucket = key
+        device, bucket, dtype = key
         m = dispatch.BUCKET_M[bucket]
-        for backend in dispatch.preferences(self.table_op, self.out_features, self.in_features, self.dtype, device, m):
-            impl = self._dense_impl(device) if backend == "dense" else self.backend_impl(backend, m)
+        name = f"{type(self).__name__}({self.out_features}x{self.in_features}, {self.FORMAT})"
+        prefs = dispatch.preferences(self.table_op, self.out_features, self.in_features, self.dtype, device, m)
+        failed = []
+        for i, backend in enumerate(prefs):
+            if backend == "dense":
+                last_resort = i == len(prefs) - 1 and device.type == "cuda"
+                if self.dense_fallback or last_resort:
+                    if not self.dense_fallback:
+                        why = "; ".join(failed) or "none applies to this shape and dtype"
+                        warn_once(f"sparseq: no sparseq kernel runs {name} on {device} ({why}); running dense "
+                                  "from a copy built once despite dense_fallback=False")
+                    return backend, self._dense_impl(device, dtype)
+                continue
+            try:
+                impl = self.backend_impl(backend, m, dtype, device)
+            except Exception as e:  # an unsupported GPU or a broken backend: fall through, say why
+                failed.append(f"{backend}: {type(e).__name__}: {e}")
+                warn_once(f"sparseq: the {backend} backend cannot run {name} on {device} "
+                          f"({type(e).__name__}: {e}); trying the next backend")
+                continue
             if impl is not None:
                 return backend, impl
-        raise RuntimeError(f"{type(self).__name__}: no backend for {device}")  # reference always applies
+            failed.append(f"{backend}: not available")
+        raise RuntimeError(f"sparseq: no backend runs {name} on {device}: {'; '.join(failed)}")
 
-    def resolve(self, m: int, device: torch.device) -> Impl:
-        """Pick (once, under a lock) and cache the implementation for batch ``m`` on ``device``."""
-        key = (device, dispatch.bucket_of(m))
+    def resolve(self, m: int, device: torch.device, dtype: Optional[torch.dtype] = None) -> Impl:
+        """Pick (once, under a lock) and cache the implementation for batch ``m`` on ``device``
+        with inputs of ``dtype`` (default: the layer's)."""
+        key = (device, dispatch.bucket_of(m), dtype or self.dtype)
         impl = self._impls.get(key)
         if impl is not None:
             return impl
@@ -135,41 +209,66 @@ class CompressedLinear(nn.Module):
                 self._impls[key] = impl
         return impl
 
-    def prepare(self, device: Optional[torch.device] = None) -> Dict[str, str]:
-        """Resolve every M bucket on ``device`` (default: where the buffers are) now, building
-        kernel layouts and the dense copy; returns ``{bucket: backend}``. Done automatically
-        on the first call per bucket and when the layer moves to a GPU; call it yourself
-        before CUDA-graph capture or ``torch.compile`` of a layer that has not run yet."""
+    def prepare(self, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> Dict[str, str]:
+        """Resolve every M bucket on ``device`` (default: where the buffers are) for inputs of
+        ``dtype`` (default: the layer's; pass the autocast dtype to prepare an autocast run)
+        now, building kernel layouts and the dense copy; returns ``{bucket: backend}``. Done
+        automatically on the first call per bucket and when the layer moves to a GPU or loads
+        a state dict there; call it yourself before CUDA-graph capture or ``torch.compile`` of
+        a layer that has not run yet."""
         device = torch.device(device) if device is not None else self._buffer_device()
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+        dtype = dtype or self.dtype
         for bucket, name in enumerate(dispatch.BUCKET_NAMES):
-            self.resolve(dispatch.BUCKET_M[bucket], device)
-        return {name: self.backends[(device, b)] for b, name in enumerate(dispatch.BUCKET_NAMES)}
+            self.resolve(dispatch.BUCKET_M[bucket], device, dtype)
+        return {name: self.backends[(device, b, dtype)] for b, name in enumerate(dispatch.BUCKET_NAMES)}
 
-    def _impl_for(self, m: int, device: torch.device) -> Impl:
+    def _impl_for(self, m: int, device: torch.device, dtype: torch.dtype) -> Impl:
         if not torch.compiler.is_compiling():
-            return self.resolve(m, device)
-        key = (device, dispatch.bucket_of(m))
+            return self.resolve(m, device, dtype)
+        key = (device, dispatch.bucket_of(m), dtype)
         impl = self._impls.get(key)
         if impl is not None:
             return impl
         if device.type == "cuda":
-            raise RuntimeError(f"{type(self).__name__}: kernels for {device} are not resolved yet; run the model "
-                               "once eagerly or call sparseq.nn.prepare(model) before torch.compile")
+            raise RuntimeError(f"{type(self).__name__}: kernels for {device} ({dtype}) are not resolved yet; run "
+                               "the model once eagerly or call sparseq.nn.prepare(model) (with dtype= under "
+                               "autocast) before torch.compile")
         return self._pick(key)[1]  # CPU: the reference op, traced (nothing cached while tracing)
+
+    @staticmethod
+    def _compute_dtype(x: Tensor) -> Tuple[torch.dtype, bool]:
+        """``(dtype, autocast)``: the dtype the layer computes in for input ``x``, the autocast
+        dtype where autocast is on for ``x``'s device (as ``nn.Linear``), else ``x.dtype``."""
+        if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type), True
+        return x.dtype, False
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__}: input has {x.shape[-1]} features, expected {self.in_features}")
+        device = self.qweight.device
+        if x.device != device:
+            raise ValueError(f"{type(self).__name__}: input is on {x.device} but the layer is on {device}")
+        dtype, autocast = self._compute_dtype(x)
+        self.check_input_dtype(dtype, autocast)
+        if x.dtype != dtype:
+            x = x.to(dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        impl = self._impl_for(x2.shape[0], x2.device)
-        if torch.is_grad_enabled() and x2.requires_grad:
-            y = _LinearGrad.apply(x2, self, impl)
+        impl = self._impl_for(x2.shape[0], x2.device, dtype)
+        if autocast:  # inputs are cast; the format's own arithmetic (fp32 accumulation) must not be
+            with torch.autocast(x2.device.type, enabled=False):
+                y = self._run(impl, x2)
         else:
-            y = impl(x2)
+            y = self._run(impl, x2)
         return y.reshape(*lead, self.out_features)
+
+    def _run(self, impl: Impl, x2: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x2.requires_grad:
+            return _LinearGrad.apply(x2, self, impl)
+        return impl(x2)
 
     # -------------------------------------------------------- moves, casts, reloads
     def _buffer_device(self) -> torch.device:
@@ -189,19 +288,26 @@ class CompressedLinear(nn.Module):
                 setattr(self, name, buf.float())
         if self.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{type(self).__name__}: cannot cast to {self.dtype}")
-        if self._buffer_device().type == "cuda":
-            self._try_prepare()
+        self._try_prepare()
         return result
 
     def _try_prepare(self) -> None:
+        """Prepare on a GPU (layouts and dense copies built now, outside any graph capture or
+        compile); a failure is warned with its cause and left to the first forward."""
+        if self._buffer_device().type != "cuda":
+            return
         try:
             self.prepare()
-        except Exception:  # e.g. garbage from to_empty(): the first forward resolves lazily
+        except Exception as e:  # e.g. garbage from to_empty(): the first forward resolves lazily
             self._reset_caches()
+            warn_once(f"sparseq: could not prepare {type(self).__name__} on {self._buffer_device()} "
+                      f"({type(e).__name__}: {e}); kernels resolve on the first forward instead")
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._reset_caches()  # new values: layouts and dense copies are stale
+        with self._resolve_lock:
+            self._reset_caches()  # new values: layouts and dense copies are stale
+        self._try_prepare()  # as after a move: rebuilt now, not during compile or capture
 
     def __getstate__(self):
         state = dict(self.__dict__)

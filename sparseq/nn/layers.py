@@ -1,7 +1,9 @@
 """Drop-in ``nn.Linear`` replacements: 2:4 sparse, W8A8, int8 weight-only, and 2:4 + int8.
 
 Each stores the canonical formats of ``sparseq.reference`` as buffers and runs the backend
-``sparseq.dispatch`` picks; on CPU that is the reference op.
+``sparseq.dispatch`` picks; on CPU that is the reference op. On a GPU each backend's callable
+runs an unchecked kernel launch in eager mode (the buffers were checked when the layer was
+built) and the backend's custom op under torch.compile (``kernel_call``).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from torch import Tensor, nn
 
 from .. import dispatch, ops, reference
 from .._checks import check_multiple
-from .base import CompressedLinear, Impl
+from .base import CompressedLinear, Impl, kernel_call
 
 PRUNE_METHODS = ("magnitude",)
 
@@ -38,16 +40,39 @@ def _smoothed_weight(w: Tensor, smooth: Optional[Tensor]) -> Tensor:
     return w.float() * smooth.float().to(w.device)[None, :]
 
 
+def _divided(x: Tensor, smooth: Optional[Tensor]) -> Tensor:
+    """``x / smooth`` in fp32, as the reference quantizers compute it."""
+    return x.float() if smooth is None else x.float() / smooth
+
+
 def _cutlass_shape_ok(n: int, k: int) -> bool:
     return n % 64 == 0 and k % 128 == 0
 
 
-def _cutlass_meta(layer: CompressedLinear) -> Tensor:
+def _cutlass_meta(layer: CompressedLinear, device: torch.device) -> Tensor:
     """The layer's metadata in the CUTLASS layout of its GPU, converted once per device."""
     from ..cuda_ops import prepare_sparse24_cutlass
 
-    return layer.derived("meta_cutlass", layer.values.device,
-                         lambda: prepare_sparse24_cutlass(layer.values, layer.meta))
+    return layer.derived("meta_cutlass", device, lambda: prepare_sparse24_cutlass(layer.values, layer.meta))
+
+
+def _cutlass_ready(layer: CompressedLinear, op: str, dtype: torch.dtype, device: torch.device):
+    """The ``sparseq::<op>_cutlass`` op where it can run this layer: bf16/fp16 compute, N % 64,
+    K % 128, a GPU the kernels support (sm80-89, sm90; others fall through), the extension loaded."""
+    if dtype not in (torch.bfloat16, torch.float16) or device.type != "cuda" \
+            or not _cutlass_shape_ok(layer.out_features, layer.in_features):
+        return None
+    from ..cuda_ops import supported_arch
+
+    if supported_arch(device) is None:
+        return None
+    return dispatch.cutlass_op(op)
+
+
+def _triton(op: str):
+    """``sparseq::<op>_triton`` and its unchecked launcher, or None."""
+    handle = dispatch.triton_op(op)
+    return None if handle is None else kernel_call(handle, dispatch.triton_launcher(op))
 
 
 class Sparse24Linear(CompressedLinear):
@@ -76,19 +101,27 @@ class Sparse24Linear(CompressedLinear):
     def dense_weight(self) -> Tensor:
         return ops.decompress_24(self.values, self.meta)
 
-    def backend_impl(self, backend: str, m: int) -> Optional[Impl]:
+    def check_input_dtype(self, dtype: torch.dtype, autocast: bool) -> None:
+        super().check_input_dtype(dtype, autocast)
+        if dtype != self.dtype and not autocast:
+            raise TypeError(f"Sparse24Linear: input dtype {dtype} must match the layer dtype {self.dtype} "
+                            "(cast the input or the layer, or run under torch.autocast)")
+
+    def backend_impl(self, backend: str, m: int, dtype: torch.dtype, device: torch.device) -> Optional[Impl]:
+        values = self.cast("values", dtype, device)
         if backend == "reference":
-            return lambda x: ops.sparse24_mm(x, self.values, self.meta, self.bias)
+            bias = self.cast("bias", dtype, device)
+            return lambda x: ops.sparse24_mm(x, values, self.meta, bias)
         if backend == "triton":
-            op = dispatch.triton_op(self.OP)
-            return None if op is None else (lambda x: op(x, self.values, self.meta, self.bias))
-        if backend == "cutlass" and self.dtype in (torch.bfloat16, torch.float16) \
-                and _cutlass_shape_ok(self.out_features, self.in_features):
-            op = dispatch.cutlass_op(self.OP)
+            op = _triton(self.OP)
+            return None if op is None else (lambda x: op(x, values, self.meta, self.bias))
+        if backend == "cutlass":
+            op = _cutlass_ready(self, self.OP, dtype, device)
             if op is None:
                 return None
-            meta_c = _cutlass_meta(self)
-            return lambda x: op(x, self.values, meta_c, self.bias)
+            meta_c = _cutlass_meta(self, device)
+            bias32 = self.cast("bias", torch.float32, device)  # the kernel's epilogue reads fp32
+            return lambda x: op(x, values, meta_c, bias32)
         return None
 
 
@@ -117,11 +150,11 @@ class Int8WeightOnlyLinear(CompressedLinear):
     def dense_weight(self) -> Tensor:
         return (self.weight_q.float() * self.w_scale[:, None]).to(self.dtype)
 
-    def backend_impl(self, backend: str, m: int) -> Optional[Impl]:
+    def backend_impl(self, backend: str, m: int, dtype: torch.dtype, device: torch.device) -> Optional[Impl]:
         if backend == "reference":
             return lambda x: ops.int8_weight_only_mm(x, self.weight_q, self.w_scale, self.bias)
         if backend == "triton":
-            op = dispatch.triton_op(self.OP)
+            op = _triton(self.OP)
             return None if op is None else (lambda x: op(x, self.weight_q, self.w_scale, self.bias))
         return None
 
@@ -140,12 +173,19 @@ class _W8A8Mixin:
             self.x_scale.copy_(reference.per_tensor_scale(act_amax))
 
     def _quantizer(self, backend: str):
-        """``x -> (xq, x_scale)`` on ``backend`` (``triton`` or ``reference``)."""
+        """``x -> (xq, x_scale)``: ``triton`` (the kernel), ``torch`` (the reference arithmetic
+        without its value checks: no host sync, for GPUs without Triton) or ``reference``."""
+        smooth = self.smooth
+        if backend == "torch":
+            if self.x_scale is not None:
+                scale = self.x_scale
+                return lambda x: (reference.round_to_int8_grid(_divided(x, smooth), scale).to(torch.int8), scale)
+            return lambda x: reference.quantize_rows(_divided(x, smooth))
         if self.x_scale is not None:
-            op = dispatch.triton_op("quantize_per_tensor") if backend == "triton" else ops.quantize_per_tensor
-            return None if op is None else (lambda x: (op(x, self.x_scale, self.smooth), self.x_scale))
-        op = dispatch.triton_op("quantize_per_token") if backend == "triton" else ops.quantize_per_token
-        return None if op is None else (lambda x: op(x, self.smooth))
+            op = _triton("quantize_per_tensor") if backend == "triton" else ops.quantize_per_tensor
+            return None if op is None else (lambda x: (op(x, self.x_scale, smooth), self.x_scale))
+        op = _triton("quantize_per_token") if backend == "triton" else ops.quantize_per_token
+        return None if op is None else (lambda x: op(x, smooth))
 
     def _activation_options(self) -> dict:
         return {"smooth": self.smooth is not None, "static": self.x_scale is not None}
@@ -189,10 +229,10 @@ class Int8Linear(_W8A8Mixin, CompressedLinear):
     def dense_weight(self) -> Tensor:
         return self._smoothed_dense(self.weight_q.float() * self.w_scale[:, None]).to(self.dtype)
 
-    def backend_impl(self, backend: str, m: int) -> Optional[Impl]:
+    def backend_impl(self, backend: str, m: int, dtype: torch.dtype, device: torch.device) -> Optional[Impl]:
         if backend not in ("triton", "reference"):
             return None
-        mm = dispatch.triton_op(self.OP) if backend == "triton" else ops.int8_mm
+        mm = _triton(self.OP) if backend == "triton" else ops.int8_mm
         quant = self._quantizer(backend)
         if mm is None or quant is None:
             return None
@@ -260,26 +300,47 @@ class Sparse24Int8Linear(_W8A8Mixin, CompressedLinear):
         w = ops.decompress_24(self.values, self.meta).float() * self.w_scale[:, None]
         return self._smoothed_dense(w).to(self.dtype)
 
-    def _mm(self, backend: str):
+    def _mm(self, backend: str, dtype: torch.dtype, device: torch.device):
         if backend == "reference":
             return ops.sparse24_int8_mm, self.meta
         if backend == "triton":
-            return dispatch.triton_op(self.OP), self.meta
-        if backend == "cutlass" and self.mode == "w8a8" and self.dtype in (torch.bfloat16, torch.float16) \
-                and _cutlass_shape_ok(self.out_features, self.in_features):
-            op = dispatch.cutlass_op(self.OP)
+            return _triton(self.OP), self.meta
+        if backend == "cutlass" and self.mode == "w8a8":
+            op = _cutlass_ready(self, self.OP, dtype, device)
             if op is not None:
-                return op, _cutlass_meta(self)
+                return op, _cutlass_meta(self, device)
         return None, None
 
-    def backend_impl(self, backend: str, m: int) -> Optional[Impl]:
-        mm, meta = self._mm(backend)
+    def _static_scale_rows(self, device: torch.device, m: int) -> Tensor:
+        """The static ``x_scale`` repeated over ``m`` rows, from a buffer built once and grown
+        on demand (the CUTLASS epilogue reads a per-row vector; a view costs no copy per call)."""
+        rows = self._derived.get(("x_scale_rows", device))
+        if rows is None or rows.shape[0] < m:
+            rows = self.x_scale.to(device).expand(max(m, dispatch.BUCKET_M[-1])).contiguous()
+            self._derived[("x_scale_rows", device)] = rows
+        return rows[:m]
+
+    def backend_impl(self, backend: str, m: int, dtype: torch.dtype, device: torch.device) -> Optional[Impl]:
+        mm, meta = self._mm(backend, dtype, device)
         if mm is None:
             return None
         if self.mode == "weight_only":
             return lambda x: mm(x, self.values, meta, self.w_scale, None, self.bias, None)
-        quant = self._quantizer("triton" if backend in ("triton", "cutlass") else "reference") \
-            or self._quantizer("reference")
+        if backend == "reference":
+            quant = self._quantizer("reference")
+        else:  # GPU: the Triton quantizer, else the reference arithmetic without its host-syncing checks
+            quant = self._quantizer("triton") or self._quantizer("torch")
+        if backend == "cutlass":
+            bias32 = self.cast("bias", torch.float32, device)  # the kernel's epilogue reads fp32
+            static = self.x_scale is not None
+
+            def run_cutlass(x: Tensor) -> Tensor:
+                xq, xs = quant(x)
+                if static:
+                    xs = self._static_scale_rows(device, x.shape[0])
+                return mm(xq, self.values, meta, self.w_scale, xs, bias32, x.dtype)
+
+            return run_cutlass
 
         def run(x: Tensor) -> Tensor:
             xq, xs = quant(x)
