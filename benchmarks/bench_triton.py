@@ -10,8 +10,9 @@ Shapes (N x K): 4096x4096, 14336x4096, 4096x14336, 28672x8192; M = 1 ... 4096. C
 | gemm / linear | 2:4+int8_weight_only, 2:4+w8a8 | ``sparse24_int8_mm`` (+ ``quantize_per_token``) |
 | compress | 2:4 | ``prune_and_compress_24(w)`` once per layer (ms in the one-time table) |
 
-Every kernel is checked against ``sparseq.reference`` before it is timed (a wrong kernel
-becomes an error row, never a time). Timing: ``triton.testing.do_bench`` median with the L2
+Every kernel output is checked against ``sparseq.reference`` elementwise, within the bound of
+``sparseq.testing`` (int8 x int8: exact accumulator), at every M before it is timed: a wrong
+kernel becomes an error row, never a time. Timing: ``triton.testing.do_bench`` median with the L2
 flushed before every run, dense measured in the same run. Writes ``triton.csv`` (the columns of
 ``sparseq.benchmarking.CSV_COLUMNS``), ``triton.md`` (speedup tables, then each goal of the
 issue: met or not, with the bytes moved and the bandwidth reached) to
@@ -70,11 +71,21 @@ def _bytes(fmt: str, m: int, n: int, k: int, act: int) -> float:
 
 
 def _contenders(dtype: torch.dtype) -> List[Tuple[str, str, Callable, Callable, Callable]]:
-    """(op, format, prepare(w) -> state, make(state, x) -> fn, reference(state, x) -> y)."""
+    """(op, format, prepare(w) -> state, make(state, x) -> fn, check(state, x, y) -> None or what is wrong)."""
     from sparseq import reference as ref
+    from sparseq.benchmarking import check_close
     from sparseq.kernels import int8_mm, int8_weight_only_mm, quantize, sparse24_mm
 
     q = quantize.quantize_per_token
+
+    def w8a8_check(st, x, y):  # the reference quantizer: the kernel's must match it bit for bit
+        xq, xs = ref.quantize_per_token(x)
+        return check_close(y, ref.int8_mm(xq, st[0], xs, st[1], None, dtype), xq, st[0], xs, st[1])
+
+    def s24_w8a8_check(st, x, y):
+        xq, xs = ref.quantize_per_token(x)
+        expected = ref.sparse24_int8_mm(*_s24_args((xq, xs), st), None, dtype)
+        return check_close(y, expected, xq, ref.decompress_24(st[0], st[1]), xs, st[2])
 
     def quant_w(w):
         return ref.quantize_per_channel(w)
@@ -95,21 +106,17 @@ def _contenders(dtype: torch.dtype) -> List[Tuple[str, str, Callable, Callable, 
 
     return [
         ("gemm", "int8_weight_only", quant_w, lambda st, x: lambda: int8_weight_only_mm.int8_weight_only_mm(x, *st),
-         lambda st, x: ref.int8_weight_only_mm(x, *st)),
-        ("gemm", "w8a8", quant_w, w8a8_gemm,
-         lambda st, x: ref.int8_mm(*_pair(ref.quantize_per_token(x), st), None, dtype)),
-        ("linear", "w8a8", quant_w,
-         lambda st, x: lambda: int8_mm.int8_mm(*_pair(q(x), st), None, dtype),
-         lambda st, x: ref.int8_mm(*_pair(ref.quantize_per_token(x), st), None, dtype)),
+         lambda st, x, y: check_close(y, ref.int8_weight_only_mm(x, *st), x, st[0], w_scale=st[1])),
+        ("gemm", "w8a8", quant_w, w8a8_gemm, w8a8_check),
+        ("linear", "w8a8", quant_w, lambda st, x: lambda: int8_mm.int8_mm(*_pair(q(x), st), None, dtype), w8a8_check),
         ("gemm", "2:4", s24, lambda st, x: lambda: sparse24_mm.sparse24_mm(x, *st),
-         lambda st, x: ref.sparse24_mm(x, *st)),
+         lambda st, x, y: check_close(y, ref.sparse24_mm(x, *st), x, ref.decompress_24(*st))),
         ("gemm", "2:4+int8_weight_only", s24q, lambda st, x: lambda: sparse24_mm.sparse24_int8_mm(x, *st),
-         lambda st, x: ref.sparse24_int8_mm(x, *st)),
-        ("gemm", "2:4+w8a8", s24q, s24_w8a8_gemm,
-         lambda st, x: ref.sparse24_int8_mm(*_s24_args(ref.quantize_per_token(x), st), None, dtype)),
+         lambda st, x, y: check_close(y, ref.sparse24_int8_mm(x, *st), x, ref.decompress_24(st[0], st[1]),
+                                      w_scale=st[2])),
+        ("gemm", "2:4+w8a8", s24q, s24_w8a8_gemm, s24_w8a8_check),
         ("linear", "2:4+w8a8", s24q,
-         lambda st, x: lambda: sparse24_mm.sparse24_int8_mm(*_s24_args(q(x), st), None, dtype),
-         lambda st, x: ref.sparse24_int8_mm(*_s24_args(ref.quantize_per_token(x), st), None, dtype)),
+         lambda st, x: lambda: sparse24_mm.sparse24_int8_mm(*_s24_args(q(x), st), None, dtype), s24_w8a8_check),
     ]
 
 
@@ -121,13 +128,6 @@ def _pair(xq_xs, st):
 def _s24_args(xq_xs, st):
     """(xq, qvalues, meta, w_scale, x_scale) for sparse24_int8_mm."""
     return xq_xs[0], st[0], st[1], st[2], xq_xs[1]
-
-
-def _check(out: torch.Tensor, expected: torch.Tensor) -> None:
-    """A cheap sanity check on big shapes (the exact per-element tests live in tests/test_triton_*)."""
-    err = (out.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-30)
-    if not bool(torch.isfinite(out.float()).all()) or float(err) > 1e-2:
-        raise AssertionError(f"wrong result: relative error {float(err):.3g} vs sparseq.reference")
 
 
 def run(shapes: Sequence[Tuple[int, int]], ms: Sequence[int], dtype_name: str, timer, device: torch.device) -> list:
@@ -152,19 +152,30 @@ def run(shapes: Sequence[Tuple[int, int]], ms: Sequence[int], dtype_name: str, t
         states: Dict[str, object] = {}
         for m in ms:
             x = torch.randn(m, k, device=device).to(dtype)
-            dense = timer(lambda: F.linear(x, w))
-            rows.append(bm.Row("linear", "torch", "dense", dtype_name, n, k, m, time_us=dense, dense_us=dense,
-                               flops=2.0 * m * n * k, bytes=_bytes("dense", m, n, k, act)))
-            for op, fmt, prep, make, reference in _contenders(dtype):
+            base = bm.Row("linear", "torch", "dense", dtype_name, n, k, m, flops=2.0 * m * n * k,
+                          bytes=_bytes("dense", m, n, k, act))
+            with bm.ieee_fp32():
+                wrong = bm.check_close(F.linear(x, w), (x.float() @ w.float().T).to(dtype), x, w)
+            if wrong:  # the baseline of every speedup: no time, so no speedup either
+                base.error = f"wrong result: {wrong} (vs the fp32 matmul)"
+            else:
+                base.time_us = base.dense_us = timer(lambda: F.linear(x, w))
+                base.checked = "yes"
+            dense = base.time_us
+            rows.append(base)
+            for op, fmt, prep, make, check in _contenders(dtype):
                 row = bm.Row(op, "triton", fmt, dtype_name, n, k, m, dense_us=dense, flops=2.0 * m * n * k,
                              bytes=_bytes(fmt, m, n, k, act))
                 try:
                     if fmt not in states:
                         states[fmt] = prep(w)
                     fn = make(states[fmt], x)
-                    if m == ms[0] or m == ms[-1]:
-                        _check(fn(), reference(states[fmt], x))
+                    with bm.ieee_fp32():
+                        wrong = check(states[fmt], x, fn())
+                    if wrong:
+                        raise AssertionError(f"wrong result: {wrong} (vs sparseq.reference)")
                     row.time_us = timer(fn)
+                    row.checked = "yes"
                 except Exception as e:  # noqa: BLE001
                     row.error = bm.error_text(e)
                 rows.append(row)

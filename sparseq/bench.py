@@ -3,9 +3,12 @@
 Contenders are discovered at run time: the ``sparseq::<op>_<backend>`` ops registered once the
 Triton kernels (``sparseq.kernels.*``) and the CUDA extensions are imported, the layers of
 ``sparseq.swap``, torch's 2:4 / int8 / fp8 paths and torchao when installed. One that is not
-there or fails leaves its error message in the results instead of stopping the run; every
-output is checked against the reference math before it is timed. ``benchmarks/bench_ops.py``
-is the script form of the same sweep.
+there or fails leaves its error message in the results instead of stopping the run. Every
+output is checked elementwise against the reference math of its format, within the bounds of
+``sparseq.testing``, before it is timed: a wrong one becomes an error row, never a time; a row
+whose output was not checked (``--no-check``, a contender with no reference) says so in the
+``checked`` column and carries a mark in the tables. ``benchmarks/bench_ops.py`` is the script
+form of the same sweep.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from . import benchmarking as bm
 from . import reference as ref
 from .benchmarking import M_FULL, M_QUICK, M_SMOKE, MODEL_SHAPES, QUICK_SHAPES, SMOKE_SHAPES  # noqa: F401
 from .benchmarking import all_shapes, minilm_shapes, parse_shape  # noqa: F401
+from .benchmarking import check_close, check_layer, first_difference, ieee_fp32
 from .cli import command
 
 SWAP_FORMATS = ("2:4", "w8a8", "int8_weight_only", "2:4+w8a8", "2:4+int8_weight_only")
@@ -44,8 +48,11 @@ class Contender:
     ``prepare(w)`` turns the dense weight (2:4-pruned when ``sparse``) into the contender's
     state once (a one-time cost, timed apart); ``call(state, x)`` returns the zero-argument
     function that is timed (``op="linear"``: float X in, float Y out, quantization included;
-    ``op="gemm"``: inputs quantized beforehand, the kernel alone). ``expect`` names the
-    reference math its output is checked against (``""``: unchecked).
+    ``op="gemm"``: inputs quantized beforehand, the kernel alone). ``expect`` is the kind of
+    reference its output is checked against (:data:`CHECK_KINDS`), elementwise within the bound
+    of ``sparseq.testing``; ``tol`` replaces that by a relative L2 bound (contenders that
+    quantize with their own recipe: their rows are marked ``approx``). ``expect=""`` needs an
+    ``unchecked`` reason (its rows are marked ``no: <reason>``); without one it is an error.
     """
 
     op: str
@@ -55,7 +62,8 @@ class Contender:
     call: Callable[[Any, Tensor], Callable[[], Tensor]]
     expect: str = "float"
     sparse: bool = False
-    tol: float = 2e-2
+    tol: Optional[float] = None
+    unchecked: str = ""
 
     @property
     def key(self) -> Tuple[str, str, str]:
@@ -70,22 +78,55 @@ def _quant_x(x: Tensor) -> Tuple[Tensor, Tensor]:
     return ref.quantize_per_token(x)
 
 
-def expected_output(kind: str, x: Tensor, w: Tensor) -> Tensor:
-    """The fp32 reference of a format: ``float``, ``int8_weight_only``, ``w8a8``, ``int32``, ``fp8``."""
-    if kind == "float":
-        return x.float() @ w.float().T
-    wq, sw = _quant_w(w)
-    if kind == "int8_weight_only":
-        return x.float() @ (wq.float() * sw[:, None]).T
-    xq, sx = _quant_x(x)
-    if kind == "w8a8":
-        return (xq.float() @ wq.float().T) * sx[:, None] * sw[None, :]
-    if kind == "int32":
-        return xq.float() @ wq.float().T
-    if kind == "fp8":
-        (x8, s_x), (w8, s_w) = _fp8(x), _fp8(w)
-        return (x8.float() * s_x) @ (w8.float() * s_w).T
-    raise ValueError(f"unknown expected-output kind {kind!r}")
+CHECK_KINDS = {
+    "float": "x @ w^T in fp32, cast once (the float-matmul bound)",
+    "int8_weight_only": "reference int8_weight_only_mm of the per-channel int8 weight",
+    "w8a8": "reference int8_mm of per-token x and per-channel w (exact int32 accumulator)",
+    "int32": "the exact int32 accumulator of per-token x and per-channel w (equal)",
+    "int8_saturated": "that accumulator saturated to int8 (equal)",
+    "fp8": "fp32 (x8 @ w8^T) * s_x * s_w of the per-tensor e4m3 operands",
+    "layer": "the dense layer a sparseq.nn layer replaces (testing.layer_expected)",
+}
+"""Reference kinds a contender's output is checked against (``Contender.expect``)."""
+
+
+def _reference(kind: str, x: Tensor, w: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Optional[Tuple]]:
+    """``(expected output, bound operands (x, w, x_scale, w_scale))`` of a kind; operands None: exact."""
+    with ieee_fp32():
+        if kind == "float":
+            return (x.float() @ w.float().T).to(dtype), (x, w, None, None)
+        if kind == "fp8":
+            (x8, s_x), (w8, s_w) = _fp8(x), _fp8(w)
+            xf, wf = x8.float(), w8.float()
+            return ((xf @ wf.T) * (s_x * s_w)).to(dtype), (xf, wf, s_x.reshape(1), s_w.reshape(1).expand(w.shape[0]))
+        wq, sw = _quant_w(w)
+        if kind == "int8_weight_only":
+            return ref.int8_weight_only_mm(x, wq, sw).to(dtype), (x, wq, None, sw)
+        xq, sx = _quant_x(x)
+        if kind == "w8a8":
+            return ref.int8_mm(xq, wq, sx, sw, None, dtype), (xq, wq, sx, sw)
+        if kind == "int32":
+            return ref.int8_matmul_int32(xq, wq), None
+        if kind == "int8_saturated":
+            return ref.int8_matmul_int32(xq, wq).clamp(-128, 127).to(torch.int8), None
+    raise ValueError(f"unknown reference kind {kind!r}; choose from {sorted(CHECK_KINDS)}")
+
+
+def reference_check(kind: str, x: Tensor, w: Tensor, dtype: torch.dtype) -> Callable[..., Optional[str]]:
+    """``check(out, tol=None) -> None or what is wrong`` against the reference ``kind`` of ``x @ w^T``:
+    elementwise within :func:`check_close` (integer outputs: equal), or relative L2 ``<= tol``."""
+    expected, operands = _reference(kind, x, w, dtype)
+
+    def check(out: Tensor, tol: Optional[float] = None) -> Optional[str]:
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        if tol is not None:
+            err = rel_error(out, expected)
+            return None if err <= tol else f"relative L2 error {err:.3g} > {tol:g}"
+        if operands is None:
+            return first_difference(out, expected)
+        return check_close(out, expected, *operands)
+
+    return check
 
 
 def _fp8(t: Tensor) -> Tuple[Tensor, Tensor]:
@@ -125,16 +166,19 @@ def torch_contenders(dtype: torch.dtype) -> List[Contender]:
     semi = [] if CSLT is None else [
         Contender("linear", "torch-cusparselt", "2:4", CSLT.from_dense, lambda ws, x: lambda: F.linear(x, ws), sparse=True),
         Contender("linear", "torch-cutlass", "2:4", CUTLASS.from_dense, lambda ws, x: lambda: F.linear(x, ws), sparse=True),
-        # int8 output saturates, so this one is timed but not checked.
-        Contender("gemm", "torch-cusparselt", "2:4+int8 (int8 out)", int8_2to4, cslt_int8_call, expect="", sparse=True),
+        # int8 out: the exact int32 accumulator saturated to [-128, 127], compared for equality.
+        Contender("gemm", "torch-cusparselt", "2:4+int8 (int8 out)", int8_2to4, cslt_int8_call, expect="int8_saturated",
+                  sparse=True),
     ]
     return [dense, *semi,
-            Contender("gemm", "torch._int_mm", "int8 (int32 out)", lambda w: _quant_w(w)[0], int_mm_call, expect="int32", tol=1e-3),
+            Contender("gemm", "torch._int_mm", "int8 (int32 out)", lambda w: _quant_w(w)[0], int_mm_call, expect="int32"),
             Contender("gemm", "torch._scaled_mm", "fp8 e4m3", fp8_state, fp8_call, expect="fp8")]
 
 
 TORCHAO_CONFIGS = {
-    # config class name in torchao.quantization -> (format, expected output, 2:4 weight)
+    # config class name in torchao.quantization -> (format, expected output, 2:4 weight). torchao
+    # quantizes with its own recipe (scales, rounding), so its outputs are compared with sparseq's
+    # reference of the format by relative L2 only, and its rows are marked "approx".
     "Int8DynamicActivationInt8WeightConfig": ("w8a8", "w8a8", False),
     "Int8WeightOnlyConfig": ("int8_weight_only", "int8_weight_only", False),
     "Float8DynamicActivationFloat8WeightConfig": ("fp8", "float", False),
@@ -184,10 +228,8 @@ def swap_contenders() -> Tuple[List[Contender], List[bm.Row]]:
         swapped = swap(model, fmt)
         return swapped if isinstance(swapped, torch.nn.Module) else model
 
-    expects = {"2:4": "float", "w8a8": "w8a8", "int8_weight_only": "int8_weight_only",
-               "2:4+w8a8": "w8a8", "2:4+int8_weight_only": "int8_weight_only"}
     return [Contender("linear", "sparseq.nn", fmt, lambda w, fmt=fmt: prepare(w, fmt), lambda m, x: lambda: m(x),
-                      expect=expects[fmt], sparse=fmt.startswith("2:4"), tol=5e-2) for fmt in SWAP_FORMATS], []
+                      expect="layer", sparse=fmt.startswith("2:4")) for fmt in SWAP_FORMATS], []
 
 
 def load_backends() -> List[bm.Row]:
@@ -314,8 +356,29 @@ def rel_error(y: Tensor, expected: Tensor) -> float:
     y = y[0] if isinstance(y, (tuple, list)) else y
     if tuple(y.shape) != tuple(expected.shape):
         raise ValueError(f"output shape {tuple(y.shape)} != expected {tuple(expected.shape)}")
-    diff = (y.float() - expected).norm()
-    return float(diff / expected.norm().clamp_min(1e-12))
+    diff = (y.float() - expected.float()).norm()
+    return float(diff / expected.float().norm().clamp_min(1e-12))
+
+
+def check_output(c: Contender, state: Any, x: Tensor, y: Tensor, refs: Dict[Tuple[str, bool], Callable],
+                 w: Tensor, dtype: torch.dtype) -> str:
+    """Check ``y`` of contender ``c`` (``w``: the weight it was given); returns the row's ``checked``
+    value, raises ``AssertionError("wrong result: ...")`` when the output is wrong."""
+    if not c.expect:
+        if not c.unchecked:
+            raise ValueError("no reference to check the output against: give the contender an expect kind "
+                             "or an unchecked reason")
+        return "no: " + c.unchecked
+    if c.expect == "layer":
+        msg = check_layer(state[0], x, y[0] if isinstance(y, (tuple, list)) else y)
+    else:
+        key = (c.expect, c.sparse)
+        if key not in refs:
+            refs[key] = reference_check(c.expect, x, w, dtype)
+        msg = refs[key](y, c.tol)
+    if msg is not None:
+        raise AssertionError(f"wrong result: {msg} (vs the {c.expect} reference)")
+    return "yes" if c.tol is None else f"approx: relative L2 <= {c.tol:g} vs the {c.expect} reference"
 
 
 def compress_rows(w: Tensor, dtype_name: str) -> List[bm.Row]:
@@ -357,7 +420,7 @@ def sweep_shape(n: int, k: int, ms: Sequence[int], dtype_name: str, contenders: 
             rows.append(row)
     for m in ms:
         x = torch.randn(m, k, generator=gen, device=device).to(dtype)
-        expected: Dict[Tuple[str, bool], Tensor] = {}
+        refs: Dict[Tuple[str, bool], Callable] = {}
         dense_us = None
         for c in contenders:
             row = bm.Row(c.op, c.backend, c.format, dtype_name, n, k, m, dense_us=dense_us, flops=2.0 * m * n * k)
@@ -368,14 +431,10 @@ def sweep_shape(n: int, k: int, ms: Sequence[int], dtype_name: str, contenders: 
             try:
                 fn = c.call(states[c.key], x)
                 y = fn()
-                if check and c.expect:
-                    key = (c.expect, c.sparse)
-                    if key not in expected:
-                        expected[key] = expected_output(c.expect, x, w24 if c.sparse else w)
-                    err = rel_error(y, expected[key])
-                    if not err <= c.tol:
-                        raise AssertionError(f"wrong result: relative error {err:.3g} > {c.tol:g} vs the reference")
+                checked = check_output(c, states[c.key], x, y, refs, w24 if c.sparse else w, dtype) if check \
+                    else "no: --no-check"
                 row.time_us = timer(fn)
+                row.checked = checked
                 out_bytes = y.numel() * y.element_size() if isinstance(y, Tensor) else 0
                 row.bytes = float(bm.tensor_bytes(states[c.key]) + x.numel() * x.element_size() + out_bytes)
                 if c.format == "dense":
@@ -388,7 +447,7 @@ def sweep_shape(n: int, k: int, ms: Sequence[int], dtype_name: str, contenders: 
             rows.append(row)
         log(f"  {n}x{k} {dtype_name} M={m}: dense {dense_us or float('nan'):.1f} us, "
             f"{sum(1 for r in rows if r.M == m and r.error)} failed of {len(contenders)}")
-        del x, expected
+        del x, refs
     del states
     if device.type == "cuda":
         torch.cuda.empty_cache()

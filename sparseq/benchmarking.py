@@ -1,14 +1,18 @@
-"""Shared benchmark harness: environment metadata, model shapes, timing, result rows and CSV/markdown/PNG writers.
+"""Shared benchmark harness: environment metadata, model shapes, timing, output checks, result rows
+and CSV/markdown/PNG writers.
 
 Used by ``sparseq bench``, ``benchmarks/bench_ops.py``, ``benchmarks/bench_e2e.py`` and any
 other benchmark script: a script produces :class:`Row` objects and hands them to the writers.
 Timing on a GPU is ``triton.testing.do_bench`` (median, L2 flushed before every run, warm-up
 excluded), falling back to CUDA events with an explicit L2 flush; on the CPU it is the median
 of ``time.perf_counter`` runs (smoke mode: checks that the scripts run, never a speed claim).
+Outputs are checked with the elementwise bounds of ``sparseq.testing``, evaluated on the
+device (:func:`check_close`, :func:`check_layer`); every row records whether it was.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
@@ -21,15 +25,26 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from torch import Tensor
+
+from .testing import EPS32, layer_expected
 
 CSV_COLUMNS: Tuple[str, ...] = (
     "gpu", "torch", "cuda", "git_sha", "op", "backend", "format", "dtype",
-    "N", "K", "M", "time_us", "dense_us", "speedup", "tflops", "gbps",
+    "N", "K", "M", "time_us", "dense_us", "speedup", "tflops", "gbps", "checked",
 )
 """The exact header of every results CSV (one row per measurement)."""
+
+CHECKED_OK = ("yes", "reference")
+"""``checked`` values of a timed row whose output was verified: ``yes`` (within the elementwise
+bound of its format, ``sparseq.testing``) or ``reference`` (it is the reference, e.g. the dense
+model end to end). Anything else (``no: <why>``, ``approx: <how>``) is not a verified output."""
+
+UNCHECKED_MARK = "†"
+"""Appended to every table cell (and plot label) whose time comes from an output not verified."""
 
 ERROR_PREFIX = "error: "
 """A failed measurement has no time: its ``time_us`` cell holds ``error: <message>``."""
@@ -247,6 +262,95 @@ def time_once_us(fn: Callable[[], Any], device: torch.device) -> Tuple[Any, floa
     return out, 1e6 * (time.perf_counter() - t0)
 
 
+# ---------------------------------------------------------------------- output checks
+
+
+@contextlib.contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """Reference matmuls in full fp32 (no TF32), whatever the caller set."""
+    mm = torch.backends.cuda.matmul
+    old, mm.allow_tf32 = mm.allow_tf32, False
+    try:
+        yield
+    finally:
+        mm.allow_tf32 = old
+
+
+def _mismatch(out: Tensor, expected: Tensor) -> Optional[str]:
+    if out.dtype != expected.dtype:
+        return f"dtype {out.dtype}, expected {expected.dtype}"
+    if tuple(out.shape) != tuple(expected.shape):
+        return f"shape {tuple(out.shape)}, expected {tuple(expected.shape)}"
+    return None
+
+
+def _report(bad: int, total: int, what: str, out: Tensor, expected: Tensor, idx: Tuple[int, int], extra: str = "") -> str:
+    return (f"{bad} of {total} outputs {what}; first {list(idx)}: got {float(out[idx])}, "
+            f"reference {float(expected[idx])}{extra}")
+
+
+def first_difference(out: Tensor, expected: Tensor) -> Optional[str]:
+    """None when integer outputs equal the reference exactly, else where they do not."""
+    wrong = _mismatch(out, expected)
+    if wrong is not None:
+        return wrong
+    bad = out != expected
+    if not bool(bad.any()):
+        return None
+    idx = tuple(int(v) for v in bad.nonzero()[0])
+    return _report(int(bad.sum()), bad.numel(), "differ", out, expected, idx)
+
+
+def check_close(out: Tensor, expected: Tensor, x: Tensor, w: Tensor, x_scale: Optional[Tensor] = None,
+                w_scale: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                exact_accumulator: Optional[bool] = None) -> Optional[str]:
+    """``sparseq.testing.check_matmul_close`` evaluated where the tensors are: the same fp64
+    magnitude, elementwise bound and message, by blocks of rows, on the GPU in a GPU sweep (the
+    CPU would take hours for the largest magnitude, 16384x8192 @ 8192x28672 in fp64)."""
+    wrong = _mismatch(out, expected)
+    if wrong is not None:
+        return wrong
+    if exact_accumulator is None:
+        exact_accumulator = x.dtype == torch.int8 and w.dtype == torch.int8
+    info = torch.finfo(expected.dtype)
+    terms = 4 if exact_accumulator else 2 * (x.shape[-1] + 2)  # testing.matmul_bound
+    w_abs = w.detach().double().abs().T
+    xs = None if x_scale is None else x_scale.detach().double().abs()
+    ws = None if w_scale is None else w_scale.detach().double().abs()[None, :]
+    bias_abs = None if bias is None else bias.detach().double().abs()[None, :]
+    step = max(1, (1 << 24) // max(1, w.shape[0]))
+    n_bad, first = 0, None
+    for r0 in range(0, out.shape[0], step):
+        rows = slice(r0, r0 + step)
+        mag = x[rows].detach().double().abs() @ w_abs  # testing.magnitude
+        if xs is not None:
+            mag = mag * (xs[rows, None] if xs.numel() > 1 else xs)
+        if ws is not None:
+            mag = mag * ws
+        if bias_abs is not None:
+            mag = mag + bias_abs
+        exp = expected[rows].detach().double()
+        bound = info.eps * exp.abs() + terms * EPS32 * mag + info.tiny
+        bad = ~((out[rows].detach().double() - exp).abs() <= bound)  # NaN counts as bad
+        count = int(bad.sum())
+        if count and first is None:
+            i, j = (int(v) for v in bad.nonzero()[0])
+            first = ((r0 + i, j), float(bound[i, j]))
+        n_bad += count
+    if first is None:
+        return None
+    return _report(n_bad, out.numel(), "out of tolerance", out, expected, first[0], f", bound {first[1]:.3g}")
+
+
+def check_layer(layer: torch.nn.Module, x: Tensor, out: Tensor) -> Optional[str]:
+    """``sparseq.testing.check_layer_close`` evaluated where the tensors are: ``out`` of a sparseq
+    layer on ``x`` against the dense layer it replaces (``testing.layer_expected``)."""
+    x2, out2 = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
+    with ieee_fp32():
+        expected, xf, w = layer_expected(layer, x2)
+    return check_close(out2, expected, xf, w, bias=layer.bias, exact_accumulator=False)
+
+
 # -------------------------------------------------------------------------------- rows
 
 
@@ -266,6 +370,7 @@ class Row:
     flops: Optional[float] = None
     bytes: Optional[float] = None
     error: Optional[str] = None
+    checked: Optional[str] = None  # how the output was verified (CHECKED_OK) or why not; None: no output
     env: Optional[Environment] = None  # set on rows read back from a CSV
     raw: Optional[Dict[str, str]] = dataclasses.field(default=None, repr=False)  # its CSV cells, rewritten as read
 
@@ -274,6 +379,11 @@ class Row:
         if self.time_us and self.dense_us:
             return self.dense_us / self.time_us
         return None
+
+    @property
+    def unchecked(self) -> bool:
+        """Timed from an output that was not verified (see :data:`CHECKED_OK`; one-time costs have none)."""
+        return self.time_us is not None and self.op not in ONE_TIME_OPS and self.checked not in CHECKED_OK
 
     @property
     def label(self) -> str:
@@ -296,6 +406,7 @@ class Row:
             "speedup": num(self.speedup, ".4f"),
             "tflops": num(self.flops * per_s / 1e12 if (self.flops and per_s) else None, ".4g"),
             "gbps": num(self.bytes * per_s / 1e9 if (self.bytes and per_s) else None, ".4g"),
+            "checked": "" if self.error else (self.checked or ""),
         }
 
 
@@ -351,7 +462,8 @@ def rows_from_csv(path: Path) -> List[Row]:
             M=int(d["M"]) if d["M"] else None, time_us=time_us, dense_us=num(d["dense_us"]),
             flops=tflops * 1e12 / per_s if (tflops is not None and per_s) else None,
             bytes=gbps * 1e9 / per_s if (gbps is not None and per_s) else None,
-            error=error, env=Environment(d["gpu"], d["torch"], d["cuda"], d["git_sha"]), raw=d))
+            error=error, checked=d["checked"] or None, env=Environment(d["gpu"], d["torch"], d["cuda"], d["git_sha"]),
+            raw=d))
     return rows
 
 
@@ -361,7 +473,21 @@ def _fmt_speedup(row: Optional[Row]) -> str:
     if row.error:
         return "err"
     s = row.speedup
-    return "–" if s is None else f"{s:.2f}x"
+    return "–" if s is None else f"{s:.2f}x" + (UNCHECKED_MARK if row.unchecked else "")
+
+
+def check_notes(rows: Sequence[Row]) -> List[str]:
+    """Markdown lines naming the rows timed from unverified outputs (marked :data:`UNCHECKED_MARK`), by reason."""
+    why = _group([r for r in rows if r.unchecked], lambda r: r.checked or "no: not recorded")
+    if not why:
+        return []
+    lines = [f"**{UNCHECKED_MARK} not checked**: these times come from outputs that were not verified against "
+             "the reference of their format, so a wrong kernel would look the same:", ""]
+    for reason, series in why.items():
+        labels = list(dict.fromkeys(r.label for r in series))
+        more = f" and {len(labels) - 6} more" if len(labels) > 6 else ""
+        lines.append(f"- {reason} ({len(series)} rows): " + ", ".join(labels[:6]) + more)
+    return lines + [""]
 
 
 def _group(rows: Iterable[Row], key: Callable[[Row], Any]) -> Dict[Any, List[Row]]:
@@ -377,6 +503,7 @@ def speedup_markdown(rows: Sequence[Row], env: Environment, title: str, shape_na
     lines = [f"# {title}", "", env.header(), "",
              "Speedup = dense `F.linear` time / contender time, same dtype, same M, same run. "
              "`err`: the contender failed (message below); `–`: not measured.", ""]
+    lines += check_notes(rows)
     timed = [r for r in rows if r.op not in ONE_TIME_OPS and r.M is not None]
     for (dtype, n, k), group in _group(timed, lambda r: (r.dtype, r.N, r.K)).items():
         ms = sorted({r.M for r in group})
@@ -446,8 +573,9 @@ def plot_speedups(rows: Sequence[Row], env: Environment, out_dir: Path, prefix: 
         ax.axhline(1.0, color="black", linestyle="--", linewidth=1.2, label="dense F.linear (1.0)")
         for label, series in _group(group, lambda r: r.label).items():
             pts = sorted((r.M, r.speedup) for r in series if r.speedup is not None and r.format != "dense")
+            mark = f" {UNCHECKED_MARK} not checked" if any(r.unchecked for r in series) else ""
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=label)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=label + mark)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("M (tokens)")
         ax.set_ylabel(f"speedup over dense {dtype}")
@@ -483,7 +611,8 @@ def plot_bars(rows: Sequence[Row], env: Environment, path: Path, title: str) -> 
             if hit:
                 xs.append(i + j * width)
                 ys.append(hit[0].speedup)
-        ax.bar(xs, ys, width=width, label=label)
+        mark = f" {UNCHECKED_MARK} not checked" if any(r.unchecked for r in ok if f"{r.backend} {r.format}" == label) else ""
+        ax.bar(xs, ys, width=width, label=label + mark)
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1.2, label="dense (1.0)")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], [g for g, _ in groups], rotation=20, fontsize=8)
     ax.set_ylabel("speedup over dense")
@@ -510,7 +639,7 @@ def print_rows(rows: Sequence[Row], file: Any = None) -> None:
             t = "" if r.time_us is None else f"{r.time_us:.1f}"
             d = "" if r.dense_us is None else f"{r.dense_us:.1f}"
             s = "" if r.speedup is None else f"{r.speedup:.2f}x"
-            tail = f"{t:>10} {d:>10} {s:>8}"
+            tail = f"{t:>10} {d:>10} {s:>8}" + (f"  {UNCHECKED_MARK} {r.checked or 'not checked'}" if r.unchecked else "")
         print(f"{r.op:<9} {r.backend[:22]:<22} {r.format[:22]:<22} {r.dtype:<5} {shape:>13} {m:>6} {tail}", file=file)
 
 

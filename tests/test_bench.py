@@ -50,9 +50,12 @@ def ops_smoke(tmp_path_factory):
 def test_ops_smoke_csv_has_exact_columns(ops_smoke):
     first = (ops_smoke / "ops_smoke.csv").read_text().splitlines()[0]
     assert first == ",".join(bm.CSV_COLUMNS)
-    assert first == "gpu,torch,cuda,git_sha,op,backend,format,dtype,N,K,M,time_us,dense_us,speedup,tflops,gbps"
+    assert first == "gpu,torch,cuda,git_sha,op,backend,format,dtype,N,K,M,time_us,dense_us,speedup,tflops,gbps,checked"
     rows = bm.read_csv(ops_smoke / "ops_smoke.csv")
     _check_rows(rows)
+    timed = [r for r in rows if r["op"] not in bm.ONE_TIME_OPS and not r["time_us"].startswith(bm.ERROR_PREFIX)]
+    assert timed and all(r["checked"] == "yes" for r in timed)  # every contender here has a reference
+    assert not [r for r in rows if "wrong result" in r["time_us"]]
     dense = [r for r in rows if r["format"] == "dense"]
     assert {(int(r["N"]), int(r["K"])) for r in dense} == set(bench.SMOKE_SHAPES)
     assert {int(r["M"]) for r in dense} == set(bench.M_SMOKE)
@@ -191,14 +194,17 @@ def test_shapes_and_m_values_follow_the_issue():
         bench.parse_shape("4096")
 
 
-def test_expected_outputs_follow_the_reference():
+def test_reference_checks_follow_the_reference():
     x, w = torch.randn(3, 64), torch.randn(16, 64)
     wq, sw = ref.quantize_per_channel(w)
     xq, sx = ref.quantize_per_token(x)
     y = ref.int8_mm(xq, wq, sx, sw, None, torch.float32)
-    assert bench.rel_error(y, bench.expected_output("w8a8", x, w)) < 1e-5
+    assert bench.reference_check("w8a8", x, w, torch.float32)(y) is None
+    assert bench.reference_check("w8a8", x, w, torch.float32)(y * (1 + 1e-5)) is not None
     y = ref.int8_weight_only_mm(x, wq, sw)
-    assert bench.rel_error(y, bench.expected_output("int8_weight_only", x, w)) < 1e-5
+    assert bench.reference_check("int8_weight_only", x, w, torch.float32)(y) is None
+    assert bench.reference_check("float", x, w, torch.float32)(y, tol=5e-2) is None  # approx: quantization error
+    assert bench.reference_check("float", x, w, torch.float32)(y) is not None
 
 
 def test_cpu_timer_and_environment():
