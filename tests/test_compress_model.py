@@ -1,5 +1,6 @@
 """sparseq.compress on a tiny random BERT: sequential calibration, recovery, export, save/load."""
 import copy
+import zlib
 
 import pytest
 import torch
@@ -23,7 +24,8 @@ class Tok:
         return s.split()
 
     def __call__(self, lines, return_tensors="pt", padding=True, truncation=True, max_length=64):
-        ids = [[1] + [3 + hash(w) % 250 for w in s.split()][: max_length - 2] + [2] for s in lines]
+        # zlib.crc32, not hash(): str hashes change per process (PYTHONHASHSEED), and so would the data
+        ids = [[1] + [3 + zlib.crc32(w.encode()) % 250 for w in s.split()][: max_length - 2] + [2] for s in lines]
         n = max(map(len, ids))
         return {"input_ids": torch.tensor([x + [0] * (n - len(x)) for x in ids]),
                 "attention_mask": torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids])}
@@ -225,6 +227,62 @@ def test_back_off_finds_the_furthest_plan_within_budget(true_losses, expected):
     assert all(checked[i] == true_losses[i] for i in calls)
 
 
+def _toy_model(first="2:4", second="w8a8"):
+    """Three Linears of N*K = 4096, 8192, 8192: two simulated in ``first`` / ``second``, one dense."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(SimulatedLinear(torch.nn.Linear(64, 64), first),
+                               SimulatedLinear(torch.nn.Linear(64, 128), second),
+                               torch.nn.Linear(128, 64))
+
+
+def test_modelled_speedup_is_the_per_layer_speed_model(monkeypatch):
+    """As documented (planner step 2): model time = sum over Linears of N * K / the layer's
+    speedup (tabled per format; no kernel or a slower one counts 1.0), and the modelled
+    speedup is dense time / model time. Hand computations on a toy model, with the table
+    entries set here so the result follows them, not the shipped numbers."""
+    from sparseq.compress import planner
+    from sparseq.compress.schedule import modelled_speedup
+
+    monkeypatch.setitem(planner.TABLED_SPEEDUP, "2:4", 2.0)
+    monkeypatch.setitem(planner.TABLED_SPEEDUP, "w8a8", 4.0)
+    dense_time = 4096 + 8192 + 8192
+    assert modelled_speedup(_toy_model()) == pytest.approx(dense_time / (4096 / 2 + 8192 / 4 + 8192))  # 5/3
+    monkeypatch.setitem(planner.TABLED_SPEEDUP, "2:4", 4.0)  # one entry changes, the result follows
+    assert modelled_speedup(_toy_model()) == pytest.approx(dense_time / (4096 / 4 + 8192 / 4 + 8192))  # 20/11
+    monkeypatch.setitem(planner.TABLED_SPEEDUP, "w8a8", 0.5)  # a slower kernel: sparseq runs dense there
+    assert modelled_speedup(_toy_model()) == pytest.approx(dense_time / (4096 / 4 + 8192 + 8192))  # 10/9
+    # weighting is by N * K: the same formats on the two bigger layers save more
+    monkeypatch.setitem(planner.TABLED_SPEEDUP, "w8a8", 4.0)
+    assert modelled_speedup(_toy_model("50%", "w8a8")) == pytest.approx(dense_time / (4096 + 8192 / 4 + 8192))  # 10/7
+    assert modelled_speedup(_toy_model("w8a8", "50%")) == pytest.approx(dense_time / (4096 / 4 + 8192 + 8192))  # 20/17
+    assert modelled_speedup(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU())) == 1.0
+
+
+def test_planner_speed_uses_measured_speedups_over_the_table(tmp_path, monkeypatch):
+    """The planner's frontier speedups under the same model, with a measured ops.csv entry
+    for one shape (the best at M <= 16) overriding the table."""
+    from sparseq.compress import planner
+
+    monkeypatch.setitem(planner.TABLED_SPEEDUP, "2:4", 2.0)
+    csv = tmp_path / "ops.csv"
+    csv.write_text("format,N,K,M,speedup\n2:4,64,64,1,3.0\n2:4,64,64,16,2.5\n2:4,64,64,64,9.0\n"
+                   "2:4,128,64,1,0.7\n")
+    measured = planner.load_speedups(str(csv))
+    assert measured == {("2:4", 64, 64): 3.0, ("2:4", 128, 64): 0.7}
+    assert planner.layer_speedup("2:4", (64, 64), measured) == 3.0
+    assert planner.layer_speedup("2:4", (128, 64), measured) == 1.0  # measured slower: runs dense
+    assert planner.layer_speedup("2:4", (64, 128), measured) == 2.0  # not measured: tabled
+    shapes = {"a": (64, 64), "b": (64, 128)}
+    losses = {"a": {"2:4": 0.1}, "b": {"2:4": 0.1}}
+    chosen, loss, frontier, path = planner.greedy(losses, shapes, budget=1.0, measured=measured)
+    assert chosen == {"a": "2:4", "b": "2:4"} and loss == pytest.approx(0.2)
+    dense_time = 4096 + 8192
+    # b first (saves 8192 - 4096 = 4096 of time vs a's 4096 - 4096 / 3), then a
+    assert path[1] == {"a": "dense", "b": "2:4"}
+    assert frontier[1][0] == pytest.approx(dense_time / (4096 + 8192 / 2))  # 1.5
+    assert frontier[2][0] == pytest.approx(dense_time / (4096 / 3 + 8192 / 2))  # 2.25
+
+
 def _schedule(tiny, steps, floor=None):
     from sparseq.compress.schedule import compress_in_steps
 
@@ -236,14 +294,18 @@ def _schedule(tiny, steps, floor=None):
     return m, done, result
 
 
-def test_schedule_steps_grow_sparsity_and_report_each_step(tiny):
-    from sparseq.compress.schedule import steps_table
+def test_schedule_steps_grow_sparsity_and_report_each_step(tiny, monkeypatch):
+    from sparseq.compress import planner
+    from sparseq.compress.schedule import modelled_speedup, steps_table
 
+    monkeypatch.setitem(planner.TABLED_SPEEDUP, "2:4", 2.5)  # not the shipped entry: the steps must follow it
     m, done, result = _schedule(tiny, ["25%", "50%", "2:4"])
     assert [s.recipe for s in done] == ["25%", "50%", "2:4"] and all(s.kept for s in done)
     assert done[0].oneshot.cosine > done[1].oneshot.cosine > done[2].oneshot.cosine
     assert done[0].linear_bytes > done[1].linear_bytes
-    assert done[0].modelled_speedup == 1.0 and done[2].modelled_speedup > 1.5  # only 2:4 has kernels
+    # unstructured sparsity has no kernels (dense speed); every Linear in 2:4 runs at the 2:4 entry
+    assert done[0].modelled_speedup == done[1].modelled_speedup == 1.0
+    assert done[2].modelled_speedup == pytest.approx(2.5) == modelled_speedup(m)
     sims = [x for x in m.modules() if isinstance(x, SimulatedLinear)]
     assert all(str(x.format) == "2:4" and reference.is_24_sparse(x.pruned_weight()) for x in sims)
     assert len(result.layers) == 12
