@@ -125,7 +125,7 @@ ext_modules = cuda_extensions()
 setup(
     name="sparseq",
     version=_read_version(),
-    description="2:4 sparse and int8 PyTorch layers and kernels that beat dense on real GPUs",
+    description="2:4 sparse and int8 PyTorch layers, kernels and compression workflow (GPU speed not yet measured)",
     long_description=open(os.path.join(ROOT, "README.md")).read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",

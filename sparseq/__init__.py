@@ -1,4 +1,4 @@
-"""sparseq: pruned and quantized PyTorch models that run faster than dense on real GPUs.
+"""sparseq: pruned and quantized PyTorch models, built to run faster than dense on GPUs.
 
 Importing sparseq registers the ``sparseq::*`` reference ops and does no CUDA work; Triton
 kernels and the compiled extensions load lazily (see ``kernels_available()``).
