@@ -89,8 +89,6 @@ def test_extra_repr_and_state_dict_is_compressed():
 def test_cuda_layers_match_the_dense_layer(fmt, m):
     """The layer on the GPU (whatever backend dispatch picks) against the dense layer it
     replaces, within sparseq.testing's bound (computed on the CPU from a copy of the layer)."""
-    from test_layers_vs_dense import dense_fallback_gap
-
     lin = nn.Linear(256, 128).to(torch.bfloat16)
     layer = sparseq.nn.make_layer(lin, fmt, **({"prune": "magnitude"} if fmt.startswith("2:4") else {}))
     x = torch.randn(m, 256, dtype=torch.bfloat16)
@@ -98,10 +96,6 @@ def test_cuda_layers_match_the_dense_layer(fmt, m):
     layer = layer.cuda()
     with torch.no_grad():
         y = layer(x.cuda())
-    msg = check_layer_close(cpu_layer, x, out=y.cpu())
     backend = layer.prepare()[dispatch.BUCKET_NAMES[dispatch.bucket_of(m)]]  # resolved already
-    gap = dense_fallback_gap(fmt, torch.bfloat16)
-    if gap and backend == "dense":  # a strict xfail by hand: the backend depends on the GPU's table
-        assert msg is not None, "the dense fallback now meets the bound: drop this xfail"
-        pytest.xfail(gap)
+    msg = check_layer_close(cpu_layer, x, out=y.cpu(), dense_fallback=backend == "dense")
     assert msg is None, (backend, msg)

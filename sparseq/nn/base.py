@@ -166,6 +166,9 @@ class CompressedLinear(nn.Module):
         bias = self.cast("bias", dtype, device)
         return lambda x: F.linear(x, w, bias)
 
+    # dense_copy is what backward multiplies by; W8A8 layers override _dense_impl so the dense
+    # bucket still quantizes activations as the format defines (same answer in every bucket).
+
     def _pick(self, key: Key) -> Tuple[str, Impl]:
         device, bucket, dtype = key
         m = dispatch.BUCKET_M[bucket]

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .. import dispatch, ops, reference
 from .._checks import check_multiple
@@ -187,6 +188,24 @@ class _W8A8Mixin:
         op = _triton("quantize_per_token") if backend == "triton" else ops.quantize_per_token
         return None if op is None else (lambda x: op(x, smooth))
 
+    def _dense_impl(self, device: torch.device, dtype: torch.dtype) -> Impl:
+        """The dense bucket of a W8A8 layer: activations quantized and dequantized exactly as
+        the format defines (Triton quantizer on a GPU, else the reference arithmetic), then
+        ``F.linear`` with ``q * s`` in the smoothed space, copied once in the compute dtype.
+        Without the quantization the output would change with the M bucket."""
+        quant = (self._quantizer("triton") or self._quantizer("torch")) if device.type == "cuda" \
+            else self._quantizer("reference")
+        w = self.derived(f"dense_smoothed:{dtype}", device,
+                         lambda: self._int8_dense().to(device, dtype).contiguous())
+        bias = self.cast("bias", dtype, device)
+
+        def run(x: Tensor) -> Tensor:
+            xq, xs = quant(x)
+            xd = (xq.float() * (xs[:, None] if xs.numel() > 1 else xs)).to(x.dtype)
+            return F.linear(xd, w, bias)
+
+        return run
+
     def _activation_options(self) -> dict:
         return {"smooth": self.smooth is not None, "static": self.x_scale is not None}
 
@@ -226,8 +245,11 @@ class Int8Linear(_W8A8Mixin, CompressedLinear):
     def options(self) -> dict:
         return self._activation_options()
 
+    def _int8_dense(self) -> Tensor:
+        return self.weight_q.float() * self.w_scale[:, None]
+
     def dense_weight(self) -> Tensor:
-        return self._smoothed_dense(self.weight_q.float() * self.w_scale[:, None]).to(self.dtype)
+        return self._smoothed_dense(self._int8_dense()).to(self.dtype)
 
     def backend_impl(self, backend: str, m: int, dtype: torch.dtype, device: torch.device) -> Optional[Impl]:
         if backend not in ("triton", "reference"):
@@ -296,9 +318,16 @@ class Sparse24Int8Linear(_W8A8Mixin, CompressedLinear):
     def options(self) -> dict:
         return {"mode": self.mode, **self._activation_options()}
 
+    def _int8_dense(self) -> Tensor:
+        return ops.decompress_24(self.values, self.meta).float() * self.w_scale[:, None]
+
     def dense_weight(self) -> Tensor:
-        w = ops.decompress_24(self.values, self.meta).float() * self.w_scale[:, None]
-        return self._smoothed_dense(w).to(self.dtype)
+        return self._smoothed_dense(self._int8_dense()).to(self.dtype)
+
+    def _dense_impl(self, device: torch.device, dtype: torch.dtype) -> Impl:
+        if self.mode == "weight_only":
+            return CompressedLinear._dense_impl(self, device, dtype)
+        return _W8A8Mixin._dense_impl(self, device, dtype)
 
     def _mm(self, backend: str, dtype: torch.dtype, device: torch.device):
         if backend == "reference":
