@@ -5,6 +5,13 @@ static KV cache) and prefill tokens/s at 2048 tokens, for dense bf16 and every `
 recipe; then the MiniLM sentence-embedding throughput. Writes ``e2e[_smoke].csv`` (the columns
 of every sparseq results CSV), ``.md`` and ``.png``. Run ``python benchmarks/bench_e2e.py --help``.
 
+Every recipe's output is checked before it is timed, against the dense model built from the
+same weights (each sparseq layer replaced by the dense layer it stands for: for 2:4 recipes the
+pruned weights), end to end within :func:`e2e_bound`, and layer by layer within the bounds of
+``sparseq.testing``; a recipe that fails either check records ``wrong result`` and no time. A
+recipe that fails to run is a failure (exit status 1) unless :data:`UNSUPPORTED` lists it for
+the device, with a reason.
+
 Row meaning: ``op`` decode/prefill/embed, ``format`` dense or the recipe, ``backend`` how it ran
 (compile+cudagraphs, compile, eager), ``N`` layers, ``K`` context length (tokens attended),
 ``M`` tokens per step (decode: the batch; prefill: 2048; embed: sentences), ``time_us`` per
@@ -19,9 +26,10 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -32,6 +40,19 @@ from torch import Tensor, nn  # noqa: E402
 from sparseq import benchmarking as bm  # noqa: E402
 
 RECIPES = ("2:4", "w8a8", "int8_weight_only", "2:4+w8a8", "2:4+int8_weight_only")
+W8A8_RECIPES = ("w8a8", "2:4+w8a8")
+
+UNSUPPORTED: Dict[Tuple[str, str], str] = {}
+"""``(recipe, device type) -> reason``: a recipe known not to run there. Its failure is then
+recorded as ``unsupported on <device>: <reason>`` and is not a benchmark failure. Empty: every
+recipe must run on the CPU (reference ops) and on a GPU (its kernels, else the reference)."""
+
+LAYER_CHECKS = True
+"""Check every sparseq layer against the dense layer it replaces during the checked forward
+(off only in tests of the end-to-end comparison alone)."""
+
+E2E_ULPS = 4
+"""Output ulps one sparseq layer may add, relative, end to end (see :func:`e2e_bound`)."""
 
 
 @dataclass(frozen=True)
@@ -205,6 +226,137 @@ def apply_recipe(model: nn.Module, recipe: str, part: str) -> nn.Module:
     return model
 
 
+# ------------------------------------------------------------------------------ checks
+
+
+def e2e_bound(dtype: torch.dtype, stages: int, recipe: str) -> float:
+    """Bound on ``||out - ref|| / ||ref||`` per output row (token logits, sentence embedding).
+
+    Each sparseq layer is within one rounding of its output dtype of the dense layer it replaces
+    on the same input (``sparseq.testing``; fp32 summation-order differences are ~sqrt(K) eps32
+    in practice: far below a bf16/fp16 ulp, a few fp32 ulps). Norms, residual adds, attention
+    and activations carry a relative error along roughly unchanged, so errors add up along the
+    longest chain of sparseq layers, ``stages`` (4 per decoder/encoder layer: qkv, o, up/gate,
+    down): ``E2E_ULPS * eps(dtype) * stages``. W8A8 recipes quantize activations: an input one
+    ulp off can round to the neighbouring int8 step, and that cascades (the next layers see
+    inputs a step apart, not an ulp), so the model and its fake-quant reference differ by up to
+    the format's own rounding noise: we add one int8 step, 1/127 relative, per stage (MiniLM,
+    fp32: 0.065 measured, 0.19 allowed). Loose at full depth in bf16 (~1 at 32 layers): there
+    the per-layer checks, elementwise on every row of every layer, pin each kernel, and this
+    bound pins the model as a whole (a wrong layer, a dropped bias: see tests/test_bench_e2e.py).
+    """
+    per_stage = E2E_ULPS * torch.finfo(dtype).eps + (1.0 / 127 if recipe in W8A8_RECIPES else 0.0)
+    return per_stage * stages
+
+
+def row_violation(out: Tensor, ref: Tensor, bound: float) -> Optional[str]:
+    """None when every row of ``out`` is within ``bound`` of ``ref`` (relative L2), else the worst row."""
+    o, r = out.detach().double().flatten(0, -2), ref.detach().double().flatten(0, -2)
+    rel = (o - r).norm(dim=-1) / r.norm(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
+    bad = ~(rel <= bound)  # NaN counts as bad
+    if not bool(bad.any()):
+        return None
+    worst = int(torch.where(bad, rel.nan_to_num(float("inf")), -1.0).argmax())
+    return (f"{int(bad.sum())} of {rel.numel()} output rows off the dense reference; row {worst}: relative "
+            f"error {float(rel[worst]):.3g} > bound {bound:.3g}")
+
+
+class DenseReference(nn.Module):
+    """The dense layer a sparseq layer stands for: ``testing.layer_expected`` (its weight in fp32,
+    2:4 pruned as stored; W8A8: activations quantized and dequantized by the reference quantizer)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = (layer,)  # a tuple: not a submodule
+
+    def forward(self, x: Tensor) -> Tensor:
+        from sparseq import testing
+
+        with bm.ieee_fp32():
+            y = testing.layer_expected(self.layer[0], x.reshape(-1, x.shape[-1]))[0]
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _sparseq_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    from sparseq.nn.base import CompressedLinear
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, CompressedLinear)]
+
+
+def _put(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+@contextmanager
+def dense_reference(model: nn.Module) -> Iterator[int]:
+    """Within: every sparseq layer of ``model`` is its :class:`DenseReference`; yields how many."""
+    layers = _sparseq_layers(model)
+    for name, layer in layers:
+        _put(model, name, DenseReference(layer))
+    try:
+        yield len(layers)
+    finally:
+        for name, layer in layers:
+            _put(model, name, layer)
+
+
+@contextmanager
+def layer_checks(model: nn.Module, failures: List[str]) -> Iterator[None]:
+    """Within: each sparseq layer's output is checked against the dense layer it replaces, on
+    its own input (``benchmarking.check_layer``); the first violation is appended to ``failures``."""
+
+    def hook(name: str):
+        def check(layer: nn.Module, args: tuple, out: Tensor) -> None:
+            if not failures:
+                msg = bm.check_layer(layer, args[0], out)
+                if msg:
+                    failures.append(f"layer {name} ({layer.FORMAT}): {msg}")
+        return check
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in _sparseq_layers(model)] if LAYER_CHECKS else []
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def checked_forward(model: nn.Module, run: Callable[[], Tensor], recipe: str, dtype: torch.dtype,
+                    stages: int) -> Tuple[Tensor, Optional[Tensor]]:
+    """``run()`` on the dense reference of ``model`` (dense recipe: none), then on the model with
+    the per-layer checks on; returns ``(output, reference)``. Raises ``AssertionError("wrong
+    result: ...")`` when a layer or the output is off, or the recipe swapped nothing."""
+    ref = None
+    if recipe != "dense":
+        with dense_reference(model) as n:
+            if not n:
+                raise AssertionError(f"wrong result: the {recipe} model holds no sparseq layer")
+            ref = run()
+    failures: List[str] = []
+    with layer_checks(model, failures):
+        out = run()
+    msg = failures[0] if failures else (None if ref is None else row_violation(out, ref, e2e_bound(dtype, stages, recipe)))
+    if msg is None and not bool(torch.isfinite(out.float()).all()):
+        msg = "non-finite output"
+    if msg:
+        raise AssertionError(f"wrong result: {msg}")
+    return out, ref
+
+
+def _checked(recipe: str) -> str:
+    return "reference" if recipe == "dense" else "yes"
+
+
+def expected_unsupported(recipe: str, device: torch.device, error: str) -> str:
+    """The error text of a recipe that failed: ``unsupported on <device>: <reason> (...)`` when
+    :data:`UNSUPPORTED` expects it, else the error itself."""
+    reason = UNSUPPORTED.get((recipe, device.type))
+    if not reason or error.startswith("AssertionError: wrong result"):  # a wrong output is never excused
+        return error
+    return f"unsupported on {device.type}: {reason} ({error})"
+
+
 # ------------------------------------------------------------------------------ timing
 
 
@@ -235,11 +387,6 @@ class Plan:
     minilm_seq: int
 
 
-def _finite(t: Tensor, what: str) -> None:
-    if not bool(torch.isfinite(t.float()).all()):
-        raise FloatingPointError(f"{what}: non-finite output")
-
-
 def measure_llama(recipe: str, plan: Plan, device: torch.device, dtype: torch.dtype, log: Callable[[str], None]) -> List[bm.Row]:
     """Decode (per batch) and prefill rows for one recipe (``dense``: no swap)."""
     cfg, rows = plan.cfg, []
@@ -251,11 +398,12 @@ def measure_llama(recipe: str, plan: Plan, device: torch.device, dtype: torch.dt
         if recipe != "dense":
             model = apply_recipe(model, recipe, "layers")
     except Exception as e:  # noqa: BLE001
-        err = "model/swap failed: " + bm.error_text(e)
+        err = expected_unsupported(recipe, device, "model/swap failed: " + bm.error_text(e))
         return [bm.Row(op, tag, recipe, _name(dtype), cfg.n_layers, k, m, error=err)
                 for op, k, m in [("decode", plan.prompt + plan.steps, b) for b in plan.batches]
                 + [("prefill", plan.prefill_tokens, plan.prefill_tokens)]]
     wbytes, params = float(model.weight_bytes()), float(model.linear_params())
+    stages = 4 * cfg.n_layers
 
     def step(tok: Tensor, pos: Tensor) -> Tensor:
         return model(tok, pos)[:, -1].argmax(-1, keepdim=True)
@@ -269,8 +417,9 @@ def measure_llama(recipe: str, plan: Plan, device: torch.device, dtype: torch.dt
             with torch.no_grad():
                 model.setup_caches(b, ctx)
                 prompt = torch.randint(0, cfg.vocab, (b, plan.prompt), device=device)
-                logits = model(prompt, torch.arange(plan.prompt, device=device))  # eager; fills the cache
-                _finite(logits, "decode prompt")
+                ppos = torch.arange(plan.prompt, device=device)
+                # eager, checked; the recipe's run comes last, so its keys/values fill the cache
+                logits, _ = checked_forward(model, lambda: model(prompt, ppos), recipe, dtype, stages)
                 tok = logits[:, -1].argmax(-1, keepdim=True)
                 del logits
                 positions = [torch.tensor([plan.prompt + i], device=device) for i in range(plan.steps)]
@@ -283,8 +432,9 @@ def measure_llama(recipe: str, plan: Plan, device: torch.device, dtype: torch.dt
                 for _ in range(2):  # compile, record the CUDA graphs, warm up
                     generate()
                 row.time_us = wall_us(generate, device, plan.reps, plan.steps)
+                row.checked = _checked(recipe)
         except Exception as e:  # noqa: BLE001
-            row.error = bm.error_text(e)
+            row.error = expected_unsupported(recipe, device, bm.error_text(e))
         rows.append(row)
         log(f"  llama {recipe} decode b={b}: " + (row.error or f"{b / row.time_us * 1e6:.1f} tok/s"))
     row = bm.Row("prefill", tag, recipe, _name(dtype), cfg.n_layers, plan.prefill_tokens, plan.prefill_tokens,
@@ -294,12 +444,14 @@ def measure_llama(recipe: str, plan: Plan, device: torch.device, dtype: torch.dt
             model.setup_caches(1, plan.prefill_tokens)
             tokens = torch.randint(0, cfg.vocab, (1, plan.prefill_tokens), device=device)
             pos = torch.arange(plan.prefill_tokens, device=device)
+            out, _ = checked_forward(model, lambda: model(tokens, pos, True), recipe, dtype, stages)
             prefill = torch.compile(model, fullgraph=True) if plan.compile else model
             for _ in range(2):
-                _finite(prefill(tokens, pos, True), "prefill")
+                _same_output(prefill(tokens, pos, True), out, dtype, stages, recipe)
             row.time_us = wall_us(lambda: prefill(tokens, pos, True), device, plan.reps)
+            row.checked = _checked(recipe)
     except Exception as e:  # noqa: BLE001
-        row.error = bm.error_text(e)
+        row.error = expected_unsupported(recipe, device, bm.error_text(e))
     rows.append(row)
     log(f"  llama {recipe} prefill {plan.prefill_tokens}: "
         + (row.error or f"{plan.prefill_tokens / row.time_us * 1e6:.0f} tok/s"))
@@ -335,17 +487,26 @@ def measure_minilm(recipe: str, plan: Plan, device: torch.device, dtype: torch.d
             m = mask[..., None].to(h.dtype)
             return F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
 
-        fn = torch.compile(embed) if plan.compile else embed
         with torch.no_grad():
+            out, _ = checked_forward(model, embed, recipe, dtype, 4 * row.N)
+            fn = torch.compile(embed) if plan.compile else embed
             for _ in range(2):
-                _finite(fn(), "embed")
+                _same_output(fn(), out, dtype, 4 * row.N, recipe)
             row.time_us = wall_us(fn, device, plan.reps)
+            row.checked = _checked(recipe)
         del model
     except Exception as e:  # noqa: BLE001
-        row.error = bm.error_text(e)
+        row.error = expected_unsupported(recipe, device, bm.error_text(e))
     log(f"  minilm {recipe} embed b={b} seq={t}: " + (row.error or f"{b / row.time_us * 1e6:.0f} sentences/s"))
     _release(device)
     return [row]
+
+
+def _same_output(out: Tensor, checked: Tensor, dtype: torch.dtype, stages: int, recipe: str) -> None:
+    """The timed (maybe compiled) function's output against the checked eager one."""
+    msg = row_violation(out, checked, e2e_bound(dtype, stages, recipe))
+    if msg:
+        raise AssertionError(f"wrong result: the timed output differs from the checked eager one: {msg}")
 
 
 def _release(device: torch.device) -> None:
@@ -370,7 +531,10 @@ def e2e_markdown(rows: Sequence[bm.Row], env: bm.Environment, title: str) -> str
     """Tokens (sentences) per second and speedup over dense, per scenario."""
     lines = [f"# {title}", "", env.header(), "",
              "Throughput (tokens/s; sentences/s for embed) and speedup over dense in the same run. "
-             "How each ran: " + ", ".join(sorted({f"{r.op}: {r.backend}" for r in rows})) + ".", ""]
+             "How each ran: " + ", ".join(sorted({f"{r.op}: {r.backend}" for r in rows})) + ". Each recipe's "
+             "output was checked against the dense model with the same (pruned, quantized) weights before "
+             "it was timed; `err`: failed (message below).", ""]
+    lines += bm.check_notes(rows)
     scenarios = list(dict.fromkeys((r.op, r.N, r.K, r.M) for r in rows))
     lines.append("| format | " + " | ".join(f"{op} M={m} ({n} layers, ctx {k})" for op, n, k, m in scenarios) + " |")
     lines.append("|---|" + "---|" * len(scenarios))
@@ -385,7 +549,8 @@ def e2e_markdown(rows: Sequence[bm.Row], env: bm.Environment, title: str) -> str
                 cells.append("err")
             else:
                 rate = (r.M or 0) / r.time_us * 1e6
-                cells.append(f"{rate:,.1f}" + (f" ({r.speedup:.2f}x)" if r.speedup else ""))
+                cells.append(f"{rate:,.1f}" + (f" ({r.speedup:.2f}x)" if r.speedup else "")
+                             + (bm.UNCHECKED_MARK if r.unchecked else ""))
         lines.append(f"| {fmt} | " + " | ".join(cells) + " |")
     lines.append("")
     lines += target_lines(rows)
@@ -439,7 +604,8 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the end-to-end benchmark and write ``e2e[_smoke].csv/.md/.png``; returns 0."""
+    """Run the end-to-end benchmark and write ``e2e[_smoke].csv/.md/.png``; returns 1 when a row
+    failed (a wrong output, or a recipe not listed in :data:`UNSUPPORTED` that did not run), else 0."""
     args = parse_args(argv)
     device = torch.device("cpu") if args.smoke else bm.default_device()
     plan = make_plan(args, device)
@@ -465,7 +631,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     bm.plot_bars(rows, env, out / f"{stem}.png", title)
     bm.print_rows(rows)
     print(f"results: {out}")
-    return 0
+    failed = [r for r in rows if r.error and not r.error.startswith("unsupported on ")]
+    if failed:
+        print(f"bench_e2e: {len(failed)} rows failed: " + "; ".join(sorted({f'{r.format} {r.op}' for r in failed})))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

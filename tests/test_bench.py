@@ -97,7 +97,11 @@ def test_e2e_smoke_writes_files(tmp_path):
             timed = {(r["op"], r["M"]) for r in rows if r["format"] == fmt and r["speedup"]}
             assert scenarios <= timed, fmt
     assert {r["format"] for r in rows} == {"dense", *bench.SWAP_FORMATS}
-    assert "| format |" in (tmp_path / "e2e_smoke.md").read_text()
+    for r in rows:  # each recipe's output was checked against the dense model with its weights
+        if not r["time_us"].startswith(bm.ERROR_PREFIX):
+            assert r["checked"] == ("reference" if r["format"] == "dense" else "yes"), r
+    md = (tmp_path / "e2e_smoke.md").read_text()
+    assert "| format |" in md and bm.UNCHECKED_MARK not in md
     assert _is_png(tmp_path / "e2e_smoke.png")
 
 
