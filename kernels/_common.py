@@ -37,11 +37,11 @@ def device_guard(t: torch.Tensor) -> ContextManager:
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def register_backend(name: str, impl: Callable, launch: Optional[Callable] = None):
+def register_backend(name: str, impl: Callable):
     """Register the kernel wrapper ``impl`` as ``sparseq::<name>_triton`` with the schema of the
-    public op ``sparseq::<name>`` (signatures live in ``sparseq.reference`` only); ``launch`` is
-    the same kernel without argument checks, for layers (checked once when they were built)."""
-    return ops.register_backend(name, "triton", impl, launch)
+    public op ``sparseq::<name>`` (signatures live in ``sparseq.reference`` only). A wrapper
+    with a ``check`` keyword gives layers an unchecked launcher (``sparseq.ops.launcher``)."""
+    return ops.register_backend(name, "triton", impl)
 
 
 # ------------------------------------------------------------------------ device helpers
@@ -189,4 +189,4 @@ def launch_meta(cfg: MatmulConfig, k: int, allow_even_k: bool = True) -> dict:
 
 
 def gemm_grid(m: int, n: int, cfg: MatmulConfig) -> tuple:
-    return (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N), cfg.SPLIT_K)
+    return (-(-m // cfg.BLOCK_M) * -(-n // cfg.BLOCK_N), cfg.SPLIT_K)  # plain ints: no call into triton

@@ -75,31 +75,27 @@ def check_int32_k(k: int) -> None:
 
 
 def int8_mm(xq: Tensor, wq: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
-            out_dtype: torch.dtype = torch.bfloat16, config: Optional[configs.MatmulConfig] = None) -> Tensor:
+            out_dtype: torch.dtype = torch.bfloat16, config: Optional[configs.MatmulConfig] = None,
+            check: bool = True) -> Tensor:
     """Triton W8A8 ``int8_mm``: ``xq[M, K]`` int8, ``wq[N, K]`` int8, ``x_scale`` fp32 ``[M]`` (per
     token) or ``[1]`` (per tensor), ``w_scale`` fp32 ``[N]``, optional ``bias[N]`` -> ``[M, N]``
     ``out_dtype``. Any M, N, K (ragged edges masked). The int32 accumulator is exact.
 
     Shapes, dtypes and devices are checked before the launch; values are not scanned (scales
     are trusted to be finite and > 0). ``config`` overrides the M-bucketed choice.
+    ``check=False`` skips the argument checks: for callers that checked them once (layers).
     """
-    check_tensor("xq", xq, dtypes=(torch.int8,), ndim=2)
-    check_tensor("wq", wq, dtypes=(torch.int8,), ndim=2)
-    check_same_device(xq=xq, wq=wq)
-    if xq.shape[1] != wq.shape[1]:
-        raise ValueError(f"x has K={xq.shape[1]} but wq expects K={wq.shape[1]}")
-    m, k = xq.shape
-    n = wq.shape[0]
-    check_int32_k(k)
-    check_w8a8_epilogue(m, n, x_scale, w_scale, bias, out_dtype, xq)
-    check_triton_device(xq=xq, wq=wq, x_scale=x_scale, w_scale=w_scale, bias=bias)
-    return launch_int8_mm(xq, wq, x_scale, w_scale, bias, out_dtype, config)
-
-
-def launch_int8_mm(xq: Tensor, wq: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
-                   out_dtype: torch.dtype = torch.bfloat16, config: Optional[configs.MatmulConfig] = None) -> Tensor:
-    """:func:`int8_mm` without its argument checks: the hot path of layers whose buffers were
-    checked when they were built (the caller guarantees what :func:`int8_mm` checks)."""
+    if check:
+        check_tensor("xq", xq, dtypes=(torch.int8,), ndim=2)
+        check_tensor("wq", wq, dtypes=(torch.int8,), ndim=2)
+        check_same_device(xq=xq, wq=wq)
+        if xq.shape[1] != wq.shape[1]:
+            raise ValueError(f"x has K={xq.shape[1]} but wq expects K={wq.shape[1]}")
+        m, k = xq.shape
+        n = wq.shape[0]
+        check_int32_k(k)
+        check_w8a8_epilogue(m, n, x_scale, w_scale, bias, out_dtype, xq)
+        check_triton_device(xq=xq, wq=wq, x_scale=x_scale, w_scale=w_scale, bias=bias)
     m, k = xq.shape
     n = wq.shape[0]
     out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
@@ -121,4 +117,4 @@ def launch_int8_mm(xq: Tensor, wq: Tensor, x_scale: Tensor, w_scale: Tensor, bia
     return out
 
 
-int8_mm_triton = register_backend("int8_mm", int8_mm, launch_int8_mm)
+int8_mm_triton = register_backend("int8_mm", int8_mm)

@@ -61,29 +61,25 @@ def _int8_weight_only_mm_kernel(a_ptr, b_ptr, out_ptr, acc_ptr, w_scale_ptr, bia
 
 
 def int8_weight_only_mm(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
-                        config: Optional[configs.MatmulConfig] = None) -> Tensor:
+                        config: Optional[configs.MatmulConfig] = None, check: bool = True) -> Tensor:
     """Triton ``int8_weight_only_mm``: ``x[M, K]`` bf16/fp16/fp32, ``wq[N, K]`` int8, ``w_scale``
     fp32 ``[N]``, optional ``bias[N]`` -> ``[M, N]`` in ``x.dtype``. Any M, N, K.
 
     fp32 activations use IEEE fp32 dot products (no TF32). Split-K partials are summed in a
     fixed order by the epilogue kernel, so results are deterministic.
+    ``check=False`` skips the argument checks: for callers that checked them once (layers).
     """
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
-    check_tensor("wq", wq, dtypes=(torch.int8,), ndim=2)
-    check_same_device(x=x, wq=wq)
-    if x.shape[1] != wq.shape[1]:
-        raise ValueError(f"x has K={x.shape[1]} but wq expects K={wq.shape[1]}")
-    m, k = x.shape
-    n = wq.shape[0]
-    check_scale_vector("w_scale", w_scale, n, x)
-    check_bias(bias, n, x)
-    check_triton_device(x=x, wq=wq, w_scale=w_scale, bias=bias)
-    return launch_int8_weight_only_mm(x, wq, w_scale, bias, config)
-
-
-def launch_int8_weight_only_mm(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
-                               config: Optional[configs.MatmulConfig] = None) -> Tensor:
-    """:func:`int8_weight_only_mm` without its argument checks (the layers' hot path)."""
+    if check:
+        check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
+        check_tensor("wq", wq, dtypes=(torch.int8,), ndim=2)
+        check_same_device(x=x, wq=wq)
+        if x.shape[1] != wq.shape[1]:
+            raise ValueError(f"x has K={x.shape[1]} but wq expects K={wq.shape[1]}")
+        m, k = x.shape
+        n = wq.shape[0]
+        check_scale_vector("w_scale", w_scale, n, x)
+        check_bias(bias, n, x)
+        check_triton_device(x=x, wq=wq, w_scale=w_scale, bias=bias)
     m, k = x.shape
     n = wq.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -105,5 +101,4 @@ def launch_int8_weight_only_mm(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Opt
     return out
 
 
-int8_weight_only_mm_triton = register_backend("int8_weight_only_mm", int8_weight_only_mm,
-                                              launch_int8_weight_only_mm)
+int8_weight_only_mm_triton = register_backend("int8_weight_only_mm", int8_weight_only_mm)

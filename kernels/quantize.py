@@ -84,21 +84,17 @@ def _check(x: Tensor, smooth: Optional[Tensor]) -> None:
 
 
 def quantize_per_token(x: Tensor, smooth: Optional[Tensor] = None,
-                       block_k: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+                       block_k: Optional[int] = None, check: bool = True) -> Tuple[Tensor, Tensor]:
     """Triton ``quantize_per_token``: ``x[M, K]`` (bf16/fp16/fp32, optionally divided by the
     SmoothQuant ``smooth[K]``) -> ``(q int8[M, K], scale fp32[M])``, bit-exact with the reference.
 
     Checks dtypes, shapes and devices before the launch; it does not scan the values (no
     NaN/Inf or ``smooth > 0`` check: that would cost a pass and a sync on the hot path).
     ``block_k`` (a power of two) forces the K chunk, e.g. to test the two-pass path.
+    ``check=False`` skips the argument checks: for callers that checked them once (layers).
     """
-    _check(x, smooth)
-    return launch_quantize_per_token(x, smooth, block_k)
-
-
-def launch_quantize_per_token(x: Tensor, smooth: Optional[Tensor] = None,
-                              block_k: Optional[int] = None) -> Tuple[Tensor, Tensor]:
-    """:func:`quantize_per_token` without its argument checks (the layers' hot path)."""
+    if check:
+        _check(x, smooth)
     if x.stride(1) != 1:
         x = x.contiguous()
     m, k = x.shape
@@ -134,18 +130,16 @@ def _quantize_per_tensor_kernel(x_ptr, smooth_ptr, scale_ptr, q_ptr, M, K, strid
     tl.store(q_ptr + rows[:, None] * stride_qm + offs_k[None, :], _quantize_tile(xs, scale), mask=mask)
 
 
-def quantize_per_tensor(x: Tensor, scale: Tensor, smooth: Optional[Tensor] = None) -> Tensor:
+def quantize_per_tensor(x: Tensor, scale: Tensor, smooth: Optional[Tensor] = None, check: bool = True) -> Tensor:
     """Triton ``quantize_per_tensor``: static int8 of ``x[M, K]`` with a calibrated fp32 ``scale``
     of shape (1,) (optionally after dividing by ``smooth[K]``); bit-exact with the reference.
-    The scale is trusted to be finite and > 0 (not scanned)."""
-    _check(x, smooth)
-    check_scale_vector("scale", scale, 1, x)
-    check_triton_device(scale=scale)
-    return launch_quantize_per_tensor(x, scale, smooth)
-
-
-def launch_quantize_per_tensor(x: Tensor, scale: Tensor, smooth: Optional[Tensor] = None) -> Tensor:
-    """:func:`quantize_per_tensor` without its argument checks (the layers' hot path)."""
+    The scale is trusted to be finite and > 0 (not scanned).
+    ``check=False`` skips the argument checks: for callers that checked them once (layers).
+    """
+    if check:
+        _check(x, smooth)
+        check_scale_vector("scale", scale, 1, x)
+        check_triton_device(scale=scale)
     if x.stride(1) != 1:
         x = x.contiguous()
     m, k = x.shape
@@ -161,5 +155,5 @@ def launch_quantize_per_tensor(x: Tensor, scale: Tensor, smooth: Optional[Tensor
     return q
 
 
-quantize_per_token_triton = register_backend("quantize_per_token", quantize_per_token, launch_quantize_per_token)
-quantize_per_tensor_triton = register_backend("quantize_per_tensor", quantize_per_tensor, launch_quantize_per_tensor)
+quantize_per_token_triton = register_backend("quantize_per_token", quantize_per_token)
+quantize_per_tensor_triton = register_backend("quantize_per_tensor", quantize_per_tensor)

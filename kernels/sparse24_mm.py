@@ -150,71 +150,61 @@ def _check_x(x: Tensor, k: int, dtypes) -> None:
 
 
 def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor] = None,
-                config: Optional[configs.MatmulConfig] = None) -> Tensor:
+                config: Optional[configs.MatmulConfig] = None, check: bool = True) -> Tensor:
     """Triton ``sparse24_mm``: ``x[M, K]`` bf16/fp16/fp32 times the canonical 2:4 weight
     ``(values[N, K/2] of x.dtype, meta[N, K/8])`` transposed, plus ``bias[N]`` -> ``[M, N]`` x.dtype.
 
     Any M and N; K a multiple of 8 (the canonical form's rule). Shapes, dtypes and devices are
     checked before the launch; the metadata codes are trusted (not scanned for ``i0 >= i1``).
+    ``check=False`` skips the argument checks: for callers that checked them once (layers).
     """
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
-    n, k = ref.check_compressed_24(values, meta)
-    if values.dtype != x.dtype:
-        raise TypeError(f"values dtype {values.dtype} must match x dtype {x.dtype}")
-    _check_x(x, k, FLOAT_DTYPES)
-    check_bias(bias, n, x)
-    check_triton_device(x=x, values=values, meta=meta, bias=bias)
-    return launch_sparse24_mm(x, values, meta, bias, config)
-
-
-def launch_sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor] = None,
-                       config: Optional[configs.MatmulConfig] = None) -> Tensor:
-    """:func:`sparse24_mm` without its argument checks (the layers' hot path)."""
+    if check:
+        check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
+        n, k = ref.check_compressed_24(values, meta)
+        if values.dtype != x.dtype:
+            raise TypeError(f"values dtype {values.dtype} must match x dtype {x.dtype}")
+        _check_x(x, k, FLOAT_DTYPES)
+        check_bias(bias, n, x)
+        check_triton_device(x=x, values=values, meta=meta, bias=bias)
     out = torch.empty((x.shape[0], values.shape[0]), dtype=x.dtype, device=x.device)
     return _launch(x, values, meta, out, None, None, bias, "sparse24", config)
 
 
 def sparse24_int8_mm(x: Tensor, values: Tensor, meta: Tensor, w_scale: Tensor, x_scale: Optional[Tensor] = None,
                      bias: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None,
-                     config: Optional[configs.MatmulConfig] = None) -> Tensor:
+                     config: Optional[configs.MatmulConfig] = None, check: bool = True) -> Tensor:
     """Triton ``sparse24_int8_mm``: canonical 2:4 weight with int8 ``values`` and fp32 ``w_scale[N]``.
 
     W8A8 when ``x`` is int8 (``x_scale`` fp32 ``[M]`` or ``[1]`` required; output ``out_dtype``,
     default bf16; int32 accumulation, exact); weight-only when ``x`` is bf16/fp16/fp32
     (``x_scale`` None; output ``x.dtype``). Any M and N; K a multiple of 8.
+    ``check=False`` skips the argument checks: for callers that checked them once (layers).
     """
-    check_tensor("x", x, dtypes=FLOAT_DTYPES + (torch.int8,), ndim=2)
-    n, k = ref.check_compressed_24(values, meta)
-    check_tensor("values", values, dtypes=(torch.int8,))
-    _check_x(x, k, FLOAT_DTYPES + (torch.int8,))
-    if x.dtype == torch.int8:
-        if x_scale is None:
-            raise ValueError("x_scale is required when x is int8 (W8A8)")
-        out_dtype = out_dtype or torch.bfloat16
-        check_int32_k(k)
-        check_w8a8_epilogue(x.shape[0], n, x_scale, w_scale, bias, out_dtype, x)
-    else:
-        if x_scale is not None:
-            raise ValueError("x_scale must be None when x is a float tensor (weight-only)")
-        if out_dtype is not None and out_dtype != x.dtype:
-            raise TypeError(f"weight-only output dtype is x.dtype ({x.dtype}); got out_dtype={out_dtype}")
-        out_dtype = x.dtype
-        check_scale_vector("w_scale", w_scale, n, x)
-        check_bias(bias, n, x)
-    check_triton_device(x=x, values=values, meta=meta, w_scale=w_scale, x_scale=x_scale, bias=bias)
-    return launch_sparse24_int8_mm(x, values, meta, w_scale, x_scale, bias, out_dtype, config)
-
-
-def launch_sparse24_int8_mm(x: Tensor, values: Tensor, meta: Tensor, w_scale: Tensor, x_scale: Optional[Tensor] = None,
-                            bias: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None,
-                            config: Optional[configs.MatmulConfig] = None) -> Tensor:
-    """:func:`sparse24_int8_mm` without its argument checks (the layers' hot path); ``out_dtype``
-    None means bf16 for int8 ``x`` and ``x.dtype`` otherwise, as in the checked function."""
+    if check:
+        check_tensor("x", x, dtypes=FLOAT_DTYPES + (torch.int8,), ndim=2)
+        n, k = ref.check_compressed_24(values, meta)
+        check_tensor("values", values, dtypes=(torch.int8,))
+        _check_x(x, k, FLOAT_DTYPES + (torch.int8,))
+        if x.dtype == torch.int8:
+            if x_scale is None:
+                raise ValueError("x_scale is required when x is int8 (W8A8)")
+            out_dtype = out_dtype or torch.bfloat16
+            check_int32_k(k)
+            check_w8a8_epilogue(x.shape[0], n, x_scale, w_scale, bias, out_dtype, x)
+        else:
+            if x_scale is not None:
+                raise ValueError("x_scale must be None when x is a float tensor (weight-only)")
+            if out_dtype is not None and out_dtype != x.dtype:
+                raise TypeError(f"weight-only output dtype is x.dtype ({x.dtype}); got out_dtype={out_dtype}")
+            out_dtype = x.dtype
+            check_scale_vector("w_scale", w_scale, n, x)
+            check_bias(bias, n, x)
+        check_triton_device(x=x, values=values, meta=meta, w_scale=w_scale, x_scale=x_scale, bias=bias)
     if out_dtype is None:
         out_dtype = torch.bfloat16 if x.dtype == torch.int8 else x.dtype
     out = torch.empty((x.shape[0], values.shape[0]), dtype=out_dtype, device=x.device)
     return _launch(x, values, meta, out, x_scale, w_scale, bias, "sparse24_int8", config)
 
 
-sparse24_mm_triton = register_backend("sparse24_mm", sparse24_mm, launch_sparse24_mm)
-sparse24_int8_mm_triton = register_backend("sparse24_int8_mm", sparse24_int8_mm, launch_sparse24_int8_mm)
+sparse24_mm_triton = register_backend("sparse24_mm", sparse24_mm)
+sparse24_int8_mm_triton = register_backend("sparse24_int8_mm", sparse24_int8_mm)

@@ -15,7 +15,9 @@ reference function of the same name, and every backend op (``sparseq::<name>_tri
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import warnings
 from typing import Callable, Dict, Optional, Tuple
 
@@ -85,16 +87,17 @@ def schema_of(name: str) -> str:
     return schema[schema.index("("):]
 
 
-def register_backend(name: str, backend: str, impl: Callable, launch: Optional[Callable] = None):
+def register_backend(name: str, backend: str, impl: Callable):
     """Register ``impl`` as ``sparseq::<name>_<backend>`` with the schema and fake of public op
     ``name``, for every device; the public op's CUDA path may then run it. ``impl`` is called
     with the schema's arguments (positionally); extra keyword parameters with defaults (a
-    kernel's ``config``) are allowed. ``launch``: the same computation without argument checks
-    (what layers call in eager mode, see :func:`launcher`). A second registration returns the
-    existing op."""
+    kernel's ``config``) are allowed; an ``impl`` with a ``check`` keyword (``check=False``
+    skips its argument checks) also serves as :func:`launcher`. A second registration returns
+    the existing op."""
     qualname = f"{LIB}::{name}_{backend}"
     _backend_impls[(name, backend)] = impl
-    _launchers[(name, backend)] = launch or impl
+    takes_check = "check" in inspect.signature(impl).parameters
+    _launchers[(name, backend)] = functools.partial(impl, check=False) if takes_check else impl
     if qualname in torch._C._dispatch_get_all_op_names():
         return getattr(torch.ops.sparseq, f"{name}_{backend}")
     op = torch.library.custom_op(qualname, impl, mutates_args=(), schema=schema_of(name))

@@ -258,15 +258,15 @@ class CompressedLinear(nn.Module):
         self.check_input_dtype(dtype, autocast)
         if x.dtype != dtype:
             x = x.to(dtype)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        flat = x.dim() == 2
+        x2 = x if flat else x.reshape(-1, self.in_features)
         impl = self._impl_for(x2.shape[0], x2.device, dtype)
         if autocast:  # inputs are cast; the format's own arithmetic (fp32 accumulation) must not be
             with torch.autocast(x2.device.type, enabled=False):
                 y = self._run(impl, x2)
         else:
             y = self._run(impl, x2)
-        return y.reshape(*lead, self.out_features)
+        return y if flat else y.reshape(*x.shape[:-1], self.out_features)
 
     def _run(self, impl: Impl, x2: Tensor) -> Tensor:
         if torch.is_grad_enabled() and x2.requires_grad:
