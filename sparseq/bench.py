@@ -485,7 +485,8 @@ def add_op_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="comma-separated activation dtypes: bf16,fp16 (default both)")
     p.add_argument("--backends", default="", help="only contenders whose backend contains one of these (comma separated)")
     p.add_argument("--with-reference", action="store_true", help="also time the pure-PyTorch reference ops")
-    p.add_argument("--no-check", action="store_true", help="skip checking each output against the reference math")
+    p.add_argument("--no-check", action="store_true", help="skip checking each output against the reference math "
+                   "(rows are marked 'no: --no-check', tables carry a note)")
     p.add_argument("--rep-ms", type=float, default=None, help="do_bench repetition budget per measurement (ms)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/<gpu>/)")
     p.add_argument("--name", default=None, help="file stem (default ops / ops_quick / ops_smoke): split a long "
