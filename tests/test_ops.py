@@ -42,9 +42,10 @@ def test_every_op_has_cases():
     assert set(CASES) == set(ops.REFERENCE_OPS)
 
 
+@pytest.mark.parametrize("pinned", [False, True], ids=["public", "reference"])
 @pytest.mark.parametrize("name", sorted(ops.REFERENCE_OPS))
-def test_opcheck(name):
-    op = getattr(torch.ops.sparseq, name).default
+def test_opcheck(name, pinned):
+    op = getattr(torch.ops.sparseq, f"{name}_reference" if pinned else name).default
     for args in CASES[name]:
         torch.library.opcheck(op, args)
 
