@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import torch
 from torch import Tensor
 
-from .testing import EPS32, layer_expected
+from . import testing
 
 CSV_COLUMNS: Tuple[str, ...] = (
     "gpu", "torch", "cuda", "git_sha", "op", "backend", "format", "dtype",
@@ -303,35 +303,27 @@ def first_difference(out: Tensor, expected: Tensor) -> Optional[str]:
 
 def check_close(out: Tensor, expected: Tensor, x: Tensor, w: Tensor, x_scale: Optional[Tensor] = None,
                 w_scale: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                exact_accumulator: Optional[bool] = None) -> Optional[str]:
-    """``sparseq.testing.check_matmul_close`` evaluated where the tensors are: the same fp64
-    magnitude, elementwise bound and message, by blocks of rows, on the GPU in a GPU sweep (the
-    CPU would take hours for the largest magnitude, 16384x8192 @ 8192x28672 in fp64)."""
+                exact_accumulator: Optional[bool] = None, dense_fallback: bool = False) -> Optional[str]:
+    """``testing.check_matmul_close`` (``dense_fallback``: the wider bound ``testing.check_layer_close``
+    gives a layer's dense bucket) by blocks of rows: the magnitude and bound of ``sparseq.testing``
+    on the tensors' device, without whole [M, N] fp64 temporaries (3.7 GB each at the sweep's
+    largest shape, 16384 x 28672). Same message, row index counted from the top."""
     wrong = _mismatch(out, expected)
     if wrong is not None:
         return wrong
     if exact_accumulator is None:
         exact_accumulator = x.dtype == torch.int8 and w.dtype == torch.int8
-    info = torch.finfo(expected.dtype)
-    terms = 4 if exact_accumulator else 2 * (x.shape[-1] + 2)  # testing.matmul_bound
-    w_abs = w.detach().double().abs().T
-    xs = None if x_scale is None else x_scale.detach().double().abs()
-    ws = None if w_scale is None else w_scale.detach().double().abs()[None, :]
-    bias_abs = None if bias is None else bias.detach().double().abs()[None, :]
-    step = max(1, (1 << 24) // max(1, w.shape[0]))
+    per_row = x_scale is not None and x_scale.numel() > 1
+    step = max(1, (1 << 26) // max(1, w.shape[0]))
     n_bad, first = 0, None
     for r0 in range(0, out.shape[0], step):
         rows = slice(r0, r0 + step)
-        mag = x[rows].detach().double().abs() @ w_abs  # testing.magnitude
-        if xs is not None:
-            mag = mag * (xs[rows, None] if xs.numel() > 1 else xs)
-        if ws is not None:
-            mag = mag * ws
-        if bias_abs is not None:
-            mag = mag + bias_abs
-        exp = expected[rows].detach().double()
-        bound = info.eps * exp.abs() + terms * EPS32 * mag + info.tiny
-        bad = ~((out[rows].detach().double() - exp).abs() <= bound)  # NaN counts as bad
+        mag = testing.magnitude(x[rows], w, x_scale[rows] if per_row else x_scale, w_scale, bias)
+        bound = testing.matmul_bound(expected[rows], x.shape[-1], mag, exact_accumulator)
+        if dense_fallback:
+            bound = bound + torch.finfo(out.dtype).eps * mag
+        exp = expected[rows].detach().to(mag.device).double()
+        bad = ~((out[rows].detach().to(mag.device).double() - exp).abs() <= bound)  # NaN counts as bad
         count = int(bad.sum())
         if count and first is None:
             i, j = (int(v) for v in bad.nonzero()[0])
@@ -343,12 +335,17 @@ def check_close(out: Tensor, expected: Tensor, x: Tensor, w: Tensor, x_scale: Op
 
 
 def check_layer(layer: torch.nn.Module, x: Tensor, out: Tensor) -> Optional[str]:
-    """``sparseq.testing.check_layer_close`` evaluated where the tensors are: ``out`` of a sparseq
-    layer on ``x`` against the dense layer it replaces (``testing.layer_expected``)."""
+    """``testing.check_layer_close`` of ``out``, a sparseq layer's output on ``x``, against the dense
+    layer it replaces (``testing.layer_expected``); the dense bucket's wider bound when the layer
+    ran its dense copy for this M (``layer.backends``)."""
+    from . import dispatch
+
     x2, out2 = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
     with ieee_fp32():
-        expected, xf, w = layer_expected(layer, x2)
-    return check_close(out2, expected, xf, w, bias=layer.bias, exact_accumulator=False)
+        expected, xf, w = testing.layer_expected(layer, x2)
+    key = (x2.device, dispatch.bucket_of(x2.shape[0]), x2.dtype)
+    dense = getattr(layer, "backends", {}).get(key) == "dense"
+    return check_close(out2, expected, xf, w, bias=layer.bias, exact_accumulator=False, dense_fallback=dense)
 
 
 # -------------------------------------------------------------------------------- rows

@@ -199,3 +199,27 @@ def test_bench_triton_reports_one_wrong_tile(monkeypatch):
     by = {(r.op, r.format): r for r in rows if r.M}
     assert "wrong result" in by[("gemm", "2:4")].error and "[16, 32]" in by[("gemm", "2:4")].error
     assert all(r.error is None and r.checked == "yes" for key, r in by.items() if key != ("gemm", "2:4"))
+
+
+def test_layer_check_follows_sparseq_testing_and_the_dense_bucket():
+    """``bm.check_layer`` is ``testing.check_layer_close``, with the dense bucket's wider bound
+    exactly when the layer ran its dense copy for that M (as it may on a GPU)."""
+    from sparseq import dispatch
+    from sparseq.nn import make_layer
+
+    lin = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    layer = make_layer(lin, "int8_weight_only")
+    x = torch.randn(6, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = layer(x)
+    assert bm.check_layer(layer, x, y) is None and testing.check_layer_close(layer, x, y) is None
+    expected, xf, w = testing.layer_expected(layer, x)
+    mag = testing.magnitude(xf, w, bias=layer.bias)
+    bound = testing.matmul_bound(expected, 64, mag)
+    off = expected.clone()
+    off[2, 3] = float(expected[2, 3].double() + bound[2, 3] + 0.5 * torch.finfo(torch.bfloat16).eps * mag[2, 3])
+    assert testing.check_layer_close(layer, x, off) is not None and bm.check_layer(layer, x, off) is not None
+    assert testing.check_layer_close(layer, x, off, dense_fallback=True) is None
+    key = (x.device, dispatch.bucket_of(6), torch.bfloat16)
+    layer.backends[key] = "dense"  # what the layer records when its dense bucket ran
+    assert bm.check_layer(layer, x, off) is None
