@@ -171,7 +171,8 @@ def torch_contenders(dtype: torch.dtype) -> List[Contender]:
                   sparse=True),
     ]
     return [dense, *semi,
-            Contender("gemm", "torch._int_mm", "int8 (int32 out)", lambda w: _quant_w(w)[0], int_mm_call, expect="int32"),
+            Contender("gemm", "torch._int_mm", "int8 (int32 out)", lambda w: _quant_w(w)[0], int_mm_call,
+                      expect="int32"),
             Contender("gemm", "torch._scaled_mm", "fp8 e4m3", fp8_state, fp8_call, expect="fp8")]
 
 

@@ -276,29 +276,10 @@ def ieee_fp32() -> Iterator[None]:
         mm.allow_tf32 = old
 
 
-def _mismatch(out: Tensor, expected: Tensor) -> Optional[str]:
-    if out.dtype != expected.dtype:
-        return f"dtype {out.dtype}, expected {expected.dtype}"
-    if tuple(out.shape) != tuple(expected.shape):
-        return f"shape {tuple(out.shape)}, expected {tuple(expected.shape)}"
-    return None
-
-
-def _report(bad: int, total: int, what: str, out: Tensor, expected: Tensor, idx: Tuple[int, int], extra: str = "") -> str:
-    return (f"{bad} of {total} outputs {what}; first {list(idx)}: got {float(out[idx])}, "
-            f"reference {float(expected[idx])}{extra}")
-
-
 def first_difference(out: Tensor, expected: Tensor) -> Optional[str]:
-    """None when integer outputs equal the reference exactly, else where they do not."""
-    wrong = _mismatch(out, expected)
-    if wrong is not None:
-        return wrong
-    bad = out != expected
-    if not bool(bad.any()):
-        return None
-    idx = tuple(int(v) for v in bad.nonzero()[0])
-    return _report(int(bad.sum()), bad.numel(), "differ", out, expected, idx)
+    """``testing.first_violation`` with a zero bound: integer outputs must equal the reference."""
+    zero = torch.zeros(expected.shape, dtype=torch.float64, device=expected.device)
+    return testing.first_violation(out, expected, zero)
 
 
 def check_close(out: Tensor, expected: Tensor, x: Tensor, w: Tensor, x_scale: Optional[Tensor] = None,
@@ -308,9 +289,8 @@ def check_close(out: Tensor, expected: Tensor, x: Tensor, w: Tensor, x_scale: Op
     gives a layer's dense bucket) by blocks of rows: the magnitude and bound of ``sparseq.testing``
     on the tensors' device, without whole [M, N] fp64 temporaries (3.7 GB each at the sweep's
     largest shape, 16384 x 28672). Same message, row index counted from the top."""
-    wrong = _mismatch(out, expected)
-    if wrong is not None:
-        return wrong
+    if out.dtype != expected.dtype or out.shape != expected.shape:  # the message of testing.first_violation
+        return testing.first_violation(out, expected, torch.zeros(()))
     if exact_accumulator is None:
         exact_accumulator = x.dtype == torch.int8 and w.dtype == torch.int8
     per_row = x_scale is not None and x_scale.numel() > 1
@@ -331,7 +311,9 @@ def check_close(out: Tensor, expected: Tensor, x: Tensor, w: Tensor, x_scale: Op
         n_bad += count
     if first is None:
         return None
-    return _report(n_bad, out.numel(), "out of tolerance", out, expected, first[0], f", bound {first[1]:.3g}")
+    (i, j), b = first
+    return (f"{n_bad} of {out.numel()} outputs out of tolerance; first {[i, j]}: got {float(out[i, j])}, "
+            f"reference {float(expected[i, j])}, bound {b:.3g}")
 
 
 def check_layer(layer: torch.nn.Module, x: Tensor, out: Tensor) -> Optional[str]:
@@ -608,8 +590,8 @@ def plot_bars(rows: Sequence[Row], env: Environment, path: Path, title: str) -> 
             if hit:
                 xs.append(i + j * width)
                 ys.append(hit[0].speedup)
-        mark = f" {UNCHECKED_MARK} not checked" if any(r.unchecked for r in ok if f"{r.backend} {r.format}" == label) else ""
-        ax.bar(xs, ys, width=width, label=label + mark)
+        unchecked = any(r.unchecked for r in ok if f"{r.backend} {r.format}" == label)
+        ax.bar(xs, ys, width=width, label=label + (f" {UNCHECKED_MARK} not checked" if unchecked else ""))
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1.2, label="dense (1.0)")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], [g for g, _ in groups], rotation=20, fontsize=8)
     ax.set_ylabel("speedup over dense")
@@ -636,7 +618,9 @@ def print_rows(rows: Sequence[Row], file: Any = None) -> None:
             t = "" if r.time_us is None else f"{r.time_us:.1f}"
             d = "" if r.dense_us is None else f"{r.dense_us:.1f}"
             s = "" if r.speedup is None else f"{r.speedup:.2f}x"
-            tail = f"{t:>10} {d:>10} {s:>8}" + (f"  {UNCHECKED_MARK} {r.checked or 'not checked'}" if r.unchecked else "")
+            tail = f"{t:>10} {d:>10} {s:>8}"
+            if r.unchecked:
+                tail += f"  {UNCHECKED_MARK} {r.checked or 'not checked'}"
         print(f"{r.op:<9} {r.backend[:22]:<22} {r.format[:22]:<22} {r.dtype:<5} {shape:>13} {m:>6} {tail}", file=file)
 
 

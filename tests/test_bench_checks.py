@@ -189,8 +189,8 @@ def test_bench_triton_reports_one_wrong_tile(monkeypatch):
         pytest.skip("the Triton kernels run on the CPU only in the interpreter")
     from sparseq.kernels import sparse24_mm
 
-    spec = importlib.util.spec_from_file_location("_bench_triton_checks",
-                                                  Path(__file__).resolve().parent.parent / "benchmarks" / "bench_triton.py")
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_triton.py"
+    spec = importlib.util.spec_from_file_location("_bench_triton_checks", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     real = sparse24_mm.sparse24_mm
