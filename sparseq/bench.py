@@ -256,28 +256,43 @@ def load_backends() -> List[bm.Row]:
 
 
 def registered_backends(base: str) -> List[str]:
-    """Backends that registered ``sparseq::<base>_<backend>`` (``""`` is the reference op itself)."""
+    """Backends that registered ``sparseq::<base>_<backend>`` (``""`` is the pinned reference,
+    ``sparseq::<base>_reference``; the public ``sparseq::<base>`` dispatches by device and is not
+    a contender of its own)."""
     from .ops import REFERENCE_OPS
 
     names = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("sparseq::")}
-    found = [""] if base in names else []
+    found = [""] if f"{base}_reference" in names else []
     for n in sorted(names):
-        # prune_and_compress_24_int8 is an op of its own, not the "int8" backend of prune_and_compress_24
-        if n.startswith(base + "_") and n not in REFERENCE_OPS:
-            found.append(n[len(base) + 1:])
+        suffix = n[len(base) + 1:]
+        # prune_and_compress_24_int8(_triton) is an op of its own, not a backend of prune_and_compress_24
+        if n.startswith(base + "_") and suffix != "reference" and "_" not in suffix and n not in REFERENCE_OPS:
+            found.append(suffix)
     return found
 
 
 def sparseq_op(base: str, backend: str) -> Callable[..., Any]:
-    return getattr(torch.ops.sparseq, f"{base}_{backend}" if backend else base).default
+    return getattr(torch.ops.sparseq, f"{base}_{backend or 'reference'}").default
+
+
+def _cutlass_layout(*weights: Tensor) -> Tuple[Tensor, ...]:
+    """Canonical ``(values, meta[, scale])`` -> ``(values, prepared meta[, scale])`` for this GPU."""
+    from .cuda_ops import prepare_sparse24_cutlass
+
+    arch = None if weights[0].device.type == "cuda" else 90  # off the GPU: the ops' CPU impls, sm90 layout
+    return (weights[0], prepare_sparse24_cutlass(weights[0], weights[1], arch)) + tuple(weights[2:])
 
 
 def layout_hook(base: str, backend: str) -> Optional[Callable[..., Tuple[Tensor, ...]]]:
-    """``prepare_<base>_<backend>(*canonical weight tensors) -> kernel layout`` if a module has one.
+    """The one-time conversion of the canonical weight tensors into the layout the backend's op
+    takes (the CUTLASS 2:4 ops take prepared metadata), or None where the op takes them as they are.
 
-    Looked up in ``sparseq.cuda_ops`` and the imported ``sparseq.kernels.*`` modules; the
-    returned tensors replace the canonical ones in the op call (measured as a one-time cost).
+    Besides the CUTLASS ops, a ``prepare_<base>_<backend>`` function in ``sparseq.cuda_ops`` or an
+    imported ``sparseq.kernels.*`` module is used; the returned tensors replace the canonical
+    ones in the op call (measured as a one-time cost).
     """
+    if backend == "cutlass" and base in ("sparse24_mm", "sparse24_int8_mm"):
+        return _cutlass_layout
     name = f"prepare_{base}_{backend}"
     modules = [m for k, m in list(sys.modules.items()) if k == "sparseq.cuda_ops" or k.startswith("sparseq.kernels.")]
     for module in modules:
@@ -303,6 +318,8 @@ def op_contenders(backend: str, dtype: torch.dtype) -> List[Contender]:
             op: str = "gemm", who: str = label) -> None:
         if backend not in registered_backends(base):
             return
+        if backend == "cutlass" and fmt == "2:4+int8_weight_only":
+            return  # the CUTLASS 2:4 int8 kernels are W8A8 only
         fn = sparseq_op(base, backend)
         out.append(Contender(op, who, fmt, lambda w: hooked(base, prep(w)), lambda st, x: call(fn, st, x),
                              expect=expect, sparse=sparse))

@@ -223,3 +223,22 @@ def test_layer_check_follows_sparseq_testing_and_the_dense_bucket():
     key = (x.device, dispatch.bucket_of(6), torch.bfloat16)
     layer.backends[key] = "dense"  # what the layer records when its dense bucket ran
     assert bm.check_layer(layer, x, off) is None
+
+
+def test_cutlass_contenders_run_on_prepared_meta_and_pass_the_check():
+    """The CUTLASS ops take prepared metadata: the op sweep converts the canonical meta once
+    (their CPU implementations run here), and the W8A8-only kernels get no weight-only row."""
+    import sparseq.cuda_ops  # noqa: F401  (registers the CUTLASS ops and their CPU impls)
+    from sparseq import bench
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    w = torch.randn(128, 256, dtype=dtype)
+    w = w * sparseq.prune_24(w)
+    x = torch.randn(5, 256, dtype=dtype)
+    contenders = bench.op_contenders("cutlass", dtype)
+    assert {c.format for c in contenders} == {"2:4", "2:4+w8a8"}
+    for c in contenders:
+        state = c.prepare(w)
+        y = c.call(state, x)()
+        assert bench.check_output(c, state, x, y, {}, w, dtype) == "yes", c
