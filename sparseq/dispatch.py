@@ -2,8 +2,11 @@
 
 Resolution happens once per layer, device and M bucket (outside the hot path) and is cached
 by the layer; a tuned table written by ``sparseq tune`` overrides the shipped defaults.
-Backends: ``triton`` (sparseq.kernels), ``cutlass`` (sparseq._C*), ``dense`` (F.linear on a
-dense copy of the weight: the "never slower than dense" fallback) and ``reference``. On a GPU
+Backends: ``triton`` (sparseq.kernels), ``cutlass`` (sparseq._C*), ``onednn`` (PyTorch's CPU
+int8 GEMM, ``sparseq.cpu_ops``), ``dense`` (F.linear on a dense copy of the weight: the "never
+slower than dense" fallback) and ``reference``. On the CPU the shipped table's ``cpu`` section
+applies (x86 has no sparse instructions: 2:4 runs dense; W8A8 runs oneDNN), then ``dense``, then
+the reference (``dense_fallback=False``). On a GPU
 the list always ends with ``dense``, never the reference: the reference checks values (a host
 sync) and rebuilds the weight every call, which no GPU path may do.
 
@@ -86,6 +89,9 @@ def tuned_key(op: str, n: int, k: int, dtype: torch.dtype, capability: Tuple[int
 
 def preferences(op: str, n: int, k: int, dtype: torch.dtype, device: torch.device, m: int) -> List[str]:
     """Backends to try, best first, for this op and shape on ``device`` at batch ``m``."""
+    if device.type == "cpu":
+        per_op = _load("default").get("cpu", {}).get(op, {})
+        return list(dict.fromkeys(list(per_op.get(BUCKET_NAMES[bucket_of(m)], [])) + ["dense", "reference"]))
     if device.type != "cuda":
         return ["reference"]
     cap = torch.cuda.get_device_capability(device)

@@ -39,7 +39,7 @@ def magnitude(x: Tensor, w: Tensor, x_scale: Optional[Tensor] = None,
     mag = x.detach().double().abs() @ w.detach().to(dev).double().abs().T
     if x_scale is not None:
         xs = x_scale.detach().to(dev).double().abs()
-        mag = mag * (xs[:, None] if xs.numel() > 1 else xs)
+        mag = mag * (xs if xs.numel() == 1 else xs[:, None])  # per tensor, else per row (M = 0 too)
     if w_scale is not None:
         mag = mag * w_scale.detach().to(dev).double().abs()[None, :]
     if bias is not None:

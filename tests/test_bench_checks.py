@@ -165,7 +165,9 @@ def test_device_check_agrees_with_sparseq_testing(dtype):
 
 def test_sparseq_layers_are_checked_against_the_dense_layer_they_replace(monkeypatch):
     """A ``sparseq.nn`` contender that drops the bias or is off in one tile is a wrong result."""
-    from sparseq import ops
+    from sparseq import dispatch, ops
+
+    monkeypatch.setattr(dispatch, "preferences", lambda *a: ["reference"])  # the path the fault is put in
 
     contenders = [c for c in bench.swap_contenders()[0] if c.format in ("2:4", "int8_weight_only")]
     assert {c.expect for c in contenders} == {"layer"}
@@ -201,11 +203,13 @@ def test_bench_triton_reports_one_wrong_tile(monkeypatch):
     assert all(r.error is None and r.checked == "yes" for key, r in by.items() if key != ("gemm", "2:4"))
 
 
-def test_layer_check_follows_sparseq_testing_and_the_dense_bucket():
+def test_layer_check_follows_sparseq_testing_and_the_dense_bucket(monkeypatch):
     """``bm.check_layer`` is ``testing.check_layer_close``, with the dense bucket's wider bound
     exactly when the layer ran its dense copy for that M (as it may on a GPU)."""
     from sparseq import dispatch
     from sparseq.nn import make_layer
+
+    monkeypatch.setattr(dispatch, "preferences", lambda *a: ["reference"])  # a kernel path, not dense
 
     lin = torch.nn.Linear(64, 32).to(torch.bfloat16)
     layer = make_layer(lin, "int8_weight_only")

@@ -71,7 +71,15 @@ def test_dense_reference_of_a_24_recipe_is_the_pruned_model(be):
     assert not torch.allclose(y, F.linear(x, dense.layers[0].attention.wqkv.weight), atol=1e-3)
 
 
+def _reference_path(monkeypatch):
+    """Layers run the reference ops (on CPU dispatch would pick dense copies / oneDNN)."""
+    from sparseq import dispatch
+
+    monkeypatch.setattr(dispatch, "preferences", lambda *a: ["reference"])
+
+
 def test_wrong_tile_in_a_24_layer_fails_the_recipe(be, tmp_path, monkeypatch):
+    _reference_path(monkeypatch)  # the faults below are put into the reference ops
     monkeypatch.setattr(ops, "sparse24_mm", _tile_off(ops.sparse24_mm))
     code, rows = _run(be, tmp_path, "--skip-minilm", "--recipes", "2:4")
     assert code == 1
@@ -81,12 +89,14 @@ def test_wrong_tile_in_a_24_layer_fails_the_recipe(be, tmp_path, monkeypatch):
 
 
 def test_wrong_tile_in_a_w8a8_layer_fails_the_recipe(be, tmp_path, monkeypatch):
+    _reference_path(monkeypatch)  # the faults below are put into the reference ops
     monkeypatch.setattr(ops, "int8_mm", _tile_off(ops.int8_mm))
     code, rows = _run(be, tmp_path, "--skip-minilm", "--recipes", "w8a8")
     assert code == 1 and _failed(rows, "w8a8")
 
 
 def test_dropped_bias_fails_the_recipe(be, tmp_path, monkeypatch):
+    _reference_path(monkeypatch)  # the faults below are put into the reference ops
     real = ops.int8_weight_only_mm
     monkeypatch.setattr(ops, "int8_weight_only_mm", lambda x, wq, s, bias=None: real(x, wq, s, None))
     code, rows = _run(be, tmp_path, "--skip-llama", "--recipes", "int8_weight_only")
@@ -96,6 +106,7 @@ def test_dropped_bias_fails_the_recipe(be, tmp_path, monkeypatch):
 @pytest.mark.parametrize("fault", ["tile", "bias", "w8a8 bias"])
 def test_end_to_end_comparison_alone_catches_a_wrong_layer(be, tmp_path, monkeypatch, fault):
     """With the per-layer checks off, the comparison of the outputs still fails the recipe."""
+    _reference_path(monkeypatch)  # the faults below are put into the reference ops
     monkeypatch.setattr(be, "LAYER_CHECKS", False)
     recipe = "w8a8" if fault == "w8a8 bias" else "2:4"
     if fault == "tile":

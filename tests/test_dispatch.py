@@ -16,8 +16,17 @@ def test_buckets(m, bucket):
     assert len(dispatch.BUCKET_NAMES) == len(dispatch.BUCKET_BOUNDS) + 1
 
 
-def test_cpu_uses_reference():
-    assert dispatch.preferences("sparse24_mm", 64, 64, torch.float32, torch.device("cpu"), 1) == ["reference"]
+def test_cpu_preferences():
+    """x86 has no sparse instructions: 2:4 and weight-only run dense; W8A8 oneDNN; the
+    reference only for dense_fallback=False; other devices the reference."""
+    cpu = torch.device("cpu")
+    for op in ("sparse24_mm", "int8_weight_only_mm", "sparse24_int8_weight_only_mm"):
+        for m in dispatch.BUCKET_M:
+            assert dispatch.preferences(op, 64, 64, torch.float32, cpu, m) == ["dense", "reference"]
+    for op in ("int8_mm", "sparse24_int8_mm"):
+        for m in dispatch.BUCKET_M:
+            assert dispatch.preferences(op, 64, 64, torch.float32, cpu, m) == ["onednn", "dense", "reference"]
+    assert dispatch.preferences("int8_mm", 64, 64, torch.float32, torch.device("meta"), 1) == ["reference"]
 
 
 def test_default_table_covers_every_op_and_bucket():

@@ -1,4 +1,4 @@
-"""sparseq.nn layers: CPU forward is wired to the reference ops, from_linear, buffers, repr,
+"""sparseq.nn layers: the reference path is wired to the reference ops, from_linear, buffers, repr,
 errors; on the GPU, every format against the dense layer it replaces (the CPU comparison with
 the dense layer, for every variant and dtype, is tests/test_layers_vs_dense.py)."""
 import copy
@@ -21,7 +21,8 @@ def tiny_model(dtype=torch.float32):
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_forward_matches_reference(fmt, dtype):
+def test_forward_matches_reference(fmt, dtype, monkeypatch):
+    monkeypatch.setattr(dispatch, "preferences", lambda *a: ["reference"])  # the wiring of the reference path
     lin = nn.Linear(64, 32).to(dtype)
     layer = sparseq.nn.make_layer(lin, fmt, **({"prune": "magnitude"} if fmt.startswith("2:4") else {}))
     x = torch.randn(2, 3, 64).to(dtype)
@@ -51,7 +52,8 @@ def test_forward_matches_reference(fmt, dtype):
     assert_layer_close(layer, x, out=y)  # and that is the dense layer it replaces
 
 
-def test_smoothquant_and_static_scales():
+def test_smoothquant_and_static_scales(monkeypatch):
+    monkeypatch.setattr(dispatch, "preferences", lambda *a: ["reference"])  # bit-exact: the reference path
     lin = nn.Linear(32, 16)
     smooth = torch.rand(32) + 0.5
     x = torch.randn(4, 32)

@@ -31,19 +31,31 @@ def force_backends(monkeypatch, backends):
     monkeypatch.setattr(dispatch, "preferences", lambda *a: list(backends))
 
 
-def test_compile_fullgraph_fresh_model_across_buckets():
+def test_compile_fullgraph_fresh_model_across_buckets(monkeypatch):
+    """An unprepared CPU model compiles (the reference is traced: nothing is built while
+    tracing) and equals the reference path run eagerly."""
     model = swapped()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # fakes + one graph
     for m in (1, 5, 9, 33, 300):  # several M buckets, static then dynamic shapes
         x = torch.randn(m, 64)
-        assert torch.equal(compiled(x), model(x))
+        y = compiled(x)
+        with monkeypatch.context() as patch:
+            force_backends(patch, ["reference"])
+            eager = copy.deepcopy(model)
+            eager.apply(lambda mod: mod.reset() if isinstance(mod, sparseq.nn.CompressedLinear) else None)
+            assert torch.equal(y, eager(x))
 
 
-def test_compile_inductor_cpu():
+@pytest.mark.parametrize("prepared", [False, True], ids=["fresh", "prepared"])
+def test_compile_inductor_cpu(prepared):
+    """Compiled equals eager: fresh (the traced reference) within the formats' bounds; prepared
+    (the CPU fast path: dense copies, oneDNN int8) the same kernels, so closely."""
     model = swapped()
     x = torch.randn(2, 3, 64)
+    if prepared:
+        sparseq.nn.prepare(model)
     compiled = torch.compile(model, fullgraph=True)
-    torch.testing.assert_close(compiled(x), model(x))
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_threads_share_one_model():
@@ -75,7 +87,12 @@ def test_prepare_resolves_every_bucket():
     model = swapped()
     chosen = sparseq.nn.prepare(model)
     assert set(chosen) == {"0", "2", "3"}
-    assert chosen["3"] == {b: "reference" for b in dispatch.BUCKET_NAMES}
+    # CPU: 2:4 and weight-only run a dense copy (x86 has no sparse instructions), W8A8 oneDNN
+    assert chosen["3"] == {b: "dense" for b in dispatch.BUCKET_NAMES}
+    assert chosen["2"] == {b: "dense" for b in dispatch.BUCKET_NAMES}
+    from sparseq import cpu_ops
+
+    assert chosen["0"] == {b: "dense" if cpu_ops.unavailable_reason() else "onednn" for b in dispatch.BUCKET_NAMES}
     assert len(model[3].backends) == len(dispatch.BUCKET_NAMES)
 
 

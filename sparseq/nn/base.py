@@ -238,7 +238,9 @@ class CompressedLinear(nn.Module):
             raise RuntimeError(f"{type(self).__name__}: kernels for {device} ({dtype}) are not resolved yet; run "
                                "the model once eagerly or call sparseq.nn.prepare(model) (with dtype= under "
                                "autocast) before torch.compile")
-        return self._pick(key)[1]  # CPU: the reference op, traced (nothing cached while tracing)
+        # CPU: the reference op is traced (it needs no derived tensor, and nothing may be cached
+        # while tracing); prepare() before torch.compile compiles the fast CPU path instead
+        return self.backend_impl("reference", dispatch.BUCKET_M[key[1]], dtype, device)
 
     @staticmethod
     def _compute_dtype(x: Tensor) -> Tuple[torch.dtype, bool]:

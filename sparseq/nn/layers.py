@@ -193,8 +193,7 @@ class _W8A8Mixin:
         the format defines (Triton quantizer on a GPU, else the reference arithmetic), then
         ``F.linear`` with ``q * s`` in the smoothed space, copied once in the compute dtype.
         Without the quantization the output would change with the M bucket."""
-        quant = (self._quantizer("triton") or self._quantizer("torch")) if device.type == "cuda" \
-            else self._quantizer("reference")
+        quant = (self._quantizer("triton") if device.type == "cuda" else None) or self._quantizer("torch")
         w = self.derived(f"dense_smoothed:{dtype}", device,
                          lambda: self._int8_dense().to(device, dtype).contiguous())
         bias = self.cast("bias", dtype, device)
@@ -205,6 +204,18 @@ class _W8A8Mixin:
             return F.linear(xd, w, bias)
 
         return run
+
+    def _onednn_impl(self, device: torch.device) -> Optional[Impl]:
+        """The CPU int8 GEMM of oneDNN (``sparseq.cpu_ops``) on the int8 weight, packed once."""
+        if device.type != "cpu":
+            return None
+        from .. import cpu_ops
+
+        why = cpu_ops.unavailable_reason()
+        if why:
+            raise RuntimeError(why)
+        packed = self.derived("onednn_packed", device, lambda: cpu_ops.prepack(self._int8_weight()))
+        return cpu_ops.w8a8_impl(packed, self.w_scale, self.smooth, self.x_scale, self.bias)
 
     def _activation_options(self) -> dict:
         return {"smooth": self.smooth is not None, "static": self.x_scale is not None}
@@ -251,7 +262,12 @@ class Int8Linear(_W8A8Mixin, CompressedLinear):
     def dense_weight(self) -> Tensor:
         return self._smoothed_dense(self._int8_dense()).to(self.dtype)
 
+    def _int8_weight(self) -> Tensor:
+        return self.weight_q
+
     def backend_impl(self, backend: str, m: int, dtype: torch.dtype, device: torch.device) -> Optional[Impl]:
+        if backend == "onednn":
+            return self._onednn_impl(device)
         if backend not in ("triton", "reference"):
             return None
         mm = _triton(self.OP) if backend == "triton" else ops.int8_mm
@@ -349,7 +365,13 @@ class Sparse24Int8Linear(_W8A8Mixin, CompressedLinear):
             self._derived[("x_scale_rows", device)] = rows
         return rows[:m]
 
+    def _int8_weight(self) -> Tensor:
+        """The 2:4 int8 weight expanded to dense ``[N, K]`` int8 (x86 has no sparse int8 GEMM)."""
+        return ops.decompress_24(self.values, self.meta)
+
     def backend_impl(self, backend: str, m: int, dtype: torch.dtype, device: torch.device) -> Optional[Impl]:
+        if backend == "onednn":
+            return self._onednn_impl(device) if self.mode == "w8a8" else None
         mm, meta = self._mm(backend, dtype, device)
         if mm is None:
             return None

@@ -1,0 +1,116 @@
+"""CPU int8 GEMMs through PyTorch's own oneDNN kernels (the ``onednn`` dispatch backend).
+
+x86 has fast int8 dot products (VNNI / AMX) that oneDNN drives; PyTorch exposes them as
+``torch.ops.onednn.qlinear_prepack`` + ``qlinear_pointwise`` (what inductor's x86 int8 path
+calls). They take one activation scale per tensor, so the W8A8 format's per-token scales are
+applied outside: the activations are quantized by the reference arithmetic (per token, or with
+the static scale; SmoothQuant division included), handed to oneDNN as uint8 with zero point 128
+and scale 1, multiplied by the per-channel weight scales in its epilogue, then by ``x_scale``
+and the bias here. The int32 accumulator is exact (VNNI ``vpdpbusd`` has no intermediate
+saturation), so the result differs from the reference only by the order of the fp32 scale
+multiplications: within ``sparseq.testing``'s exact-accumulator bound (tested).
+
+The packed weight is built once per layer (a derived tensor, never saved).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+_available: Optional[str] = None
+
+
+def unavailable_reason() -> str:
+    """"" where the oneDNN int8 kernels run on this machine, else why not (checked once)."""
+    global _available
+    if _available is None:
+        _available = _probe()
+    return _available
+
+
+def _probe() -> str:
+    if not torch.backends.mkldnn.is_available():
+        return "torch was built without oneDNN (mkldnn)"
+    ops = getattr(torch.ops, "onednn", None)
+    if ops is None or not hasattr(ops, "qlinear_pointwise") or not hasattr(ops, "qlinear_prepack"):
+        return "this torch has no torch.ops.onednn.qlinear_pointwise"
+    try:  # a tiny exact product: some CPUs/builds accept the op but cannot run it
+        wq = torch.tensor([[1, -2, 3, 4], [127, -127, 5, 0]], dtype=torch.int8)
+        x = torch.tensor([[2.0, 1.0, -1.0, 0.5], [-3.0, 3.0, 0.25, 1.0]])
+        y = run_w8a8(x, prepack(wq), torch.ones(2), None, None, None, torch.float32)
+        xq, xs = reference.quantize_per_token(x)
+        want = reference.int8_mm(xq, wq, xs, torch.ones(2), None, torch.float32)
+        if not torch.allclose(y, want, rtol=1e-6, atol=0):
+            return f"oneDNN int8 self-test gave {y.tolist()}, expected {want.tolist()}"
+    except Exception as e:  # noqa: BLE001
+        return f"oneDNN int8 self-test failed: {type(e).__name__}: {e}"
+    return ""
+
+
+def prepack(wq: Tensor) -> Tensor:
+    """The oneDNN-packed form of an int8 weight ``[N, K]`` (built once per layer)."""
+    return torch.ops.onednn.qlinear_prepack(wq.contiguous(), None)
+
+
+def _quantize_u8(x: Tensor, smooth: Optional[Tensor], x_scale: Optional[Tensor]):
+    """``(q + 128 as uint8, scale)``: the reference quantizer's values (per token, or static),
+    shifted by the zero point oneDNN takes."""
+    xs = x.float() if smooth is None else x.float() / smooth
+    if x_scale is None:  # the reference's arithmetic, in fewer passes (an inf-norm is max |x|, exactly)
+        scale = reference.absmax_scale(torch.linalg.vector_norm(xs, float("inf"), dim=1))
+        q = torch.div(xs, scale[:, None])
+    else:
+        scale = x_scale
+        q = torch.div(xs, scale)
+    q = q.round_().clamp_(-reference.INT8_MAX, reference.INT8_MAX).add_(128)
+    return q.to(torch.uint8), scale
+
+
+def run_w8a8(x: Tensor, packed: Tensor, w_scale: Tensor, smooth: Optional[Tensor], x_scale: Optional[Tensor],
+             bias: Optional[Tensor], out_dtype: torch.dtype, zeros: Optional[Tensor] = None) -> Tensor:
+    """W8A8 ``x[M, K] -> [M, N]`` in ``out_dtype``: the format's activation quantization (dynamic
+    per token, or the static ``x_scale``; ``smooth`` divided out) and the int8 GEMM in oneDNN."""
+    n = w_scale.shape[0]
+    if x.shape[0] == 0:
+        return x.new_empty((0, n), dtype=out_dtype)
+    xu, scale = _quantize_u8(x, smooth, x_scale)
+    if zeros is None:
+        zeros = torch.zeros(n, dtype=torch.long)
+    y = torch.ops.onednn.qlinear_pointwise(xu, 1.0, 128, packed, w_scale, zeros, None, 1.0, 0, torch.float32,
+                                           "none", [], "")
+    y = y.mul_(scale[:, None] if scale.numel() > 1 else scale)
+    if bias is not None:
+        y = y.add_(bias.float())
+    return y if out_dtype == torch.float32 else y.to(out_dtype)
+
+
+@torch.library.custom_op("sparseq::w8a8_onednn", mutates_args=())
+def w8a8_onednn(x: Tensor, packed: Tensor, w_scale: Tensor, smooth: Optional[Tensor], x_scale: Optional[Tensor],
+                bias: Optional[Tensor]) -> Tensor:
+    """:func:`run_w8a8` as one opaque op, for torch.compile (inductor would otherwise lower the
+    oneDNN call itself and insist that the packed weight be a graph constant)."""
+    return run_w8a8(x, packed, w_scale, smooth, x_scale, bias, x.dtype)
+
+
+@w8a8_onednn.register_fake
+def _(x, packed, w_scale, smooth, x_scale, bias):
+    return x.new_empty((x.shape[0], w_scale.shape[0]))
+
+
+def w8a8_impl(packed: Tensor, w_scale: Tensor, smooth: Optional[Tensor], x_scale: Optional[Tensor],
+              bias: Optional[Tensor]) -> Callable[[Tensor], Tensor]:
+    """``x -> y`` for a layer: the prepacked weight, scales and a zero-point vector bound once;
+    eager calls run directly, traced ones through the opaque op."""
+    zeros = torch.zeros(w_scale.shape[0], dtype=torch.long)
+    w_scale = w_scale.float().contiguous()
+
+    def call(x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            return w8a8_onednn(x, packed, w_scale, smooth, x_scale, bias)
+        return run_w8a8(x, packed, w_scale, smooth, x_scale, bias, x.dtype, zeros)
+
+    return call

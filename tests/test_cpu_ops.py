@@ -1,0 +1,149 @@
+"""The CPU backends: oneDNN int8 GEMM (sparseq.cpu_ops) against the reference W8A8 format,
+and the CPU dispatch of every layer (dense copies built once; thread and compile safety)."""
+import copy
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import sparseq
+import sparseq.nn
+from sparseq import cpu_ops, dispatch
+from sparseq import reference as ref
+from sparseq.nn import FORMATS
+from sparseq.testing import assert_layer_close, check_matmul_close
+
+needs_onednn = pytest.mark.skipif(bool(cpu_ops.unavailable_reason()), reason=cpu_ops.unavailable_reason() or "ok")
+
+
+def _kwargs(fmt):
+    return {"prune": "magnitude"} if fmt.startswith("2:4") else {}
+
+
+@needs_onednn
+@pytest.mark.parametrize("m,n,k", [(1, 64, 96), (7, 48, 40), (33, 128, 256), (0, 16, 32)])
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_onednn_w8a8_is_the_reference_format(m, n, k, static, smooth, out_dtype):
+    """Per-token (or static) activation quantization bit-exact with the reference, exact int32
+    accumulation: the output is within the exact-accumulator bound of sparseq.testing."""
+    torch.manual_seed(m * 131 + n + k)
+    x = torch.randn(m, k) * 3
+    x[:, :1] *= 40  # an outlier channel, as SmoothQuant sees them
+    if m:
+        x[0] = 0.0  # an all-zero token: scale 1
+    w = torch.randn(n, k)
+    f = torch.rand(k) + 0.5 if smooth else None
+    wq, ws = ref.quantize_per_channel(w)
+    bias = torch.randn(n)
+    xs = ref.per_tensor_scale(float((x / (f if smooth else 1)).abs().amax() * 0.8)) if static and m else None
+    if static and not m:
+        xs = torch.ones(1)
+    y = cpu_ops.run_w8a8(x, cpu_ops.prepack(wq), ws, f, xs, bias, out_dtype)
+    if static:
+        xq, s = ref.quantize_per_tensor(x, xs, f), xs
+    else:
+        xq, s = ref.quantize_per_token(x, f)
+    want = ref.int8_mm(xq, wq, s, ws, bias, out_dtype)
+    msg = check_matmul_close(y, want, xq, wq, s, ws, bias, exact_accumulator=True)
+    assert msg is None, msg
+
+
+@needs_onednn
+def test_onednn_accumulates_exactly_at_the_int8_extremes():
+    """All +-127 operands over K = 4096: any saturation or 16-bit intermediate would show."""
+    k = 4096
+    xq = torch.full((2, k), 127, dtype=torch.int8)
+    xq[1, ::2] = -127
+    wq = torch.full((3, k), 127, dtype=torch.int8)
+    wq[2] = -127
+    x = xq.float()  # scale 1 per token: quantizing x gives back xq
+    y = cpu_ops.run_w8a8(x, cpu_ops.prepack(wq), torch.ones(3), None, None, None, torch.float32)
+    exact = (xq.double() @ wq.double().T).float()
+    assert torch.equal(y, exact), (y, exact)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_layers_run_their_fast_backend_and_match_the_dense_layer(fmt, dtype):
+    torch.manual_seed(0)
+    layer = sparseq.nn.make_layer(nn.Linear(256, 96).to(dtype), fmt, **_kwargs(fmt))
+    x = torch.randn(21, 256, dtype=dtype)
+    with torch.no_grad():
+        y = layer(x)
+    backend = layer.backends[(torch.device("cpu"), dispatch.bucket_of(21), dtype)]
+    if fmt in ("w8a8", "2:4+w8a8") and not cpu_ops.unavailable_reason():
+        assert backend == "onednn"
+    elif fmt not in ("w8a8", "2:4+w8a8"):
+        assert backend == "dense"
+    assert_layer_close(layer, x, out=y, dense_fallback=backend == "dense")
+
+
+def test_cpu_derived_tensors_are_built_once(monkeypatch):
+    built = []
+    real = cpu_ops.prepack
+    monkeypatch.setattr(cpu_ops, "prepack", lambda wq: built.append(1) or real(wq))
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    sparseq.swap(model, {"0": "w8a8", "1": "2:4"}, prune="magnitude")
+    calls = []
+    real_dense = model[1].dense_weight
+    monkeypatch.setattr(model[1], "dense_weight", lambda: calls.append(1) or real_dense())
+    with torch.no_grad():
+        for m in (1, 3, 5, 16, 100, 3, 1):
+            model(torch.randn(m, 64))
+    assert len(calls) == 1  # the 2:4 dense copy: once for every bucket and call
+    assert len(built) == (0 if cpu_ops.unavailable_reason() else 1)
+    assert not any(k[0].startswith("dense") for k in model[1].state_dict())  # never saved
+
+
+def test_threads_and_thread_counts_agree():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64), nn.Linear(64, 64))
+    sparseq.swap(model, {"0": "w8a8", "2": "2:4+w8a8", "3": "int8_weight_only"}, prune="magnitude")
+    inputs = [torch.randn(i * 37 % 200 + 1, 128) for i in range(16)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            single = [model(x) for x in inputs]
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(single, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # a GEMM may split K differently
+    racing = copy.deepcopy(model)  # empty caches: the threads race on the first resolution
+    results, errors = {}, []
+    barrier = threading.Barrier(8)
+
+    def worker(i):
+        try:
+            barrier.wait()
+            with torch.no_grad():
+                for j in range(i, len(inputs), 8):
+                    results[j] = racing(inputs[j])
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors
+    for j, x in enumerate(inputs):
+        torch.testing.assert_close(results[j], expected[j], rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_onednn_layer_compiles():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    sparseq.swap(model, "w8a8")
+    sparseq.nn.prepare(model)  # the fast CPU path is what gets compiled
+    assert set(model[0].backends.values()) == {"onednn"}
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(9, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
