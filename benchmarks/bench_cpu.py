@@ -200,7 +200,6 @@ class Run:
         self.failures: List[str] = []
         self.contended: List[str] = []
         self.e2e_md: List[str] = []
-        self.load = [os.getloadavg()[0]] if hasattr(os, "getloadavg") else []
 
     def add(self, threads: int, fmt: str, backend: str, dtype: str, n: int, k: int, m: int,
             time_us: Optional[float], dense_us: Optional[float], checked: str) -> None:
@@ -380,8 +379,8 @@ def markdown(run: Run) -> str:
     a = run.args
     head = [f"# sparseq layers on CPU vs dense `nn.Linear`{' (quick)' if a.quick else ''}", "",
             f"CPU {run.cpu} · torch {run.torch} · git {run.sha} · quantized engine "
-            f"{torch.backends.quantized.engine} · budget {a.budget} s per contender and cell · load average "
-            f"(1 min) at start / end: {' / '.join(f'{v:.2f}' for v in run.load) or 'unknown'}", "",
+            f"{torch.backends.quantized.engine} · budget {a.budget} s per contender and cell · cells "
+            f"measured while other processes used > {CONTENDED} cores: {len(run.contended)}", "",
             "Speedup = dense `nn.Linear` time / layer time (same dtype, same threads); cells give the speedup and "
             "the backend that ran. Median per-call wall time of interleaved rounds after warm-up, on a shared "
             "machine: differences under ~5-10% are noise. Every sparseq output is checked against the dense layer "
@@ -488,8 +487,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                 run.e2e_md += ["## End to end", "", f"error: {short(bm.error_text(e))}", ""]
     finally:
         torch.set_num_threads(threads0)
-        if run.load:
-            run.load.append(os.getloadavg()[0])
     a.out.mkdir(parents=True, exist_ok=True)
     name = "cpu_layers_quick" if a.quick else "cpu_layers"
     with open(a.out / f"{name}.csv", "w", newline="") as f:
