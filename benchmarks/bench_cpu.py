@@ -29,9 +29,9 @@ process's) is measured again (``--retries``), the least contended attempt kept, 
 when still contended. Medians only; read differences under ~5-10% as noise.
 
 Run: ``python benchmarks/bench_cpu.py [--out DIR] [--quick] [--threads 1,2] [--formats w8a8]``
-Writes ``cpu_layers.csv`` (columns ``COLUMNS``) and ``cpu_layers.md`` to ``--out`` (default
-``benchmarks/results/cpu-<cpu>-<cores>c/``). ``--quick`` (2 small shapes, M 1 and 64, tiny
-budget, 8 sentences) runs in well under a minute (tests).
+(full: ~6 min on 2 cores) writes ``cpu_layers.csv`` (columns ``COLUMNS``) and ``cpu_layers.md``
+to ``--out`` (default ``benchmarks/results/cpu-<cpu>-<cores>c/``); ``--quick`` (2 small shapes,
+M 1 and 64, tiny budget, 8 sentences; ``cpu_layers_quick.*``) takes ~10 s (tests).
 """
 from __future__ import annotations
 
@@ -177,15 +177,6 @@ def build_layer(lin: nn.Linear, fmt: str):
     return layer
 
 
-def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
-
-
-def short(msg: object, limit: int = 200) -> str:
-    text = " ".join(str(msg).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 # --------------------------------------------------------------------------------- the run
 class Run:
     """Rows, skipped cells and failures of one benchmark run."""
@@ -225,24 +216,25 @@ def run_cell(run: Run, lin: nn.Linear, qd: Optional[nn.Module], layers: Dict[str
         dense_out = lin(x)
         t0 = time.perf_counter()
         lin(x)
-        if time.perf_counter() - t0 > run.args.max_dense_s:
-            run.skipped.append(f"{dtype} {n}x{k} M={m} threads={threads} (dense {time.perf_counter() - t0:.2f} s)")
+        took = time.perf_counter() - t0
+        if took > run.args.max_dense_s:
+            run.skipped.append(f"{dtype} {n}x{k} M={m} threads={threads} (dense {took:.2f} s)")
             return
     fns: Dict[str, Callable[[], object]] = {"dense": lambda: lin(x)}
     meta: Dict[str, Tuple[str, str]] = {}  # name -> (backend, checked)
     if qd is not None:
         try:
             with torch.no_grad():
-                err = rel_l2(qd(x), dense_out)
+                err = float((qd(x) - dense_out).double().norm() / dense_out.double().norm())
             ok = err <= QD_REL_L2
             meta["quantize_dynamic"] = (qd_backend(), "approx" if ok else f"wrong: relative L2 {err:.3g} > {QD_REL_L2}")
             if ok:
                 fns["quantize_dynamic"] = lambda: qd(x)
         except Exception as e:  # noqa: BLE001
-            meta["quantize_dynamic"] = (qd_backend(), f"error: {short(bm.error_text(e))}")
+            meta["quantize_dynamic"] = (qd_backend(), f"error: {bm.error_text(e)}")
     for fmt, layer in layers.items():
         if isinstance(layer, Exception):
-            meta[fmt] = ("-", f"error: {short(bm.error_text(layer))}")
+            meta[fmt] = ("-", f"error: {bm.error_text(layer)}")
             continue
         try:
             with torch.no_grad():
@@ -250,9 +242,9 @@ def run_cell(run: Run, lin: nn.Linear, qd: Optional[nn.Module], layers: Dict[str
             backend = layer.backends.get((CPU, dispatch.bucket_of(m), DTYPES[dtype]), "?")
             msg = testing.check_layer_close(layer, x, out, dense_fallback=backend == "dense")
         except Exception as e:  # noqa: BLE001
-            meta[fmt] = ("-", f"error: {short(bm.error_text(e))}")
+            meta[fmt] = ("-", f"error: {bm.error_text(e)}")
             continue
-        meta[fmt] = (backend, "yes" if msg is None else f"wrong: {short(msg)}")
+        meta[fmt] = (backend, "yes" if msg is None else f"wrong: {bm.clean_error(msg)}")
         if msg is None:
             fns[fmt] = functools.partial(layer, x)
     times = timed(run, f"{dtype} {n}x{k} M={m} threads={threads}", fns, run.args.budget)
@@ -344,7 +336,7 @@ def run_e2e(run: Run) -> None:
         d = times["dense"]
         run.add(threads, "e2e-minilm-dense", "torch", "fp32", 0, 0, b * t, d, d, "baseline")
         run.add(threads, "e2e-minilm-w8a8", backend, "fp32", 0, 0, b * t, times.get("w8"), d,
-                "yes" if bad is None else f"wrong: {short(bad)}")
+                "yes" if bad is None else f"wrong: {bm.clean_error(bad)}")
         run.add(threads, "e2e-minilm-quantize_dynamic", qd_backend(), "fp32", 0, 0, b * t, times["qd"], d, "approx")
         w8_ms = f"{times['w8'] / 1e3:.1f}" if "w8" in times else "WRONG"
         w8_sp = f"{d / times['w8']:.2f}x" if "w8" in times else "WRONG"
@@ -377,7 +369,7 @@ def checked_embed(w8: nn.Module, layers: List[nn.Module], key, embed: Callable) 
 # ---------------------------------------------------------------------------------- output
 def markdown(run: Run) -> str:
     a = run.args
-    head = [f"# sparseq layers on CPU vs dense `nn.Linear`{' (quick)' if a.quick else ''}", "",
+    out = [f"# sparseq layers on CPU vs dense `nn.Linear`{' (quick)' if a.quick else ''}", "",
             f"CPU {run.cpu} · torch {run.torch} · git {run.sha} · quantized engine "
             f"{torch.backends.quantized.engine} · budget {a.budget} s per contender and cell · cells "
             f"measured while other processes used > {CONTENDED} cores: {len(run.contended)}", "",
@@ -387,7 +379,6 @@ def markdown(run: Run) -> str:
             "it replaces (`sparseq.testing.check_layer_close`); `quantize_dynamic` (PyTorch's fbgemm int8 "
             "dynamic quantization, per-tensor activations) is the peer, checked by relative L2 only. "
             f"**Bold**: slower than {SLOW}x dense. 2:4 formats are compared with the unpruned dense layer.", ""]
-    out = head
     slow: List[str] = []
     for threads in a.threads:
         rows = [r for r in run.rows if r["threads"] == str(threads) and not r["format"].startswith("e2e")]
@@ -423,17 +414,35 @@ def markdown(run: Run) -> str:
                 name = f"dense {dtype} (time)" if fmt == "dense" else fmt
                 out.append(f"| {label} | {dtype} | {name} | " + " | ".join(cells) + " |")
         out.append("")
-    out += run.e2e_md
-    if slow:
-        out += [f"## Slower than {SLOW}x dense", ""] + [f"- {s}" for s in slow] + [""]
-    if run.contended:
-        out += ["## Contended measurements (least contended of the attempts kept)", ""]
-        out += [f"- {c}" for c in run.contended] + [""]
-    if run.skipped:
-        out += [f"## Skipped (dense over {a.max_dense_s} s per call)", ""] + [f"- {s}" for s in run.skipped] + [""]
-    if run.failures:
-        out += ["## Wrong results and errors", ""] + [f"- {f}" for f in run.failures] + [""]
+    out += peer_markdown(run, [f for f in ("w8a8", "2:4+w8a8") if f in a.formats]) + run.e2e_md
+    for title, items in ((f"Slower than {SLOW}x dense", slow), ("Wrong results and errors", run.failures),
+                         ("Contended measurements (least contended of the attempts kept)", run.contended),
+                         (f"Skipped (dense over {a.max_dense_s} s per call)", run.skipped)):
+        if items:
+            out += [f"## {title}", ""] + [f"- {item}" for item in items] + [""]
     return "\n".join(out)
+
+
+def peer_markdown(run: Run, formats: List[str]) -> List[str]:
+    """The issue's int8 target: quantize_dynamic time / W8A8 layer time per shape and M (fp32)."""
+    t = {tuple(r[c] for c in ("threads", "N", "K", "M", "format")): float(r["time_us"])
+         for r in run.rows if r["dtype"] == "fp32" and r["time_us"] and not r["format"].startswith("e2e")}
+    ms = sorted({int(key[3]) for key in t})
+    out = []
+    for th in map(str, run.args.threads):
+        shapes = list(dict.fromkeys(key[1:3] for key in t if key[0] == th and key[4] == "quantize_dynamic"))
+        if not shapes or not formats:
+            continue
+        out += [f"## W8A8 vs quantize_dynamic, {th} thread(s): quantize_dynamic time / layer time (> 1: sparseq "
+                "faster)", "", "| shape N x K | format | " + " | ".join(f"M={m}" for m in ms) + " |",
+                "|---|---|" + "---|" * len(ms)]
+        for n, k in shapes:
+            for fmt in formats:
+                keys = [((th, n, k, str(m), "quantize_dynamic"), (th, n, k, str(m), fmt)) for m in ms]
+                cells = [f"{t[q] / t[w]:.2f}x" if q in t and w in t else "" for q, w in keys]
+                out.append(f"| {n}x{k} | {fmt} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -483,8 +492,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             try:
                 run_e2e(run)
             except Exception as e:  # noqa: BLE001  (a missing bundled model is a failure, not a crash)
-                run.failures.append(f"e2e: error: {short(bm.error_text(e))}")
-                run.e2e_md += ["## End to end", "", f"error: {short(bm.error_text(e))}", ""]
+                run.failures.append(f"e2e: error: {bm.error_text(e)}")
+                run.e2e_md += ["## End to end", "", f"error: {bm.error_text(e)}", ""]
     finally:
         torch.set_num_threads(threads0)
     a.out.mkdir(parents=True, exist_ok=True)

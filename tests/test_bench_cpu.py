@@ -1,5 +1,6 @@
 """``benchmarks/bench_cpu.py --quick``: the CSV and markdown it writes, every sparseq row checked
-against the dense layer it replaces, and a wrong layer reported as wrong (exit status 1)."""
+against the dense layer it replaces, and a wrong layer reported as wrong (exit status 1), in the
+layer rows and in the end-to-end MiniLM row."""
 import csv
 import importlib.util
 import sys
@@ -69,10 +70,11 @@ def test_wrong_layer_is_reported(bc, tmp_path, monkeypatch):
         return y
 
     monkeypatch.setattr(Int8Linear, "forward", off)
-    code = bc.main(["--quick", "--formats", "w8a8,2:4", "--threads", "1", "--no-e2e", "--out", str(tmp_path)])
+    code = bc.main(["--quick", "--formats", "w8a8,2:4", "--threads", "1", "--out", str(tmp_path)])
     assert code == 1
     _, rows = _read(tmp_path / "cpu_layers_quick.csv")
-    w8 = [r for r in rows if r["format"] == "w8a8"]
-    assert w8 and all(r["checked"].startswith("wrong") and r["time_us"] == "" for r in w8)
+    w8 = [r for r in rows if r["format"] in ("w8a8", "e2e-minilm-w8a8")]  # the swapped model too
+    assert len({r["format"] for r in w8}) == 2
+    assert all(r["checked"].startswith("wrong") and r["time_us"] == "" for r in w8)
     assert all(r["checked"] == "yes" for r in rows if r["format"] == "2:4")
     assert "WRONG" in (tmp_path / "cpu_layers_quick.md").read_text()
