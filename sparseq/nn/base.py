@@ -251,6 +251,15 @@ class CompressedLinear(nn.Module):
         return x.dtype, False
 
     def forward(self, x: Tensor) -> Tensor:
+        # Fast path (eager, 2-D, no grad, no autocast, this device/bucket/dtype resolved before: a
+        # cached impl exists only for inputs the slow path checked): a few attribute reads.
+        if x.dim() == 2 and x.shape[1] == self.in_features and x.dtype == self.dtype \
+                and not torch.compiler.is_compiling() \
+                and not (x.requires_grad and torch.is_grad_enabled()) \
+                and not torch.is_autocast_enabled(x.device.type):
+            impl = self._impls.get((x.device, dispatch.bucket_of(x.shape[0]), x.dtype))
+            if impl is not None:
+                return impl(x)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__}: input has {x.shape[-1]} features, expected {self.in_features}")
         device = self.qweight.device
