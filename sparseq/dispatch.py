@@ -90,8 +90,12 @@ def tuned_key(op: str, n: int, k: int, dtype: torch.dtype, capability: Tuple[int
 def preferences(op: str, n: int, k: int, dtype: torch.dtype, device: torch.device, m: int) -> List[str]:
     """Backends to try, best first, for this op and shape on ``device`` at batch ``m``."""
     if device.type == "cpu":
-        per_op = _load("default").get("cpu", {}).get(op, {})
-        return list(dict.fromkeys(list(per_op.get(BUCKET_NAMES[bucket_of(m)], [])) + ["dense", "reference"]))
+        table = _load("default")
+        bucket = BUCKET_NAMES[bucket_of(m)]
+        min_nk = table.get("cpu_min_nk", {})  # a backend that loses to the dense bucket on small layers
+        per_op = table.get("cpu", {}).get(op, {}).get(bucket, [])
+        fast = [b for b in per_op if n * k >= min_nk.get(b, {}).get(bucket, 0)]
+        return list(dict.fromkeys(fast + ["dense", "reference"]))
     if device.type != "cuda":
         return ["reference"]
     cap = torch.cuda.get_device_capability(device)

@@ -24,8 +24,11 @@ def test_cpu_preferences():
         for m in dispatch.BUCKET_M:
             assert dispatch.preferences(op, 64, 64, torch.float32, cpu, m) == ["dense", "reference"]
     for op in ("int8_mm", "sparse24_int8_mm"):
-        for m in dispatch.BUCKET_M:
+        for m in dispatch.BUCKET_M[1:]:
             assert dispatch.preferences(op, 64, 64, torch.float32, cpu, m) == ["onednn", "dense", "reference"]
+        # M = 1: small layers measured faster in the dense bucket, large ones in oneDNN
+        assert dispatch.preferences(op, 384, 384, torch.float32, cpu, 1) == ["dense", "reference"]
+        assert dispatch.preferences(op, 2048, 2048, torch.float32, cpu, 1) == ["onednn", "dense", "reference"]
     assert dispatch.preferences("int8_mm", 64, 64, torch.float32, torch.device("meta"), 1) == ["reference"]
 
 
