@@ -5,10 +5,11 @@ x86 has fast int8 dot products (VNNI / AMX) that oneDNN drives; PyTorch exposes 
 calls). They take one activation scale per tensor, so the W8A8 format's per-token scales are
 applied outside: the activations are quantized by the reference arithmetic (per token, or with
 the static scale; SmoothQuant division included), handed to oneDNN as uint8 with zero point 128
-and scale 1, multiplied by the per-channel weight scales in its epilogue, then by ``x_scale``
+and scale 1, then multiplied by ``x_scale``, the per-channel weight scales
 and the bias here. The int32 accumulator is exact (VNNI ``vpdpbusd`` has no intermediate
-saturation), so the result differs from the reference only by the order of the fp32 scale
-multiplications: within ``sparseq.testing``'s exact-accumulator bound (tested).
+saturation); oneDNN is given weight scales of 1, so it returns ``fp32(acc)``, and the scales and
+bias are applied here in the reference's order: the result equals the reference bit for bit
+(tested).
 
 The packed weight is built once per layer (a derived tensor, never saved).
 """
@@ -44,7 +45,7 @@ def _probe() -> str:
         y = run_w8a8(x, prepack(wq), torch.ones(2), None, None, None, torch.float32)
         xq, xs = reference.quantize_per_token(x)
         want = reference.int8_mm(xq, wq, xs, torch.ones(2), None, torch.float32)
-        if not torch.allclose(y, want, rtol=1e-6, atol=0):
+        if not torch.equal(y, want):
             return f"oneDNN int8 self-test gave {y.tolist()}, expected {want.tolist()}"
     except Exception as e:  # noqa: BLE001
         return f"oneDNN int8 self-test failed: {type(e).__name__}: {e}"
@@ -78,14 +79,26 @@ def run_w8a8(x: Tensor, packed: Tensor, w_scale: Tensor, smooth: Optional[Tensor
     if x.shape[0] == 0:
         return x.new_empty((0, n), dtype=out_dtype)
     xu, scale = _quantize_u8(x, smooth, x_scale)
-    if zeros is None:
-        zeros = torch.zeros(n, dtype=torch.long)
-    y = torch.ops.onednn.qlinear_pointwise(xu, 1.0, 128, packed, w_scale, zeros, None, 1.0, 0, torch.float32,
+    # weight scales of 1: oneDNN returns fp32(acc) (the same int32 -> fp32 rounding as the
+    # reference); the epilogue then runs here in the reference's order, so the result is bit-exact
+    ones = _ones(n)
+    y = torch.ops.onednn.qlinear_pointwise(xu, 1.0, 128, packed, ones, zeros if zeros is not None else
+                                           torch.zeros(n, dtype=torch.long), None, 1.0, 0, torch.float32,
                                            "none", [], "")
-    y = y.mul_(scale[:, None] if scale.numel() > 1 else scale)
+    y = y.mul_(scale[:, None] if scale.numel() > 1 else scale).mul_(w_scale[None, :])
     if bias is not None:
         y = y.add_(bias.float())
     return y if out_dtype == torch.float32 else y.to(out_dtype)
+
+
+_ones_cache: dict = {}
+
+
+def _ones(n: int) -> Tensor:
+    t = _ones_cache.get(n)
+    if t is None:
+        t = _ones_cache.setdefault(n, torch.ones(n, dtype=torch.float32))
+    return t
 
 
 @torch.library.custom_op("sparseq::w8a8_onednn", mutates_args=())

@@ -28,7 +28,7 @@ def _kwargs(fmt):
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_onednn_w8a8_is_the_reference_format(m, n, k, static, smooth, out_dtype):
     """Per-token (or static) activation quantization bit-exact with the reference, exact int32
-    accumulation: the output is within the exact-accumulator bound of sparseq.testing."""
+    accumulation, the epilogue in the reference's order: the output equals the reference's."""
     torch.manual_seed(m * 131 + n + k)
     x = torch.randn(m, k) * 3
     x[:, :1] *= 40  # an outlier channel, as SmoothQuant sees them
@@ -49,6 +49,7 @@ def test_onednn_w8a8_is_the_reference_format(m, n, k, static, smooth, out_dtype)
     want = ref.int8_mm(xq, wq, s, ws, bias, out_dtype)
     msg = check_matmul_close(y, want, xq, wq, s, ws, bias, exact_accumulator=True)
     assert msg is None, msg
+    assert torch.equal(y, want)
 
 
 @needs_onednn
