@@ -76,10 +76,18 @@ def _cuda_backend_status() -> BackendStatus:
     return BackendStatus(True, detail)
 
 
+def _onednn_status() -> BackendStatus:
+    from .cpu_ops import unavailable_reason
+
+    why = unavailable_reason()
+    return BackendStatus(not why, why or "oneDNN int8 GEMM (torch.ops.onednn) for W8A8 layers on this CPU")
+
+
 def kernels_available() -> Dict[str, BackendStatus]:
-    """Per backend (``reference``, ``triton``, ``cuda``): whether it can run here and why not."""
+    """Per backend (``reference``, ``triton``, ``cuda``, ``onednn``): whether it can run here and why not."""
     return {
         "reference": BackendStatus(True, f"pure PyTorch {torch.__version__}, any device"),
         "triton": _triton_status(),
         "cuda": _cuda_backend_status(),
+        "onednn": _onednn_status(),
     }
