@@ -1,8 +1,9 @@
 """The shared machinery of sparseq's drop-in ``nn.Linear`` replacements.
 
 A layer holds its weight in a canonical compressed form as buffers (so ``state_dict`` is the
-compressed model), flattens leading dims to 2-D and runs one backend per (device, M bucket),
-chosen once by ``sparseq.dispatch`` and cached: the hot path is a dict lookup and one op.
+compressed model), flattens leading dims to 2-D and runs one backend per (device, M bucket,
+compute dtype), chosen once by ``sparseq.dispatch`` and cached: the hot path is a dict lookup
+and one kernel call (an unchecked launch in eager mode, the backend's op under torch.compile).
 Derived tensors (kernel layouts, the dense fallback copy) are built per device at resolution
 time, never in the hot path, and dropped when the layer is moved, cast or reloaded.
 """

@@ -1,7 +1,8 @@
 """Drop-in ``nn.Linear`` replacements: 2:4 sparse, W8A8, int8 weight-only, and 2:4 + int8.
 
 Each stores the canonical formats of ``sparseq.reference`` as buffers and runs the backend
-``sparseq.dispatch`` picks; on CPU that is the reference op. On a GPU each backend's callable
+``sparseq.dispatch`` picks (on CPU: a dense copy for 2:4 and weight-only, oneDNN int8 for W8A8;
+the reference op with ``dense_fallback=False``). On a GPU each backend's callable
 runs an unchecked kernel launch in eager mode (the buffers were checked when the layer was
 built) and the backend's custom op under torch.compile (``kernel_call``).
 """
