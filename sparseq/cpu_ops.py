@@ -57,47 +57,35 @@ def prepack(wq: Tensor) -> Tensor:
     return torch.ops.onednn.qlinear_prepack(wq.contiguous(), None)
 
 
-def _quantize_u8(x: Tensor, smooth: Optional[Tensor], x_scale: Optional[Tensor]):
-    """``(q + 128 as uint8, scale)``: the reference quantizer's values (per token, or static),
-    shifted by the zero point oneDNN takes."""
-    xs = x.float() if smooth is None else x.float() / smooth
-    if x_scale is None:  # the reference's arithmetic, with in-place passes where it allocates
-        scale = reference.absmax_scale(xs.abs().amax(dim=1))
-        q = torch.div(xs, scale[:, None])
-    else:
-        scale = x_scale
-        q = torch.div(xs, scale)
-    q = q.round_().clamp_(-reference.INT8_MAX, reference.INT8_MAX).add_(128)
-    return q.to(torch.uint8), scale
-
-
 def run_w8a8(x: Tensor, packed: Tensor, w_scale: Tensor, smooth: Optional[Tensor], x_scale: Optional[Tensor],
-             bias: Optional[Tensor], out_dtype: torch.dtype, zeros: Optional[Tensor] = None) -> Tensor:
+             bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
     """W8A8 ``x[M, K] -> [M, N]`` in ``out_dtype``: the format's activation quantization (dynamic
     per token, or the static ``x_scale``; ``smooth`` divided out) and the int8 GEMM in oneDNN."""
     n = w_scale.shape[0]
     if x.shape[0] == 0:
         return x.new_empty((0, n), dtype=out_dtype)
-    xu, scale = _quantize_u8(x, smooth, x_scale)
+    grid, scale = reference.activation_grid(x, smooth, x_scale)
+    xu = grid.add_(128).to(torch.uint8)  # oneDNN takes uint8 with zero point 128
     # weight scales of 1: oneDNN returns fp32(acc) (the same int32 -> fp32 rounding as the
     # reference); the epilogue then runs here in the reference's order, so the result is bit-exact
-    ones = _ones(n)
-    y = torch.ops.onednn.qlinear_pointwise(xu, 1.0, 128, packed, ones, zeros if zeros is not None else
-                                           torch.zeros(n, dtype=torch.long), None, 1.0, 0, torch.float32,
-                                           "none", [], "")
+    y = torch.ops.onednn.qlinear_pointwise(xu, 1.0, 128, packed, _constant(n, 1.0, torch.float32),
+                                           _constant(n, 0, torch.long), None, 1.0, 0, torch.float32, "none", [], "")
     y = y.mul_(scale[:, None] if scale.numel() > 1 else scale).mul_(w_scale[None, :])
     if bias is not None:
         y = y.add_(bias.float())
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 
-_ones_cache: dict = {}
+_constants: dict = {}
 
 
-def _ones(n: int) -> Tensor:
-    t = _ones_cache.get(n)
+def _constant(n: int, value: float, dtype: torch.dtype) -> Tensor:
+    """A read-only ``[n]`` vector of ``value`` (oneDNN's weight scales of 1 and zero points of 0),
+    built once per length instead of per call."""
+    key = (n, value, dtype)
+    t = _constants.get(key)
     if t is None:
-        t = _ones_cache.setdefault(n, torch.ones(n, dtype=torch.float32))
+        t = _constants.setdefault(key, torch.full((n,), value, dtype=dtype))
     return t
 
 
@@ -116,14 +104,13 @@ def _(x, packed, w_scale, smooth, x_scale, bias):
 
 def w8a8_impl(packed: Tensor, w_scale: Tensor, smooth: Optional[Tensor], x_scale: Optional[Tensor],
               bias: Optional[Tensor]) -> Callable[[Tensor], Tensor]:
-    """``x -> y`` for a layer: the prepacked weight, scales and a zero-point vector bound once;
-    eager calls run directly, traced ones through the opaque op."""
-    zeros = torch.zeros(w_scale.shape[0], dtype=torch.long)
+    """``x -> y`` for a layer, the prepacked weight and scales bound once; eager calls run
+    directly, traced ones through the opaque op."""
     w_scale = w_scale.float().contiguous()
 
     def call(x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
             return w8a8_onednn(x, packed, w_scale, smooth, x_scale, bias)
-        return run_w8a8(x, packed, w_scale, smooth, x_scale, bias, x.dtype, zeros)
+        return run_w8a8(x, packed, w_scale, smooth, x_scale, bias, x.dtype)
 
     return call

@@ -192,12 +192,10 @@ def quantize_per_channel(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def _smoothed(x: torch.Tensor, smooth: Optional[torch.Tensor]) -> torch.Tensor:
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
-    xf = x.float()
-    if smooth is None:
-        return xf
-    check_scale_vector("smooth", smooth, x.shape[1], x)
-    check_positive("smooth", smooth)
-    return xf / smooth
+    if smooth is not None:
+        check_scale_vector("smooth", smooth, x.shape[1], x)
+        check_positive("smooth", smooth)
+    return x.float() if smooth is None else x.float() / smooth
 
 
 def quantize_per_token(
@@ -209,14 +207,8 @@ def quantize_per_token(
     """
     xs = _smoothed(x, smooth)
     check_finite("x", xs)
-    return quantize_rows(xs)
-
-
-def quantize_rows(xs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The arithmetic of :func:`quantize_per_token` on fp32 ``xs`` (already smoothed), without
-    its checks: no value scan, so no host sync (GPU paths that checked their inputs once)."""
-    scale = absmax_scale(xs.abs().amax(dim=1))
-    return _round_to_int8(xs, scale[:, None]), scale
+    grid, scale = _on_grid(xs, None)
+    return grid.to(torch.int8), scale
 
 
 def quantize_per_tensor(
@@ -227,7 +219,24 @@ def quantize_per_tensor(
     check_scale_vector("scale", scale, 1, x)
     check_positive("scale", scale)
     check_finite("x", xs)
-    return _round_to_int8(xs, scale)
+    return _on_grid(xs, scale)[0].to(torch.int8)
+
+
+def activation_grid(x: torch.Tensor, smooth: Optional[torch.Tensor] = None,
+                    scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The arithmetic of :func:`quantize_per_token` (``scale`` None: per-token scales) and
+    :func:`quantize_per_tensor` (the given static ``scale``), without their checks: the values
+    on the int8 grid, still fp32, and the scale. No value scan, so no host sync: for paths that
+    checked their inputs once (layers on a GPU, the CPU oneDNN path)."""
+    return _on_grid(x.float() if smooth is None else x.float() / smooth, scale)
+
+
+def _on_grid(xs: torch.Tensor, scale: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Smoothed fp32 activations on the int8 grid, with per-token scales where ``scale`` is None."""
+    if scale is None:
+        scale = absmax_scale(xs.abs().amax(dim=1))
+        return round_to_int8_grid(xs, scale[:, None]), scale
+    return round_to_int8_grid(xs, scale), scale
 
 
 def per_tensor_scale(amax: float) -> torch.Tensor:

@@ -42,11 +42,6 @@ def _smoothed_weight(w: Tensor, smooth: Optional[Tensor]) -> Tensor:
     return w.float() * smooth.float().to(w.device)[None, :]
 
 
-def _divided(x: Tensor, smooth: Optional[Tensor]) -> Tensor:
-    """``x / smooth`` in fp32, as the reference quantizers compute it."""
-    return x.float() if smooth is None else x.float() / smooth
-
-
 def _cutlass_shape_ok(n: int, k: int) -> bool:
     return n % 64 == 0 and k % 128 == 0
 
@@ -179,10 +174,11 @@ class _W8A8Mixin:
         without its value checks: no host sync, for GPUs without Triton) or ``reference``."""
         smooth = self.smooth
         if backend == "torch":
-            if self.x_scale is not None:
-                scale = self.x_scale
-                return lambda x: (reference.round_to_int8_grid(_divided(x, smooth), scale).to(torch.int8), scale)
-            return lambda x: reference.quantize_rows(_divided(x, smooth))
+            def quantize(x: Tensor):
+                grid, scale = reference.activation_grid(x, smooth, self.x_scale)
+                return grid.to(torch.int8), scale
+
+            return quantize
         if self.x_scale is not None:
             op = _triton("quantize_per_tensor") if backend == "triton" else ops.quantize_per_tensor
             return None if op is None else (lambda x: (op(x, self.x_scale, smooth), self.x_scale))
