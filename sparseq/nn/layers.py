@@ -217,8 +217,17 @@ class _W8A8Mixin:
     def _activation_options(self) -> dict:
         return {"smooth": self.smooth is not None, "static": self.x_scale is not None}
 
-    def _smoothed_dense(self, w: Tensor) -> Tensor:
-        return w if self.smooth is None else w / self.smooth[None, :]
+    def _int8_weight(self) -> Tensor:
+        """The int8 weight as dense ``[N, K]`` (2:4 expanded: x86 has no sparse int8 GEMM)."""
+        raise NotImplementedError
+
+    def _int8_dense(self) -> Tensor:
+        """``q * s`` in fp32, in the smoothed space (the activations are divided by ``smooth``)."""
+        return self._int8_weight().float() * self.w_scale[:, None]
+
+    def dense_weight(self) -> Tensor:
+        w = self._int8_dense()
+        return (w if self.smooth is None else w / self.smooth[None, :]).to(self.dtype)
 
 
 class Int8Linear(_W8A8Mixin, CompressedLinear):
@@ -252,12 +261,6 @@ class Int8Linear(_W8A8Mixin, CompressedLinear):
 
     def options(self) -> dict:
         return self._activation_options()
-
-    def _int8_dense(self) -> Tensor:
-        return self.weight_q.float() * self.w_scale[:, None]
-
-    def dense_weight(self) -> Tensor:
-        return self._smoothed_dense(self._int8_dense()).to(self.dtype)
 
     def _int8_weight(self) -> Tensor:
         return self.weight_q
@@ -331,12 +334,6 @@ class Sparse24Int8Linear(_W8A8Mixin, CompressedLinear):
     def options(self) -> dict:
         return {"mode": self.mode, **self._activation_options()}
 
-    def _int8_dense(self) -> Tensor:
-        return ops.decompress_24(self.values, self.meta).float() * self.w_scale[:, None]
-
-    def dense_weight(self) -> Tensor:
-        return self._smoothed_dense(self._int8_dense()).to(self.dtype)
-
     def _dense_impl(self, device: torch.device, dtype: torch.dtype) -> Impl:
         if self.mode == "weight_only":
             return CompressedLinear._dense_impl(self, device, dtype)
@@ -363,7 +360,6 @@ class Sparse24Int8Linear(_W8A8Mixin, CompressedLinear):
         return rows[:m]
 
     def _int8_weight(self) -> Tensor:
-        """The 2:4 int8 weight expanded to dense ``[N, K]`` int8 (x86 has no sparse int8 GEMM)."""
         return ops.decompress_24(self.values, self.meta)
 
     def backend_impl(self, backend: str, m: int, dtype: torch.dtype, device: torch.device) -> Optional[Impl]:
