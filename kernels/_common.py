@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from sparseq import ops
+from sparseq._checks import check_same_device, check_tensor
 
 from .configs import MatmulConfig
 
@@ -30,6 +31,15 @@ def check_triton_device(**tensors: Optional[torch.Tensor]) -> None:
             f"{name} is on {t.device}: the Triton kernels need CUDA tensors "
             "(or CPU tensors with TRITON_INTERPRET=1)"
         )
+
+
+def check_int8_weight_operands(x_name: str, x: torch.Tensor, x_dtypes, wq: torch.Tensor) -> None:
+    """``x[M, K]`` of ``x_dtypes`` and the int8 weight ``wq[N, K]``: 2-D, one device, same K."""
+    check_tensor(x_name, x, dtypes=x_dtypes, ndim=2)
+    check_tensor("wq", wq, dtypes=(torch.int8,), ndim=2)
+    check_same_device(**{x_name: x, "wq": wq})
+    if x.shape[1] != wq.shape[1]:
+        raise ValueError(f"x has K={x.shape[1]} but wq expects K={wq.shape[1]}")
 
 
 def device_guard(t: torch.Tensor) -> ContextManager:

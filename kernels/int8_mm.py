@@ -16,11 +16,11 @@ import triton.language as tl
 from torch import Tensor
 
 from sparseq import reference as ref
-from sparseq._checks import check_bias, check_same_device, check_scale_vector, check_tensor
+from sparseq._checks import check_bias, check_scale_vector
 
 from . import configs
-from ._common import (check_triton_device, device_guard, gemm_grid, k_range, launch_meta, register_backend,
-                      scale_bias_store, splitk_epilogue, store_partial, splitk_workspace, tile_ids)
+from ._common import (check_int8_weight_operands, check_triton_device, device_guard, gemm_grid, k_range, launch_meta,
+                      register_backend, scale_bias_store, splitk_epilogue, splitk_workspace, store_partial, tile_ids)
 
 
 @triton.jit
@@ -86,11 +86,7 @@ def int8_mm(xq: Tensor, wq: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Opti
     ``check=False`` skips the argument checks: for callers that checked them once (layers).
     """
     if check:
-        check_tensor("xq", xq, dtypes=(torch.int8,), ndim=2)
-        check_tensor("wq", wq, dtypes=(torch.int8,), ndim=2)
-        check_same_device(xq=xq, wq=wq)
-        if xq.shape[1] != wq.shape[1]:
-            raise ValueError(f"x has K={xq.shape[1]} but wq expects K={wq.shape[1]}")
+        check_int8_weight_operands("xq", xq, (torch.int8,), wq)
         m, k = xq.shape
         n = wq.shape[0]
         check_int32_k(k)

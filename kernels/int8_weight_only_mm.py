@@ -15,11 +15,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sparseq._checks import FLOAT_DTYPES, check_bias, check_same_device, check_scale_vector, check_tensor
+from sparseq._checks import FLOAT_DTYPES, check_bias, check_scale_vector
 
 from . import configs
-from ._common import (check_triton_device, device_guard, gemm_grid, k_range, launch_meta, register_backend,
-                      scale_bias_store, splitk_epilogue, store_partial, splitk_workspace, tile_ids)
+from ._common import (check_int8_weight_operands, check_triton_device, device_guard, gemm_grid, k_range, launch_meta,
+                      register_backend, scale_bias_store, splitk_epilogue, splitk_workspace, store_partial, tile_ids)
 
 
 @triton.jit
@@ -70,11 +70,7 @@ def int8_weight_only_mm(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[T
     ``check=False`` skips the argument checks: for callers that checked them once (layers).
     """
     if check:
-        check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
-        check_tensor("wq", wq, dtypes=(torch.int8,), ndim=2)
-        check_same_device(x=x, wq=wq)
-        if x.shape[1] != wq.shape[1]:
-            raise ValueError(f"x has K={x.shape[1]} but wq expects K={wq.shape[1]}")
+        check_int8_weight_operands("x", x, FLOAT_DTYPES, wq)
         m, k = x.shape
         n = wq.shape[0]
         check_scale_vector("w_scale", w_scale, n, x)
