@@ -1,8 +1,16 @@
-"""Shared test setup: GPU-marked tests skip cleanly without CUDA; fixed seeds."""
+"""Shared test setup: GPU-marked tests skip cleanly without CUDA; fixed seeds; helpers to
+import a script from benchmarks/ and to race threads on one model."""
+import importlib.util
 import os
+import sys
+import threading
+from pathlib import Path
+from typing import Callable, List
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_collection_modifyitems(config, items):
@@ -22,3 +30,44 @@ def _seed():
 
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _load_script(name: str, module_name: str):
+    spec = importlib.util.spec_from_file_location(module_name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def load_benchmark() -> Callable:
+    """``load_benchmark(name, module_name=None)``: import ``benchmarks/<name>.py`` (a script
+    folder, not a package) as a fresh module named ``module_name`` (``_sparseq_<name>``)."""
+    return lambda name, module_name=None: _load_script(name, module_name or f"_sparseq_{name}")
+
+
+@pytest.fixture(scope="session")
+def race() -> Callable:
+    """``race(work, n=8)``: run ``work(i)`` for i < n in n threads released together by a
+    barrier (so they contend on first use); returns the exceptions raised."""
+
+    def run(work: Callable[[int], None], n: int = 8) -> List[BaseException]:
+        barrier = threading.Barrier(n)
+        errors: List[BaseException] = []
+
+        def body(i: int) -> None:
+            try:
+                barrier.wait()
+                work(i)
+            except Exception as e:  # noqa: BLE001  (reported to the test)
+                errors.append(e)
+
+        threads = [threading.Thread(target=body, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return errors
+
+    return run

@@ -3,7 +3,6 @@
 Nothing here is a speed claim: it keeps ``benchmarks/*.py`` and ``sparseq bench`` from rotting
 and pins the harness rules (exact CSV columns, failures recorded, outputs checked).
 """
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -15,15 +14,6 @@ from sparseq import bench
 from sparseq import benchmarking as bm
 from sparseq import reference as ref
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_sparseq_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def _is_png(path: Path) -> bool:
@@ -41,9 +31,9 @@ def _check_rows(rows):
 
 
 @pytest.fixture(scope="module")
-def ops_smoke(tmp_path_factory):
+def ops_smoke(tmp_path_factory, load_benchmark):
     out = tmp_path_factory.mktemp("ops")
-    assert _script("bench_ops").main(["--smoke", "--out", str(out)]) == 0
+    assert load_benchmark("bench_ops").main(["--smoke", "--out", str(out)]) == 0
     return out
 
 
@@ -81,8 +71,8 @@ def test_ops_smoke_writes_markdown_and_plots(ops_smoke):
         assert _is_png(ops_smoke / f"ops_smoke_{n}x{k}_fp16.png")
 
 
-def test_e2e_smoke_writes_files(tmp_path):
-    script = _script("bench_e2e")
+def test_e2e_smoke_writes_files(tmp_path, load_benchmark):
+    script = load_benchmark("bench_e2e")
     assert script.main(["--smoke", "--out", str(tmp_path)]) == 0
     rows = bm.read_csv(tmp_path / "e2e_smoke.csv")
     _check_rows(rows)

@@ -180,21 +180,16 @@ def test_sparseq_layers_are_checked_against_the_dense_layer_they_replace(monkeyp
     assert "wrong result" in by["2:4"].error and by["int8_weight_only"].error is None
 
 
-def test_bench_triton_reports_one_wrong_tile(monkeypatch):
+def test_bench_triton_reports_one_wrong_tile(monkeypatch, load_benchmark):
     """``benchmarks/bench_triton.py`` checks every kernel output elementwise (it used relative L2 <= 1e-2)."""
     pytest.importorskip("triton")
-    import importlib.util
     import os
-    from pathlib import Path
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the Triton kernels run on the CPU only in the interpreter")
     from sparseq.kernels import sparse24_mm
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_triton.py"
-    spec = importlib.util.spec_from_file_location("_bench_triton_checks", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("bench_triton", "_bench_triton_checks")
     real = sparse24_mm.sparse24_mm
     monkeypatch.setattr(sparse24_mm, "sparse24_mm", lambda *a, **k: _one_tile_off(real(*a, **k), 1.01))
     rows = script.run([(64, 128)], [32], "fp16", bm.Timer(CPU, cpu_reps=1), CPU)

@@ -2,27 +2,19 @@
 against the dense layer it replaces, and a wrong layer reported as wrong (exit status 1), in the
 layer rows and in the end-to-end MiniLM row."""
 import csv
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from sparseq.nn import FORMATS, Int8Linear
 
-ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ["device", "cpu", "threads", "torch", "git_sha", "format", "backend", "dtype", "N", "K", "M",
            "time_us", "dense_us", "speedup", "checked"]
 
 
 @pytest.fixture(scope="module")
-def bc():
-    spec = importlib.util.spec_from_file_location("_sparseq_bench_cpu", ROOT / "benchmarks" / "bench_cpu.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def bc(load_benchmark):
+    return load_benchmark("bench_cpu")
 
 
 def _read(path):

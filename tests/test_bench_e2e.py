@@ -6,9 +6,6 @@ the recipe's rows into failures, through the per-layer checks and through the en
 comparison alone; a recipe that fails is a benchmark failure unless it is listed as
 unsupported on the device, with a reason.
 """
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,16 +15,11 @@ from sparseq import benchmarking as bm
 from sparseq import ops
 from sparseq.nn.base import CompressedLinear
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def be():
-    spec = importlib.util.spec_from_file_location("_sparseq_bench_e2e_checks", ROOT / "benchmarks" / "bench_e2e.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def be(load_benchmark):
+    return load_benchmark("bench_e2e", "_sparseq_bench_e2e_checks")
 
 
 def _run(be, tmp_path, *args):

@@ -1,7 +1,6 @@
 """The CPU backends: oneDNN int8 GEMM (sparseq.cpu_ops) against the reference W8A8 format,
 and the CPU dispatch of every layer (dense copies built once; thread and compile safety)."""
 import copy
-import threading
 
 import pytest
 import torch
@@ -99,7 +98,7 @@ def test_cpu_derived_tensors_are_built_once(monkeypatch):
     assert not any(k[0].startswith("dense") for k in model[1].state_dict())  # never saved
 
 
-def test_threads_and_thread_counts_agree():
+def test_threads_and_thread_counts_agree(race):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64), nn.Linear(64, 64))
     sparseq.swap(model, {"0": "w8a8", "2": "2:4+w8a8", "3": "int8_weight_only"}, prune="magnitude")
@@ -116,23 +115,14 @@ def test_threads_and_thread_counts_agree():
     for a, b in zip(single, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # a GEMM may split K differently
     racing = copy.deepcopy(model)  # empty caches: the threads race on the first resolution
-    results, errors = {}, []
-    barrier = threading.Barrier(8)
+    results = {}
 
     def worker(i):
-        try:
-            barrier.wait()
-            with torch.no_grad():
-                for j in range(i, len(inputs), 8):
-                    results[j] = racing(inputs[j])
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
+        with torch.no_grad():
+            for j in range(i, len(inputs), 8):
+                results[j] = racing(inputs[j])
 
-    ts = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    errors = race(worker, 8)
     assert not errors, errors
     for j, x in enumerate(inputs):
         torch.testing.assert_close(results[j], expected[j], rtol=1e-5, atol=1e-5)

@@ -1,7 +1,6 @@
 """sparseq.nn at run time: dispatch cache, dense fallback, torch.compile, threads, casts,
 reloads, autograd; GPU-marked CUDA-graph / compile / dispatch tests."""
 import copy
-import threading
 
 import pytest
 import torch
@@ -58,27 +57,18 @@ def test_compile_inductor_cpu(prepared):
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
 
 
-def test_threads_share_one_model():
+def test_threads_share_one_model(race):
     model = swapped()
     inputs = [torch.randn(i * 37 % 300 + 1, 64) for i in range(8)]  # several buckets
     expected = [model(x) for x in inputs]
     fresh = copy.deepcopy(model)  # caches empty: threads race on the first resolution
-    results, errors = {}, []
-    barrier = threading.Barrier(8)
+    results = {}
 
     def work(i):
-        try:
-            barrier.wait()
-            for _ in range(5):
-                results[i] = fresh(inputs[i])
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
+        for _ in range(5):
+            results[i] = fresh(inputs[i])
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = race(work, 8)
     assert not errors
     assert all(torch.equal(results[i], expected[i]) for i in range(8))
 
