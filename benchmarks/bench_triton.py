@@ -73,19 +73,19 @@ def _bytes(fmt: str, m: int, n: int, k: int, act: int) -> float:
 def _contenders(dtype: torch.dtype) -> List[Tuple[str, str, Callable, Callable, Callable]]:
     """(op, format, prepare(w) -> state, make(state, x) -> fn, check(state, x, y) -> None or what is wrong)."""
     from sparseq import reference as ref
-    from sparseq.benchmarking import check_close
     from sparseq.kernels import int8_mm, int8_weight_only_mm, quantize, sparse24_mm
+    from sparseq.testing import check_matmul_close
 
     q = quantize.quantize_per_token
 
     def w8a8_check(st, x, y):  # the reference quantizer: the kernel's must match it bit for bit
         xq, xs = ref.quantize_per_token(x)
-        return check_close(y, ref.int8_mm(xq, st[0], xs, st[1], None, dtype), xq, st[0], xs, st[1])
+        return check_matmul_close(y, ref.int8_mm(xq, st[0], xs, st[1], None, dtype), xq, st[0], xs, st[1])
 
     def s24_w8a8_check(st, x, y):
         xq, xs = ref.quantize_per_token(x)
         expected = ref.sparse24_int8_mm(*_s24_args((xq, xs), st), None, dtype)
-        return check_close(y, expected, xq, ref.decompress_24(st[0], st[1]), xs, st[2])
+        return check_matmul_close(y, expected, xq, ref.decompress_24(st[0], st[1]), xs, st[2])
 
     def quant_w(w):
         return ref.quantize_per_channel(w)
@@ -106,13 +106,13 @@ def _contenders(dtype: torch.dtype) -> List[Tuple[str, str, Callable, Callable, 
 
     return [
         ("gemm", "int8_weight_only", quant_w, lambda st, x: lambda: int8_weight_only_mm.int8_weight_only_mm(x, *st),
-         lambda st, x, y: check_close(y, ref.int8_weight_only_mm(x, *st), x, st[0], w_scale=st[1])),
+         lambda st, x, y: check_matmul_close(y, ref.int8_weight_only_mm(x, *st), x, st[0], w_scale=st[1])),
         ("gemm", "w8a8", quant_w, w8a8_gemm, w8a8_check),
         ("linear", "w8a8", quant_w, lambda st, x: lambda: int8_mm.int8_mm(*_pair(q(x), st), None, dtype), w8a8_check),
         ("gemm", "2:4", s24, lambda st, x: lambda: sparse24_mm.sparse24_mm(x, *st),
-         lambda st, x, y: check_close(y, ref.sparse24_mm(x, *st), x, ref.decompress_24(*st))),
+         lambda st, x, y: check_matmul_close(y, ref.sparse24_mm(x, *st), x, ref.decompress_24(*st))),
         ("gemm", "2:4+int8_weight_only", s24q, lambda st, x: lambda: sparse24_mm.sparse24_int8_mm(x, *st),
-         lambda st, x, y: check_close(y, ref.sparse24_int8_mm(x, *st), x, ref.decompress_24(st[0], st[1]),
+         lambda st, x, y: check_matmul_close(y, ref.sparse24_int8_mm(x, *st), x, ref.decompress_24(st[0], st[1]),
                                       w_scale=st[2])),
         ("gemm", "2:4+w8a8", s24q, s24_w8a8_gemm, s24_w8a8_check),
         ("linear", "2:4+w8a8", s24q,
@@ -136,6 +136,7 @@ def run(shapes: Sequence[Tuple[int, int]], ms: Sequence[int], dtype_name: str, t
 
     from sparseq import benchmarking as bm
     from sparseq.kernels import prune_compress
+    from sparseq.testing import check_matmul_close
 
     dtype = bm.DTYPES[dtype_name]
     act = torch.tensor([], dtype=dtype).element_size()
@@ -155,7 +156,7 @@ def run(shapes: Sequence[Tuple[int, int]], ms: Sequence[int], dtype_name: str, t
             base = bm.Row("linear", "torch", "dense", dtype_name, n, k, m, flops=2.0 * m * n * k,
                           bytes=_bytes("dense", m, n, k, act))
             with bm.ieee_fp32():
-                wrong = bm.check_close(F.linear(x, w), (x.float() @ w.float().T).to(dtype), x, w)
+                wrong = check_matmul_close(F.linear(x, w), (x.float() @ w.float().T).to(dtype), x, w)
             if wrong:  # the baseline of every speedup: no time, so no speedup either
                 base.error = f"wrong result: {wrong} (vs the fp32 matmul)"
             else:

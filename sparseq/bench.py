@@ -30,7 +30,8 @@ from . import benchmarking as bm
 from . import reference as ref
 from .benchmarking import M_FULL, M_QUICK, M_SMOKE, MODEL_SHAPES, QUICK_SHAPES, SMOKE_SHAPES  # noqa: F401
 from .benchmarking import all_shapes, minilm_shapes, parse_shape  # noqa: F401
-from .benchmarking import check_close, check_layer, first_difference, ieee_fp32
+from .benchmarking import check_layer, first_difference, ieee_fp32
+from .testing import check_matmul_close
 from .cli import command
 
 SWAP_FORMATS = ("2:4", "w8a8", "int8_weight_only", "2:4+w8a8", "2:4+int8_weight_only")
@@ -114,7 +115,7 @@ def _reference(kind: str, x: Tensor, w: Tensor, dtype: torch.dtype) -> Tuple[Ten
 
 def reference_check(kind: str, x: Tensor, w: Tensor, dtype: torch.dtype) -> Callable[..., Optional[str]]:
     """``check(out, tol=None) -> None or what is wrong`` against the reference ``kind`` of ``x @ w^T``:
-    elementwise within :func:`check_close` (integer outputs: equal), or relative L2 ``<= tol``."""
+    elementwise within ``sparseq.testing.check_matmul_close`` (integer outputs: equal), or relative L2 ``<= tol``."""
     expected, operands = _reference(kind, x, w, dtype)
 
     def check(out: Tensor, tol: Optional[float] = None) -> Optional[str]:
@@ -124,7 +125,7 @@ def reference_check(kind: str, x: Tensor, w: Tensor, dtype: torch.dtype) -> Call
             return None if err <= tol else f"relative L2 error {err:.3g} > {tol:g}"
         if operands is None:
             return first_difference(out, expected)
-        return check_close(out, expected, *operands)
+        return check_matmul_close(out, expected, *operands)
 
     return check
 

@@ -7,7 +7,7 @@ Timing on a GPU is ``triton.testing.do_bench`` (median, L2 flushed before every 
 excluded), falling back to CUDA events with an explicit L2 flush; on the CPU it is the median
 of ``time.perf_counter`` runs (smoke mode: checks that the scripts run, never a speed claim).
 Outputs are checked with the elementwise bounds of ``sparseq.testing``, evaluated on the
-device (:func:`check_close`, :func:`check_layer`); every row records whether it was.
+device (``sparseq.testing.check_matmul_close``, :func:`check_layer`); every row records whether it was.
 """
 from __future__ import annotations
 
@@ -282,52 +282,17 @@ def first_difference(out: Tensor, expected: Tensor) -> Optional[str]:
     return testing.first_violation(out, expected, zero)
 
 
-def check_close(out: Tensor, expected: Tensor, x: Tensor, w: Tensor, x_scale: Optional[Tensor] = None,
-                w_scale: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                exact_accumulator: Optional[bool] = None, dense_fallback: bool = False) -> Optional[str]:
-    """``testing.check_matmul_close`` (``dense_fallback``: the wider bound ``testing.check_layer_close``
-    gives a layer's dense bucket) by blocks of rows: the magnitude and bound of ``sparseq.testing``
-    on the tensors' device, without whole [M, N] fp64 temporaries (3.7 GB each at the sweep's
-    largest shape, 16384 x 28672). Same message, row index counted from the top."""
-    if out.dtype != expected.dtype or out.shape != expected.shape:  # the message of testing.first_violation
-        return testing.first_violation(out, expected, torch.zeros(()))
-    if exact_accumulator is None:
-        exact_accumulator = x.dtype == torch.int8 and w.dtype == torch.int8
-    per_row = x_scale is not None and x_scale.numel() > 1
-    step = max(1, (1 << 26) // max(1, w.shape[0]))
-    n_bad, first = 0, None
-    for r0 in range(0, out.shape[0], step):
-        rows = slice(r0, r0 + step)
-        mag = testing.magnitude(x[rows], w, x_scale[rows] if per_row else x_scale, w_scale, bias)
-        bound = testing.matmul_bound(expected[rows], x.shape[-1], mag, exact_accumulator)
-        if dense_fallback:
-            bound = bound + torch.finfo(out.dtype).eps * mag
-        exp = expected[rows].detach().to(mag.device).double()
-        bad = ~((out[rows].detach().to(mag.device).double() - exp).abs() <= bound)  # NaN counts as bad
-        count = int(bad.sum())
-        if count and first is None:
-            i, j = (int(v) for v in bad.nonzero()[0])
-            first = ((r0 + i, j), float(bound[i, j]))
-        n_bad += count
-    if first is None:
-        return None
-    (i, j), b = first
-    return (f"{n_bad} of {out.numel()} outputs out of tolerance; first {[i, j]}: got {float(out[i, j])}, "
-            f"reference {float(expected[i, j])}, bound {b:.3g}")
-
-
 def check_layer(layer: torch.nn.Module, x: Tensor, out: Tensor) -> Optional[str]:
     """``testing.check_layer_close`` of ``out``, a sparseq layer's output on ``x``, against the dense
     layer it replaces (``testing.layer_expected``); the dense bucket's wider bound when the layer
     ran its dense copy for this M (``layer.backends``)."""
     from . import dispatch
 
-    x2, out2 = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
-    with ieee_fp32():
-        expected, xf, w = testing.layer_expected(layer, x2)
+    x2 = x.reshape(-1, x.shape[-1])
     key = (x2.device, dispatch.bucket_of(x2.shape[0]), x2.dtype)
     dense = getattr(layer, "backends", {}).get(key) == "dense"
-    return check_close(out2, expected, xf, w, bias=layer.bias, exact_accumulator=False, dense_fallback=dense)
+    with ieee_fp32():
+        return testing.check_layer_close(layer, x2, out, dense_fallback=dense)
 
 
 # -------------------------------------------------------------------------------- rows

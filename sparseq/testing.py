@@ -74,13 +74,39 @@ def first_violation(out: Tensor, expected: Tensor, bound: Tensor) -> Optional[st
 
 def check_matmul_close(out: Tensor, expected: Tensor, x: Tensor, w: Tensor,
                        x_scale: Optional[Tensor] = None, w_scale: Optional[Tensor] = None,
-                       bias: Optional[Tensor] = None, exact_accumulator: Optional[bool] = None) -> Optional[str]:
+                       bias: Optional[Tensor] = None, exact_accumulator: Optional[bool] = None,
+                       dense_fallback: bool = False) -> Optional[str]:
     """:func:`first_violation` of a kernel output against the reference output ``expected`` of
-    ``x @ w^T`` (scaled, biased); ``exact_accumulator`` defaults to ``x`` and ``w`` both int8."""
+    ``x @ w^T`` (scaled, biased); ``exact_accumulator`` defaults to ``x`` and ``w`` both int8;
+    ``dense_fallback`` adds the dense bucket's ``eps(dtype) * magnitude`` (see
+    :func:`check_layer_close`). Computed on the tensors' device in blocks of rows, so a large
+    benchmark shape (16384 x 28672) needs no whole ``[M, N]`` fp64 temporaries; the message is
+    :func:`first_violation`'s, row index counted from the top."""
+    if out.dtype != expected.dtype or out.shape != expected.shape:
+        return first_violation(out, expected, torch.zeros(()))
     if exact_accumulator is None:
         exact_accumulator = x.dtype == torch.int8 and w.dtype == torch.int8
-    mag = magnitude(x, w, x_scale, w_scale, bias)
-    return first_violation(out, expected, matmul_bound(expected, x.shape[-1], mag, exact_accumulator))
+    per_row = x_scale is not None and x_scale.numel() != 1
+    step = max(1, (1 << 26) // max(1, w.shape[0]))
+    n_bad, first = 0, None
+    for r0 in range(0, max(out.shape[0], 1), step):
+        rows = slice(r0, r0 + step)
+        mag = magnitude(x[rows], w, x_scale[rows] if per_row else x_scale, w_scale, bias)
+        bound = matmul_bound(expected[rows], x.shape[-1], mag, exact_accumulator)
+        if dense_fallback:
+            bound = bound + torch.finfo(out.dtype).eps * mag
+        exp = expected[rows].detach().to(mag.device).double()
+        bad = ~((out[rows].detach().to(mag.device).double() - exp).abs() <= bound)  # NaN counts as bad
+        count = int(bad.sum())
+        if count and first is None:
+            i, j = (int(v) for v in bad.nonzero()[0])
+            first = (r0 + i, j, float(bound[i, j]))
+        n_bad += count
+    if first is None:
+        return None
+    i, j, b = first
+    return (f"{n_bad} of {out.numel()} outputs out of tolerance; first {[i, j]}: got {float(out[i, j])}, "
+            f"reference {float(expected[i, j])}, bound {b:.3g}")
 
 
 def assert_matmul_close(out: Tensor, expected: Tensor, x: Tensor, w: Tensor,
@@ -133,7 +159,7 @@ def layer_expected(layer, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
 
 
 def check_layer_close(layer, x: Tensor, out: Optional[Tensor] = None, dense_fallback: bool = False) -> Optional[str]:
-    """:func:`first_violation` of ``layer(x)`` (or a given ``out``) against the dense layer it
+    """:func:`check_matmul_close` of ``layer(x)`` (or a given ``out``) against the dense layer it
     replaces (:func:`layer_expected`), within the float-matmul bound of the module docstring.
 
     ``dense_fallback``: the output came from the layer's dense bucket (``F.linear`` on a dense
@@ -145,11 +171,8 @@ def check_layer_close(layer, x: Tensor, out: Optional[Tensor] = None, dense_fall
             out = layer(x2)
     out = out.reshape(-1, out.shape[-1])
     expected, xf, w = layer_expected(layer, x2)
-    mag = magnitude(xf, w, bias=layer.bias)
-    bound = matmul_bound(expected, x2.shape[-1], mag)
-    if dense_fallback:
-        bound = bound + torch.finfo(out.dtype).eps * mag
-    return first_violation(out, expected, bound)
+    return check_matmul_close(out, expected, xf, w, bias=layer.bias, exact_accumulator=False,
+                              dense_fallback=dense_fallback)
 
 
 def assert_layer_close(layer, x: Tensor, out: Optional[Tensor] = None, dense_fallback: bool = False) -> None:

@@ -136,7 +136,7 @@ def test_checked_run_marks_rows_checked(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_device_check_agrees_with_sparseq_testing(dtype):
-    """``benchmarking.check_close`` is ``testing.check_matmul_close`` computed where the tensors are."""
+    """``testing.check_matmul_close`` by row blocks, computed where the tensors are."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(24, 96, generator=gen).to(dtype)
     w = (torch.randn(40, 96, generator=gen) * 0.02).to(dtype)
@@ -144,23 +144,23 @@ def test_device_check_agrees_with_sparseq_testing(dtype):
     exp = (x.float() @ w.float().T + bias.float()).to(dtype)
     ok = F.linear(x, w, bias)
     assert testing.check_matmul_close(ok, exp, x, w, bias=bias) is None
-    assert bm.check_close(ok, exp, x, w, bias=bias) is None
+    assert testing.check_matmul_close(ok, exp, x, w, bias=bias) is None
     bound = testing.matmul_bound(exp, 96, testing.magnitude(x, w, bias=bias))
     for factor, inside in ((0.5, True), (3.0, False)):  # half the bound in, three times out, at one element
         out = exp.clone()
         out[5, 9] = float(exp[5, 9].double() + factor * bound[5, 9])
         assert (testing.check_matmul_close(out, exp, x, w, bias=bias) is None) is inside
-        assert (bm.check_close(out, exp, x, w, bias=bias) is None) is inside
+        assert (testing.check_matmul_close(out, exp, x, w, bias=bias) is None) is inside
         if not inside:
-            assert "[5, 9]" in bm.check_close(out, exp, x, w, bias=bias)
+            assert "[5, 9]" in testing.check_matmul_close(out, exp, x, w, bias=bias)
     xq, sx = ref.quantize_per_token(x)
     wq, sw = ref.quantize_per_channel(w)
     y = ref.int8_mm(xq, wq, sx, sw, None, dtype)
     for out in (y, y.clone().index_put_((torch.tensor([2]), torch.tensor([3])), y[2, 3] * 1.01 + 1e-3)):
         assert (testing.check_matmul_close(out, y, xq, wq, sx, sw) is None) == \
-               (bm.check_close(out, y, xq, wq, sx, sw) is None)
-    assert bm.check_close(ok.double(), exp, x, w) == f"dtype torch.float64, expected {dtype}"
-    assert bm.check_close(ok[:3], exp, x, w).startswith("shape (3, 40)")
+               (testing.check_matmul_close(out, y, xq, wq, sx, sw) is None)
+    assert testing.check_matmul_close(ok.double(), exp, x, w) == f"dtype torch.float64, expected {dtype}"
+    assert testing.check_matmul_close(ok[:3], exp, x, w).startswith("shape (3, 40)")
 
 
 def test_sparseq_layers_are_checked_against_the_dense_layer_they_replace(monkeypatch):
