@@ -18,7 +18,6 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from torch.nn import functional as F  # noqa: E402
 
 import sparseq  # noqa: E402
 import sparseq.nn  # noqa: E402
-from sparseq import dispatch  # noqa: E402
+from sparseq import benchmarking, dispatch  # noqa: E402
 from sparseq.nn import FORMATS  # noqa: E402
 
 
@@ -103,10 +102,7 @@ def main() -> int:
             layer(x)
             assert set(layer.backends.values()) == {"triton"}, layer.backends
             rows.append((fmt, _median_us(lambda: layer(x)), _median_us(_checked_call(layer, x)), floor))
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        sha = "unknown"
+    sha = benchmarking.git_sha()  # marks a dirty tree, unlike a bare rev-parse
     head = (f"Host overhead per call, kernels stubbed (CPU: {platform.processor() or platform.machine()}, "
             f"torch {torch.__version__}, 1 thread, M=1, 4096x4096 fp16, git {sha}; median of 2000 calls)")
     lines = [head, "", "| format | layer (us) | checked ops (us) | F.linear 1x8x8 (us) |", "|---|---|---|---|"]
