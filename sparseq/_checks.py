@@ -65,17 +65,25 @@ def check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
+def _first(mask: torch.Tensor) -> str:
+    """The index of the first True of ``mask`` as text (error path only)."""
+    idx = tuple(int(i) for i in mask.nonzero()[0])
+    return str(idx[0]) if len(idx) == 1 else str(list(idx))
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
     """Reject NaN/Inf (a data-dependent check: the reference runs it, hot paths may not)."""
     if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
+        bad = ~torch.isfinite(t)
+        raise ValueError(f"{name} contains NaN or Inf (first at index {_first(bad)})")
 
 
 def check_positive(name: str, t: torch.Tensor) -> None:
     """Scales must be finite and > 0."""
     check_finite(name, t)
     if t.device.type != "meta" and not bool((t > 0).all()):
-        raise ValueError(f"{name} must be > 0 everywhere (scales and smoothing factors)")
+        raise ValueError(f"{name} must be > 0 everywhere (scales and smoothing factors); "
+                         f"index {_first(t <= 0)} is {float(t[t <= 0][0])}")
 
 
 def check_bias(bias: Optional[torch.Tensor], n: int, ref: torch.Tensor) -> None:

@@ -151,13 +151,34 @@ def unpack_meta_24(meta: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return codes & 3, codes >> 2
 
 
+def check_meta_codes(meta: torch.Tensor, name: str = "meta") -> None:
+    """Every 4-bit code of ``meta`` must keep two distinct positions ``i0 < i1`` (six of the
+    sixteen codes). One vectorized pass; the error names the first bad row and group."""
+    if meta.device.type == "meta" or meta.numel() == 0:
+        return
+    m = meta
+    bad_byte = ((m & 3) >= ((m >> 2) & 3)) | (((m >> 4) & 3) >= (m >> 6))  # uint8 ops: no int64 copy
+    if bool(bad_byte.any()):
+        i0, i1 = unpack_meta_24(meta)
+        bad = i0 >= i1
+        row, group = (int(v) for v in bad.nonzero()[0])
+        code = int(i0[row, group] | (i1[row, group] << 2))
+        raise ValueError(f"{name} is corrupt: row {row}, group {group} (columns {4 * group}..{4 * group + 3}) has "
+                         f"code {code:#x} (positions {code & 3}, {code >> 2}); a valid code keeps i0 < i1")
+
+
+def check_int8_range(name: str, q: torch.Tensor) -> None:
+    """int8 weights of the format lie in [-127, 127]: -128 is never produced by quantization."""
+    if q.dtype == torch.int8 and q.device.type != "meta" and q.numel() and int(q.min()) == -128:
+        row = int((q == -128).nonzero()[0][0])
+        raise ValueError(f"{name} is corrupt: row {row} holds -128 (the int8 format is symmetric, [-127, 127])")
+
+
 def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     """Expand canonical ``(values, meta)`` back to the dense ``w[N, K]``."""
     n, k = check_compressed_24(values, meta)
+    check_meta_codes(meta)
     i0, i1 = unpack_meta_24(meta)
-    if values.device.type != "meta" and bool((i0 >= i1).any()):
-        row, group = (int(v) for v in (i0 >= i1).nonzero()[0])
-        raise ValueError(f"meta is corrupt: row {row}, group {group} has code positions i0 >= i1")
     out = torch.zeros(n, k // 4, 4, dtype=values.dtype, device=values.device)
     v = values.reshape(n, k // 4, 2)
     out.scatter_(-1, torch.stack((i0, i1), dim=-1), v)

@@ -8,6 +8,7 @@ assigns the saved tensors: dense weights of compressed layers are never material
 """
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
@@ -99,17 +100,62 @@ def read_manifest(path: Union[str, Path]) -> dict:
         missing = [f for f in _SPEC_FIELDS if not isinstance(spec, dict) or f not in spec]
         if missing:
             raise ValueError(f"{file} is corrupt: layer {name!r} lacks {missing}")
+        _check_spec(name, spec)
     return manifest
 
 
-def _empty_layer(name: str, spec: dict) -> CompressedLinear:
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_RESERVED = ("in_features", "out_features", "bias", "dtype", "device")
+"""Constructor arguments the manifest gives as spec fields (or the loader decides), never as options."""
+
+
+def _layer_options(name: str, fmt: str, cls: type, fixed: dict, options: object) -> dict:
+    """The saved options checked against ``cls``'s constructor: known keys, the types of the
+    defaults, the format's fixed options not contradicted."""
+    if not isinstance(options, dict):
+        raise ValueError(f"layer {name!r}: options must be a JSON object, got {type(options).__name__}")
+    params = inspect.signature(cls.__init__).parameters
+    for key, value in options.items():
+        if key in _RESERVED:
+            raise ValueError(f"layer {name!r}: option {key!r} is reserved (set by the manifest or by load), "
+                             "remove it from the layer's options")
+        if key not in params or key == "self":
+            known = sorted(p for p in params if p not in _RESERVED and p != "self")
+            raise ValueError(f"layer {name!r}: unknown option {key!r} for {cls.__name__} (known: {known})")
+        default = params[key].default
+        if default is not inspect.Parameter.empty and type(value) is not type(default):
+            raise ValueError(f"layer {name!r}: option {key!r} must be a {type(default).__name__}, "
+                             f"got {value!r}")
+        if key in fixed and value != fixed[key]:
+            raise ValueError(f"layer {name!r}: option {key}={value!r} contradicts format {fmt!r} "
+                             f"(which has {key}={fixed[key]!r})")
+    return {**options, **fixed}
+
+
+def _check_spec(name: str, spec: dict) -> Tuple[type, torch.dtype, dict]:
+    """``(layer class, dtype, constructor options)`` of a manifest entry, every field checked."""
     fmt = spec.get("format")
     if fmt not in FORMATS:
         raise ValueError(f"layer {name!r}: unknown format {fmt!r}")
     cls, fixed = FORMATS[fmt]
-    options = {**spec.get("options", {}), **fixed}
-    return cls(spec["in_features"], spec["out_features"], spec["bias"], getattr(torch, spec["dtype"]),
-               device="meta", **options)
+    for dim in ("in_features", "out_features"):
+        value = spec[dim]
+        if type(value) is not int or value <= 0:
+            raise ValueError(f"layer {name!r}: {dim} must be a positive integer, got {value!r}")
+    if type(spec["bias"]) is not bool:
+        raise ValueError(f"layer {name!r}: bias must be true or false, got {spec['bias']!r}")
+    dtype = _DTYPES.get(spec["dtype"]) if isinstance(spec["dtype"], str) else None
+    if dtype is None:
+        raise ValueError(f"layer {name!r}: dtype must be one of {sorted(_DTYPES)}, got {spec['dtype']!r}")
+    return cls, dtype, _layer_options(name, fmt, cls, fixed, spec.get("options", {}))
+
+
+def _empty_layer(name: str, spec: dict) -> CompressedLinear:
+    cls, dtype, options = _check_spec(name, spec)
+    try:
+        return cls(spec["in_features"], spec["out_features"], spec["bias"], dtype, device="meta", **options)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"layer {name!r}: {e}") from None
 
 
 def _skeleton(path: Path, manifest: dict) -> nn.Module:

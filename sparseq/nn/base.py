@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .. import dispatch
-from .._checks import FLOAT_DTYPES
+from .. import dispatch, reference
+from .._checks import FLOAT_DTYPES, check_finite, check_positive
 
 Impl = Callable[[Tensor], Tensor]
 Key = Tuple[torch.device, int, torch.dtype]
@@ -50,6 +50,26 @@ def kernel_call(op: Callable, launch: Optional[Callable]) -> Callable:
 
 # Buffers that stay float32 whatever dtype the layer is cast to (``model.half()``).
 FP32_BUFFERS = ("w_scale", "smooth", "x_scale")
+
+
+def _check_values(name: str, t: Tensor) -> None:
+    if t.dtype == torch.int8:
+        reference.check_int8_range(name, t)
+    else:
+        check_finite(name, t)
+
+
+BUFFER_RULES: Dict[str, Callable[[str, Tensor], None]] = {
+    "meta": lambda name, t: reference.check_meta_codes(t, name),
+    "values": _check_values,
+    "weight_q": reference.check_int8_range,
+    "w_scale": check_positive,
+    "x_scale": check_positive,
+    "smooth": check_positive,
+    "bias": check_finite,
+}
+"""The value rules of each canonical buffer (the formats of ``sparseq.reference``), checked
+when a layer's buffers come from outside (``sparseq.load``, ``load_state_dict``)."""
 
 
 class _LinearGrad(torch.autograd.Function):
@@ -318,8 +338,33 @@ class CompressedLinear(nn.Module):
             warn_once(f"sparseq: could not prepare {type(self).__name__} on {self._buffer_device()} "
                       f"({type(e).__name__}: {e}); kernels resolve on the first forward instead")
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
+    def check_state(self, tensors: Optional[Dict[str, Tensor]] = None) -> None:
+        """Check the canonical buffers (or ``tensors``, buffer name -> incoming tensor, in their
+        place) against the format: dtype and shape as declared, meta codes valid, int8 weights
+        in [-127, 127], float values and bias finite, scales and SmoothQuant factors finite and
+        > 0. One vectorized pass per buffer; raises ValueError/TypeError naming the buffer."""
+        for name, buf in self._buffers.items():
+            t = buf if tensors is None else tensors.get(name, buf)
+            if t is None:
+                continue
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+            if buf is not None and t is not buf:
+                if t.dtype != buf.dtype and (not t.is_floating_point() or not buf.is_floating_point()):
+                    raise TypeError(f"{name}: dtype {t.dtype} where the format stores {buf.dtype}")
+                if tuple(t.shape) != tuple(buf.shape):
+                    raise ValueError(f"{name}: shape {tuple(t.shape)} where the layer expects {tuple(buf.shape)}")
+            rule = BUFFER_RULES.get(name)
+            if rule is not None:
+                rule(name, t)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        incoming = {n: state_dict[prefix + n] for n in self._buffers if prefix + n in state_dict}
+        try:
+            self.check_state(incoming)  # before anything is copied: a bad tensor changes nothing here
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"layer {prefix.rstrip('.')!r} ({type(self).__name__}): {e}") from None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         with self._resolve_lock:
             self._reset_caches()  # new values: layouts and dense copies are stale
         self._try_prepare()  # as after a move: rebuilt now, not during compile or capture
