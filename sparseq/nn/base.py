@@ -120,7 +120,7 @@ class CompressedLinear(nn.Module):
             self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device))
         else:
             self.bias = None
-        self._resolve_lock = threading.Lock()
+        self._resolve_lock = threading.RLock()
         self._reset_caches()
 
     # ------------------------------------------------------------------ subclass hooks
@@ -162,7 +162,10 @@ class CompressedLinear(nn.Module):
         key = (name, device)
         t = self._derived.get(key)
         if t is None:
-            t = self._derived.setdefault(key, build())
+            with self._resolve_lock:  # re-entrant: resolve() builds under it too; built once per key
+                t = self._derived.get(key)
+                if t is None:
+                    t = self._derived[key] = build()
         return t
 
     def cast(self, name: str, dtype: torch.dtype, device: torch.device) -> Optional[Tensor]:
@@ -377,7 +380,7 @@ class CompressedLinear(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self._resolve_lock = threading.Lock()
+        self._resolve_lock = threading.RLock()
 
     # ---------------------------------------------------------------------- reporting
     def options(self) -> dict:

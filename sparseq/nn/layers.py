@@ -353,10 +353,14 @@ class Sparse24Int8Linear(_W8A8Mixin, CompressedLinear):
     def _static_scale_rows(self, device: torch.device, m: int) -> Tensor:
         """The static ``x_scale`` repeated over ``m`` rows, from a buffer built once and grown
         on demand (the CUTLASS epilogue reads a per-row vector; a view costs no copy per call)."""
-        rows = self._derived.get(("x_scale_rows", device))
+        key = ("x_scale_rows", device)
+        rows = self._derived.get(key)
         if rows is None or rows.shape[0] < m:
-            rows = self.x_scale.to(device).expand(max(m, dispatch.BUCKET_M[-1])).contiguous()
-            self._derived[("x_scale_rows", device)] = rows
+            with self._resolve_lock:  # one thread grows it; the others see the grown buffer
+                rows = self._derived.get(key)
+                if rows is None or rows.shape[0] < m:
+                    rows = self.x_scale.to(device).expand(max(m, dispatch.BUCKET_M[-1])).contiguous()
+                    self._derived[key] = rows
         return rows[:m]
 
     def _int8_weight(self) -> Tensor:
