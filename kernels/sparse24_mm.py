@@ -42,13 +42,18 @@ def _dense_column(v0, v1, i0, i1, p: tl.constexpr):
 
 @triton.jit
 def _dot(x, w, acc, INT_DOT: tl.constexpr, IEEE_FP32: tl.constexpr):
-    """``acc += x @ w^T`` (w is [BLOCK_N, G]); int8 x int8 -> int32, else in x's dtype -> fp32."""
+    """``acc += x @ w^T`` (w is [BLOCK_N, G]); int8 x int8 -> int32, else in x's dtype -> fp32.
+
+    One branch per case and a single return: Triton 3.6 still traces the statements after a
+    ``return`` in a constexpr ``if`` (into a dead block), and its ``tl.dot`` there, with the
+    default fp32 ``out_dtype``, rejected the int32 accumulator of the int8 path."""
     if INT_DOT:
-        return tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
-    w = w.to(x.dtype)
-    if IEEE_FP32:
-        return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-    return tl.dot(x, tl.trans(w), acc)
+        acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
+    elif IEEE_FP32:
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+    return acc
 
 
 @triton.jit
