@@ -2,9 +2,13 @@
 
 ``python -m sparseq.kernels.aot [--arch 90] [--quick]`` compiles every kernel for every M-bucket
 config of :mod:`sparseq.kernels.configs` (bf16 and fp16 activations) with Triton's bundled
-``ptxas``, and prints the shared memory, registers and spills of each. A CPU-only CI catches
-with it what the interpreter cannot: layouts, tensor-core dot shapes, shared-memory overflow
-and register spills of the real GPU code. Run it without ``TRITON_INTERPRET=1``.
+``ptxas``, and prints the shared memory, registers and stack of each, and from its SASS
+(Triton's bundled ``cuobjdump``) the tensor-core instructions inside its loops and its
+local-memory accesses. A CPU-only CI catches with it what the interpreter cannot: layouts,
+tensor-core dot shapes, shared-memory overflow and register spills of the real GPU code.
+It exits non-zero, naming the config, when a kernel fails to compile, uses local memory
+(stack or LDL/STL: spills), or is a GEMM without tensor-core instructions in its main loop.
+Run it without ``TRITON_INTERPRET=1``; ``PYTHONPATH=<folder>`` checks another Triton.
 """
 from __future__ import annotations
 
@@ -26,7 +30,24 @@ class Compiled:
     arch: int
     shared: int
     registers: Optional[int]
-    spills: Optional[int]
+    spills: Optional[int]  # stack bytes
+    loop_mma: Optional[Tuple[str, ...]] = None  # tensor-core instructions inside a loop, e.g. ("HMMA.16816",)
+    local_accesses: Optional[int] = None  # LDL/STL instructions
+
+    def problems(self, gemm: bool) -> List[str]:
+        """What makes this compile unacceptable (empty when it is fine)."""
+        if self.registers is None or self.loop_mma is None:
+            return ["no SASS to check (Triton without its bundled cuobjdump)"]
+        found = []
+        if self.spills or self.local_accesses:
+            found.append(f"local memory: stack {self.spills} B, {self.local_accesses} LDL/STL")
+        if gemm and not self.loop_mma:
+            found.append("no tensor-core instruction (HMMA/IMMA/HGMMA/IGMMA) in the main loop")
+        return found
+
+
+GEMM_OPS = ("int8_mm", "int8_weight_only_mm", "sparse24_mm", "sparse24_int8_mm")
+"""Job labels starting with one of these are GEMMs: their main loop must run on the tensor cores."""
 
 
 UNIT_STRIDES = ("stride_ak", "stride_bk", "stride_xk", "stride_on")
@@ -49,20 +70,49 @@ def _spec(fn, types: Signature, constexprs: dict):
                      attrs=attrs)
 
 
-def _resources(cubin: bytes) -> Tuple[Optional[int], Optional[int]]:
-    """(registers, stack bytes) from ``cuobjdump --dump-resource-usage`` (None if unavailable)."""
+def _cuobjdump(cubin: bytes) -> Optional[str]:
+    """``cuobjdump -res-usage -sass`` of ``cubin`` with the running Triton's bundled tool (None if absent)."""
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
-        return None, None
+        return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([tool, "-res-usage", "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
+_MMA = re.compile(r"\b([HI]G?MMA)((?:\.\w+)?)")  # HMMA/IMMA (mma.sync), HGMMA/IGMMA (wgmma)
+_LOCAL = re.compile(r"\b(?:LDL|STL)\b")
+
+
+def sass_facts(sass: str) -> Tuple[Tuple[str, ...], int]:
+    """(tensor-core instructions between a backward branch and its target, i.e. in a loop, with
+    their shape; number of local-memory loads/stores) of a ``cuobjdump -sass`` listing."""
+    code = [(int(a, 16), ins.strip()) for a, ins in _SASS_LINE.findall(sass)]
+    loops = []
+    for addr, ins in code:
+        if re.search(r"\bBRA\b", ins):
+            target = re.findall(r"0x([0-9a-f]+)", ins)
+            if target and int(target[-1], 16) <= addr:
+                loops.append((int(target[-1], 16), addr))
+    mma = {m.group(1) + m.group(2) for addr, ins in code for m in [_MMA.search(ins)]
+           if m and any(lo <= addr <= hi for lo, hi in loops)}
+    return tuple(sorted(mma)), sum(1 for _, ins in code if _LOCAL.search(ins))
+
+
+def _resources(cubin: bytes) -> Tuple[Optional[int], Optional[int], Optional[Tuple[str, ...]], Optional[int]]:
+    """(registers, stack bytes, tensor-core instructions in loops, LDL/STL count); None where unavailable."""
+    out = _cuobjdump(cubin)
+    if out is None:
+        return None, None, None, None
     reg = re.search(r"REG:(\d+)", out)
     stack = re.search(r"STACK:(\d+)", out)  # register spills land in the stack frame
-    return (int(reg.group(1)) if reg else None), (int(stack.group(1)) if stack else None)
+    mma, local = sass_facts(out)
+    return (int(reg.group(1)) if reg else None), (int(stack.group(1)) if stack else None), mma, local
 
 
 def compile_one(fn, types: Signature, constexprs: dict, num_warps: int, num_stages: int, arch: int,
@@ -73,8 +123,7 @@ def compile_one(fn, types: Signature, constexprs: dict, num_warps: int, num_stag
 
     k = triton.compile(_spec(fn, types, constexprs), target=GPUTarget("cuda", arch, 32),
                        options={"num_warps": num_warps, "num_stages": num_stages})
-    regs, spills = _resources(k.asm["cubin"])
-    return Compiled(label, arch, k.metadata.shared, regs, spills)
+    return Compiled(label, arch, k.metadata.shared, *_resources(k.asm["cubin"]))
 
 
 def _gemm_types(a: str, b: str, out: str, acc: str, extra: Signature) -> Signature:
@@ -156,19 +205,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter compiles nothing", file=sys.stderr)
         return 2
-    failures = 0
+    import triton
+
+    print(f"triton {triton.__version__} from {os.path.dirname(triton.__file__)}")
+    failed, count = [], 0
     for arch in args.arch or [90, 80]:
         for label, fn, types, constexprs, warps, stages in jobs(args.quick, arch):
             if args.filter not in label:
                 continue
+            count += 1
             try:
                 c = compile_one(fn, types, constexprs, warps, stages, arch, label)
-                print(f"sm{arch} {label:<55} smem {c.shared:>7} B  regs {c.registers}  stack {c.spills} B")
             except Exception as e:  # noqa: BLE001
-                failures += 1
-                msg = " ".join(str(e).split())[:300]
-                print(f"sm{arch} {label:<55} FAILED: {type(e).__name__}: {msg}")
-    return 1 if failures else 0
+                problems = [f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"]
+                print(f"sm{arch} {label:<55} FAILED: {problems[0]}")
+            else:
+                problems = c.problems(gemm=label.split()[0] in GEMM_OPS)
+                mma = ",".join(c.loop_mma) if c.loop_mma else "-"
+                print(f"sm{arch} {label:<55} smem {c.shared:>7} B  regs {c.registers}  stack {c.spills} B  "
+                      f"ldl/stl {c.local_accesses}  loop mma {mma}" + (f"  FAILED: {'; '.join(problems)}" if problems else ""))
+            if problems:
+                failed.append(f"sm{arch} {label}: {'; '.join(problems)}")
+    print(f"aot: triton {triton.__version__}: {count} configs, {len(failed)} failed", file=sys.stderr)
+    for line in failed:
+        print(f"aot: FAILED {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -86,12 +86,35 @@ def _has_ptxas() -> bool:
 @pytest.mark.skipif(not _has_ptxas(), reason="triton without its bundled CUDA ptxas")
 def test_kernels_compile_for_hopper_and_ampere_without_spills():
     """What the interpreter cannot check: every kernel compiles to sm_90 and sm_80 code (tensor-core
-    dot shapes, layouts, shared memory) at the decode and large-M configs, with no register spills."""
+    dot shapes, layouts, shared memory) at the decode and large-M configs, with no local memory,
+    and the GEMMs' main loops run on the tensor cores. (.ci/check_triton_versions.sh runs every
+    config under the oldest and the newest supported Triton.)"""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-m", "sparseq.kernels.aot", "--arch", "90", "--arch", "80", "--quick"],
                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("sm")]
     assert len(lines) >= 30, out.stdout
-    spilled = [ln for ln in lines if not ln.endswith("stack 0 B")]
+    spilled = [ln for ln in lines if "stack 0 B  ldl/stl 0 " not in ln]
     assert not spilled, "\n".join(spilled)
+    gemms = [ln for ln in lines if ln.split()[1] in ("int8_mm", "int8_weight_only_mm", "sparse24_mm", "sparse24_int8_mm")]
+    assert len(gemms) >= 16 and not [ln for ln in gemms if ln.endswith("loop mma -")], "\n".join(gemms)
+
+
+def test_sass_facts_find_tensor_cores_in_loops_and_local_memory():
+    from sparseq.kernels.aot import Compiled, sass_facts
+
+    def listing(*code):
+        return "\n".join(f"        /*{addr:04x}*/   {ins} ;   /* 0x0000 */" for addr, ins in code)
+
+    loop = listing((0x10, "IMMA.16832.S8.S8.SAT R4, R8, R12, R4"), (0x20, "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24"),
+                   (0x30, "STL [R1], R2"), (0x40, "@!P0 BRA 0x10"), (0x50, "HMMA.16816.F32.BF16 R4, R8, R12, R4"),
+                   (0x60, "LDL.64 R2, [R1]"), (0x70, "BRA 0x70"))
+    assert sass_facts(loop) == (("HGMMA.64x128x16", "IMMA.16832"), 2)  # the HMMA after the loop does not count
+    assert sass_facts(listing((0x10, "HMMA.16816.F32 R4, R8, R12, R4"), (0x20, "@P0 BRA 0x40"))) == ((), 0)
+    ok = Compiled("x", 80, 0, 128, 0, ("IMMA.16832",), 0)
+    assert ok.problems(gemm=True) == []
+    assert Compiled("x", 80, 0, 255, 24, (), 3).problems(gemm=True) == [
+        "local memory: stack 24 B, 3 LDL/STL", "no tensor-core instruction (HMMA/IMMA/HGMMA/IGMMA) in the main loop"]
+    assert Compiled("x", 80, 0, 64, 0, (), 0).problems(gemm=False) == []
+    assert "no SASS" in Compiled("x", 80, 0, None, None).problems(gemm=False)[0]
