@@ -55,7 +55,7 @@ def _quantize_per_token_kernel(x_ptr, smooth_ptr, q_ptr, scale_ptr, M, K, stride
         mask = mask_m[:, None] & (offs < K)[None, :]
         xs = _smoothed_tile(x_ptr, smooth_ptr, rows, stride_xm, offs, mask_m, K, HAS_SMOOTH)
         amax = tl.max(tl.abs(xs), axis=1)
-        scale = tl.where(amax > 0, tl.math.div_rn(amax, 127.0), 1.0)
+        scale = tl.where(amax == 0, 1.0, tl.math.div_rn(amax, 127.0))  # NaN stays NaN
         tl.store(q_ptr + rows[:, None] * stride_qm + offs[None, :], _quantize_tile(xs, scale), mask=mask)
     else:
         amax_tile = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -64,7 +64,7 @@ def _quantize_per_token_kernel(x_ptr, smooth_ptr, q_ptr, scale_ptr, M, K, stride
             xs = _smoothed_tile(x_ptr, smooth_ptr, rows, stride_xm, k0 + offs, mask_m, K, HAS_SMOOTH)
             amax_tile = tl.maximum(amax_tile, tl.abs(xs))
         amax = tl.max(amax_tile, axis=1)
-        scale = tl.where(amax > 0, tl.math.div_rn(amax, 127.0), 1.0)
+        scale = tl.where(amax == 0, 1.0, tl.math.div_rn(amax, 127.0))  # NaN stays NaN
         for k0 in range(0, K, BLOCK_K):
             mask = mask_m[:, None] & (k0 + offs < K)[None, :]
             xs = _smoothed_tile(x_ptr, smooth_ptr, rows, stride_xm, k0 + offs, mask_m, K, HAS_SMOOTH)

@@ -70,7 +70,7 @@ def run_w8a8(x: Tensor, packed: Tensor, w_scale: Tensor, smooth: Optional[Tensor
     # reference); the epilogue then runs here in the reference's order, so the result is bit-exact
     y = torch.ops.onednn.qlinear_pointwise(xu, 1.0, 128, packed, _constant(n, 1.0, torch.float32),
                                            _constant(n, 0, torch.long), None, 1.0, 0, torch.float32, "none", [], "")
-    y = y.mul_(scale[:, None] if scale.numel() > 1 else scale).mul_(w_scale[None, :])
+    y = y.mul_(scale[:, None]).mul_(w_scale[None, :])  # per-row scales, static ones too
     if bias is not None:
         y = y.add_(bias.float())
     return y if out_dtype == torch.float32 else y.to(out_dtype)

@@ -188,9 +188,17 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------ quantization
 
 
+def row_absmax(x: torch.Tensor) -> torch.Tensor:
+    """``max |x[i, :]|`` per row; 0 for rows of length 0 (an empty row counts as all-zero)."""
+    if x.shape[1] == 0:
+        return x.new_zeros(x.shape[0])
+    return x.abs().amax(dim=1)
+
+
 def absmax_scale(amax: torch.Tensor) -> torch.Tensor:
-    """The symmetric int8 scale for an absolute maximum: ``amax / 127`` (1.0 where it is 0)."""
-    return torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    """The symmetric int8 scale for an absolute maximum: ``amax / 127`` (1.0 where it is 0; a
+    NaN maximum stays NaN, so a row holding NaN never gets a finite scale)."""
+    return torch.where(amax == 0, torch.ones_like(amax), amax / INT8_MAX)
 
 
 def round_to_int8_grid(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -207,7 +215,7 @@ def quantize_per_channel(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     check_tensor("w", w, dtypes=FLOAT_DTYPES, ndim=2)
     check_finite("w", w)
     wf = w.float()
-    scale = absmax_scale(wf.abs().amax(dim=1))
+    scale = absmax_scale(row_absmax(wf))
     return _round_to_int8(wf, scale[:, None]), scale
 
 
@@ -247,15 +255,21 @@ def activation_grid(x: torch.Tensor, smooth: Optional[torch.Tensor] = None,
                     scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The arithmetic of :func:`quantize_per_token` (``scale`` None: per-token scales) and
     :func:`quantize_per_tensor` (the given static ``scale``), without their checks: the values
-    on the int8 grid, still fp32, and the scale. No value scan, so no host sync: for paths that
-    checked their inputs once (layers on a GPU, the CPU oneDNN path)."""
-    return _on_grid(x.float() if smooth is None else x.float() / smooth, scale)
+    on the int8 grid, still fp32, and the scale per row ``[M]``. No value check, so no host sync:
+    for paths that checked their inputs once (layers). A row holding NaN or Inf gets a NaN or
+    Inf scale (a static scale too), so its output is not finite, as ``nn.Linear``'s would be,
+    instead of finite numbers from an undefined int8 cast."""
+    xs = x.float() if smooth is None else x.float() / smooth
+    grid, rows = _on_grid(xs, scale)
+    if scale is not None:
+        rows = scale.expand(xs.shape[0]) + row_absmax(xs) * 0  # + NaN where a row is not finite
+    return grid, rows
 
 
 def _on_grid(xs: torch.Tensor, scale: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Smoothed fp32 activations on the int8 grid, with per-token scales where ``scale`` is None."""
     if scale is None:
-        scale = absmax_scale(xs.abs().amax(dim=1))
+        scale = absmax_scale(row_absmax(xs))
         return round_to_int8_grid(xs, scale[:, None]), scale
     return round_to_int8_grid(xs, scale), scale
 

@@ -85,8 +85,8 @@ def read_manifest(path: Union[str, Path]) -> dict:
     if not file.exists():
         raise FileNotFoundError(f"{file} not found: not a directory written by sparseq.save")
     try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(file.read_bytes().decode("utf-8"))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise ValueError(f"{file} is corrupt: {e}") from e
     if not isinstance(manifest, dict):
         raise ValueError(f"{file} is corrupt: expected a JSON object")
@@ -96,6 +96,13 @@ def read_manifest(path: Union[str, Path]) -> dict:
     for key, kind in (("model", dict), ("layers", dict)):
         if not isinstance(manifest.get(key), kind):
             raise ValueError(f"{file} is corrupt: {key!r} missing or not a {kind.__name__}")
+    aliases = manifest.setdefault("aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise ValueError(f"{file} is corrupt: 'aliases' must map tensor names to tensor names")
+    model = manifest["model"]
+    if not isinstance(model.get("kind", "module"), str) or not isinstance(model.get("class", ""), str) or \
+            not isinstance(model.get("modules", []), list) or not all(isinstance(n, str) for n in model.get("modules", [])):
+        raise ValueError(f"{file} is corrupt: 'model' must hold a kind and class (text) and a list of module names")
     for name, spec in manifest["layers"].items():
         missing = [f for f in _SPEC_FIELDS if not isinstance(spec, dict) or f not in spec]
         if missing:
@@ -159,7 +166,7 @@ def _empty_layer(name: str, spec: dict) -> CompressedLinear:
 
 
 def _skeleton(path: Path, manifest: dict) -> nn.Module:
-    if manifest["model"]["kind"] != "transformers":
+    if manifest["model"].get("kind") != "transformers":
         raise ValueError(f"{path} holds a plain nn.Module: pass the model to load into, sparseq.load(model, path)")
     import transformers
     from transformers import AutoConfig, AutoModel

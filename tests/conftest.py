@@ -1,5 +1,6 @@
 """Shared test setup: GPU-marked tests skip cleanly without CUDA; fixed seeds; helpers to
-import a script from benchmarks/ and to race threads on one model."""
+import a script from benchmarks/ and to race threads on one model; a summary section for
+lines tests report (``report_line``: fuzz case counts)."""
 import importlib.util
 import os
 import sys
@@ -20,6 +21,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+_REPORT: List[str] = []
+
+
+@pytest.fixture(scope="session")
+def report_line() -> Callable[[str], None]:
+    """``report_line(text)``: print ``text`` in the summary at the end of the run (what a test
+    measured, e.g. how many fuzz cases it tried), even under ``-q``."""
+    return _REPORT.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _REPORT:
+        terminalreporter.section("sparseq reports")
+        for line in _REPORT:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(autouse=True)

@@ -171,7 +171,12 @@ def test_sync_free_quantizer_equals_the_reference(static, smooth):
     x = torch.randn(9, 64) * 2
     q, xs = layer._quantizer("torch")(x)
     want_q, want_s = layer._quantizer("reference")(x)
-    assert torch.equal(q, want_q) and torch.equal(xs, want_s)
+    assert xs.shape == (9,)  # per row, a static scale too (so a non-finite row can be flagged)
+    assert torch.equal(q, want_q) and torch.equal(xs, want_s.expand(9))
+    x[3, 5] = float("nan")
+    x[6, 0] = float("inf")
+    _, xs = layer._quantizer("torch")(x)
+    assert [i for i in range(9) if not torch.isfinite(xs[i])] == [3, 6]
 
 
 # --------------------------------------------- items 15, 16, 17: built once, not per call
@@ -192,7 +197,7 @@ def test_backward_builds_the_dense_weight_once(monkeypatch):
     layer = Sparse24Linear.from_linear(nn.Linear(64, 32), prune="magnitude")
     calls = []
     real = layer.dense_weight
-    monkeypatch.setattr(layer, "dense_weight", lambda: calls.append(1) or real())
+    monkeypatch.setattr(layer, "dense_weight", lambda *a: calls.append(1) or real(*a))
     for _ in range(3):
         x = torch.randn(4, 64, requires_grad=True)
         layer(x).sum().backward()

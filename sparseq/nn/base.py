@@ -124,9 +124,11 @@ class CompressedLinear(nn.Module):
         self._reset_caches()
 
     # ------------------------------------------------------------------ subclass hooks
-    def dense_weight(self) -> Tensor:
-        """The weight the layer computes with, as a dense ``[N, K]`` tensor of ``self.dtype``
-        (decompressed, dequantized, SmoothQuant factors divided out)."""
+    def dense_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """The weight the layer computes with, as a dense ``[N, K]`` tensor of ``dtype`` (default
+        ``self.dtype``; decompressed, dequantized, SmoothQuant factors divided out), rounded
+        once from the exact fp32 value, so an input of another dtype is not held to the
+        layer dtype's precision."""
         raise NotImplementedError
 
     def backend_impl(self, backend: str, m: int, dtype: torch.dtype, device: torch.device) -> Optional[Impl]:
@@ -182,8 +184,8 @@ class CompressedLinear(nn.Module):
         traced function may not change the layer); the first eager step caches it."""
         key = (f"dense:{dtype}", device)
         if torch.compiler.is_compiling() and key not in self._derived:
-            return self.dense_weight().to(device, dtype)
-        return self.derived(key[0], device, lambda: self.dense_weight().to(device, dtype).contiguous())
+            return self.dense_weight(dtype).to(device)
+        return self.derived(key[0], device, lambda: self.dense_weight(dtype).to(device).contiguous())
 
     def _dense_impl(self, device: torch.device, dtype: torch.dtype) -> Impl:
         w = self.dense_copy(device, dtype)

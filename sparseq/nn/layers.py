@@ -95,8 +95,8 @@ class Sparse24Linear(CompressedLinear):
         layer._copy_bias(linear)
         return layer
 
-    def dense_weight(self) -> Tensor:
-        return ops.decompress_24(self.values, self.meta)
+    def dense_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        return ops.decompress_24(self.values, self.meta).to(dtype or self.dtype)
 
     def check_input_dtype(self, dtype: torch.dtype, autocast: bool) -> None:
         super().check_input_dtype(dtype, autocast)
@@ -144,8 +144,8 @@ class Int8WeightOnlyLinear(CompressedLinear):
         layer._copy_bias(linear)
         return layer
 
-    def dense_weight(self) -> Tensor:
-        return (self.weight_q.float() * self.w_scale[:, None]).to(self.dtype)
+    def dense_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        return (self.weight_q.float() * self.w_scale[:, None]).to(dtype or self.dtype)
 
     def backend_impl(self, backend: str, m: int, dtype: torch.dtype, device: torch.device) -> Optional[Impl]:
         if backend == "reference":
@@ -196,8 +196,8 @@ class _W8A8Mixin:
         bias = self.cast("bias", dtype, device)
 
         def run(x: Tensor) -> Tensor:
-            xq, xs = quant(x)
-            xd = (xq.float() * (xs[:, None] if xs.numel() > 1 else xs)).to(x.dtype)
+            xq, xs = quant(x)  # xs per row [M], or the static scale [1] from the Triton quantizer
+            xd = (xq.float() * xs.reshape(-1, 1)).to(x.dtype)
             return F.linear(xd, w, bias)
 
         return run
@@ -225,9 +225,9 @@ class _W8A8Mixin:
         """``q * s`` in fp32, in the smoothed space (the activations are divided by ``smooth``)."""
         return self._int8_weight().float() * self.w_scale[:, None]
 
-    def dense_weight(self) -> Tensor:
+    def dense_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         w = self._int8_dense()
-        return (w if self.smooth is None else w / self.smooth[None, :]).to(self.dtype)
+        return (w if self.smooth is None else w / self.smooth[None, :]).to(dtype or self.dtype)
 
 
 class Int8Linear(_W8A8Mixin, CompressedLinear):
