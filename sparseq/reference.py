@@ -19,7 +19,9 @@ Canonical compressed form (``FORMAT_VERSION``)
     bit, except that zeros come back as ``+0.0`` (the sign of a zero is not kept).
 int8 weights
     Symmetric per output channel: ``s[n] = max|W[n]| / 127`` (fp32; 1.0 for an all-zero
-    row), ``q = clamp(round(W / s), -127, 127)`` with round-half-to-even.
+    row), ``q = clamp(round(W / s), -127, 127)`` with round-half-to-even. Every op takes any
+    int8 weight (``-128`` included: checkpoints quantized on a 255-level grid, e.g.
+    compressed-tensors', hold it); only this quantizer's output stays within ``[-127, 127]``.
 int8 activations
     Dynamic per token ``s_x[m] = max|X[m] / f| / 127`` (1.0 for an all-zero row) or static
     per tensor (a given fp32 scale). ``f[K]`` are optional SmoothQuant factors: the
@@ -165,13 +167,6 @@ def check_meta_codes(meta: torch.Tensor, name: str = "meta") -> None:
         code = int(i0[row, group] | (i1[row, group] << 2))
         raise ValueError(f"{name} is corrupt: row {row}, group {group} (columns {4 * group}..{4 * group + 3}) has "
                          f"code {code:#x} (positions {code & 3}, {code >> 2}); a valid code keeps i0 < i1")
-
-
-def check_int8_range(name: str, q: torch.Tensor) -> None:
-    """int8 weights of the format lie in [-127, 127]: -128 is never produced by quantization."""
-    if q.dtype == torch.int8 and q.device.type != "meta" and q.numel() and int(q.min()) == -128:
-        row = int((q == -128).nonzero()[0][0])
-        raise ValueError(f"{name} is corrupt: row {row} holds -128 (the int8 format is symmetric, [-127, 127])")
 
 
 def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:

@@ -58,8 +58,7 @@ def _set_byte(value):
     ("0.smooth", lambda s: s.index_fill_(0, torch.tensor([7]), float("inf")), r"layer '0' .*smooth contains NaN"),
     ("0.smooth", lambda s: s.index_fill_(0, torch.tensor([2]), -1.0), r"layer '0' .*smooth must be > 0.*index 2"),
     ("0.x_scale", lambda s: s * 0, r"layer '0' .*x_scale must be > 0"),
-    ("2.weight_q", lambda q: q.index_fill_(0, torch.tensor([4]), -128), r"layer '2' .*weight_q is corrupt: row 4"),
-    ("0.values", lambda q: q.index_fill_(0, torch.tensor([6]), -128), r"layer '0' .*values is corrupt: row 6"),
+    ("2.weight_q", lambda q: q.float(), r"layer '2', tensor 'weight_q': saved dtype torch.float32 != expected torch.int8"),
     ("3.values", lambda v: v.index_fill_(0, torch.tensor([2]), float("nan")), r"layer '3' .*values contains NaN"),
     ("3.bias", lambda b: b.index_fill_(0, torch.tensor([1]), float("-inf")), r"layer '3' .*bias contains NaN"),
 ])

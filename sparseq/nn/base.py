@@ -52,17 +52,9 @@ def kernel_call(op: Callable, launch: Optional[Callable]) -> Callable:
 FP32_BUFFERS = ("w_scale", "smooth", "x_scale")
 
 
-def _check_values(name: str, t: Tensor) -> None:
-    if t.dtype == torch.int8:
-        reference.check_int8_range(name, t)
-    else:
-        check_finite(name, t)
-
-
 BUFFER_RULES: Dict[str, Callable[[str, Tensor], None]] = {
     "meta": lambda name, t: reference.check_meta_codes(t, name),
-    "values": _check_values,
-    "weight_q": reference.check_int8_range,
+    "values": check_finite,  # float values; every int8 value is valid
     "w_scale": check_positive,
     "x_scale": check_positive,
     "smooth": check_positive,
@@ -345,9 +337,8 @@ class CompressedLinear(nn.Module):
 
     def check_state(self, tensors: Optional[Dict[str, Tensor]] = None) -> None:
         """Check the canonical buffers (or ``tensors``, buffer name -> incoming tensor, in their
-        place) against the format: dtype and shape as declared, meta codes valid, int8 weights
-        in [-127, 127], float values and bias finite, scales and SmoothQuant factors finite and
-        > 0. One vectorized pass per buffer; raises ValueError/TypeError naming the buffer."""
+        place) against the format: dtype and shape as declared, meta codes valid, float values
+        and bias finite, scales and SmoothQuant factors finite and > 0. One vectorized pass per buffer; raises ValueError/TypeError naming the buffer."""
         for name, buf in self._buffers.items():
             t = buf if tensors is None else tensors.get(name, buf)
             if t is None:
