@@ -255,7 +255,9 @@ def load(path_or_model: Union[str, Path, nn.Module], path: Optional[Union[str, P
          device: Union[str, torch.device] = "cpu") -> nn.Module:
     """Load a model written by ``save``.
 
-    ``load(dir)`` rebuilds a transformers model from its saved config; ``load(model, dir)``
+    ``load(dir)`` rebuilds a transformers model from its saved config (a compressed-tensors
+    checkpoint too: 2:4 ``sparse-24-bitmask`` and int8 ``int-quantized`` layers become sparseq
+    layers, see ``sparseq.integrations.compressed_tensors``); ``load(model, dir)``
     swaps and fills a model you constructed (the same architecture; build it under
     ``torch.device("meta")`` to skip allocating its dense weights at all). ``device`` is where
     the tensors land (kernels are prepared there). Errors name the layer or tensor; nothing
@@ -270,6 +272,14 @@ def load(path_or_model: Union[str, Path, nn.Module], path: Optional[Union[str, P
         target, root = path_or_model, Path(path)
     else:
         target, root = None, Path(path_or_model)
+    if not (root / MANIFEST).exists():
+        from .integrations import compressed_tensors
+
+        if compressed_tensors.is_checkpoint(root):
+            if target is not None:
+                raise ValueError(f"{root} is a compressed-tensors checkpoint: load it with sparseq.load(path), "
+                                 "which builds the model from its config")
+            return compressed_tensors.load(root, device)
     manifest = read_manifest(root)
     try:
         tensors = load_file(str(root / WEIGHTS), device=str(device))

@@ -1,0 +1,123 @@
+"""Import of llm-compressor / compressed-tensors checkpoints (files written by compressed-tensors
+0.14.0.1 itself: tests/fixtures/compressed_tensors/make_fixtures.py) into sparseq layers."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import sparseq
+from sparseq.testing import assert_layer_close
+from sparseq.integrations import compressed_tensors as ct
+
+pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures" / "compressed_tensors"
+EXPECTED = {"sparse24_bf16": "2:4", "sparse24_w8a8": "2:4+w8a8", "w8a8": "w8a8"}
+
+
+def _layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, sparseq.nn.CompressedLinear)}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_import_is_bit_exact(name):
+    model = sparseq.load(FIXTURES / name)
+    reference = load_file(str(FIXTURES / name / "dense_reference.safetensors"))  # compressed-tensors' own decompression
+    layers = _layers(model)
+    assert len(layers) == 14 and {m.FORMAT for m in layers.values()} == {EXPECTED[name]}
+    assert type(model.lm_head) is torch.nn.Linear  # not in the checkpoint's targets: stays dense
+    for layer_name, layer in layers.items():
+        want = reference[f"{layer_name}.weight"]
+        if want.dtype == torch.int8:  # int-quantized dense: the int8 weight and its scale as stored
+            assert torch.equal(layer.weight_q, want)
+            assert torch.equal(layer.w_scale, reference[f"{layer_name}.weight_scale"].float().reshape(-1))
+        elif "w_scale" in layer._buffers:  # 2:4 + int8: compressed-tensors dequantizes q * s in bf16
+            q = sparseq.decompress_24(layer.values, layer.meta)
+            assert torch.equal((q.float() * layer.w_scale[:, None]).to(want.dtype), want + 0.0)
+        else:
+            assert torch.equal(layer.dense_weight(), want + 0.0)  # -0.0 comes back as +0.0
+
+
+def test_imported_model_runs_and_round_trips(tmp_path):
+    model = sparseq.load(FIXTURES / "sparse24_w8a8")
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.no_grad():
+        logits = model(ids).logits
+    tokens = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert tokens.shape == (1, 9) and torch.isfinite(logits).all()
+    for layer in _layers(model).values():
+        assert_layer_close(layer, torch.randn(3, layer.in_features, dtype=layer.dtype),
+                                           dense_fallback=True)
+    sparseq.save(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "quantization_config" not in config  # written in sparseq's own format
+    again = sparseq.load(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, logits)
+
+
+def _copy(tmp_path, name):
+    dst = tmp_path / name
+    shutil.copytree(FIXTURES / name, dst)
+    return dst
+
+
+def _edit_config(path, edit):
+    file = path / "config.json"
+    config = json.loads(file.read_text())
+    edit(config["quantization_config"])
+    file.write_text(json.dumps(config))
+
+
+def _group(qc):
+    return qc["config_groups"]["group_0"]
+
+
+@pytest.mark.parametrize("name, edit, match", [
+    ("sparse24_bf16", lambda qc: qc["sparsity_config"].update(format="sparse-bitmask"),
+     r"sparsity_config.format = 'sparse-bitmask' is not supported"),
+    ("sparse24_bf16", lambda qc: qc["sparsity_config"].update(sparsity_structure="unstructured"),
+     r"sparsity_config.sparsity_structure = 'unstructured'"),
+    ("w8a8", lambda qc: _group(qc)["weights"].update(strategy="group", group_size=32),
+     r"config_groups.group_0.weights.strategy = 'group' is not supported"),
+    ("w8a8", lambda qc: _group(qc)["weights"].update(symmetric=False),
+     r"config_groups.group_0.weights.symmetric = False"),
+    ("w8a8", lambda qc: _group(qc)["weights"].update(num_bits=4), r"weights.num_bits = 4"),
+    ("w8a8", lambda qc: _group(qc)["input_activations"].update(symmetric=False),
+     r"input_activations.symmetric = False"),
+    ("w8a8", lambda qc: qc.update(format="pack-quantized"), r"quantization_config.format = 'pack-quantized'"),
+    ("w8a8", lambda qc: _group(qc)["input_activations"].update(strategy="tensor"),
+     r"input_activations.dynamic = True is not supported"),
+])
+def test_unsupported_configs_name_the_field(tmp_path, name, edit, match):
+    path = _copy(tmp_path, name)
+    _edit_config(path, edit)
+    with pytest.raises(ValueError, match=match):
+        sparseq.load(path)
+
+
+def test_bad_bitmask_names_the_layer(tmp_path):
+    path = _copy(tmp_path, "sparse24_bf16")
+    tensors = load_file(str(path / "model.safetensors"))
+    key = "model.layers.1.mlp.up_proj.bitmask"
+    tensors[key] = tensors[key].clone()
+    tensors[key][3, 0] = 0x07  # three columns of group 0 kept, one of group 1
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"layer 'model.layers.1.mlp.up_proj': bitmask row 3 keeps"):
+        sparseq.load(path)
+    tensors[key][3, 0] = 0x77  # three in both groups: the count per row still adds up
+    tensors[key][3, 1] = 0x11
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.*not 2:4 sparse: row 3, group 0"):
+        sparseq.load(path)
+
+
+def test_load_with_a_model_is_refused_and_plain_dirs_are_not_checkpoints(tmp_path):
+    with pytest.raises(ValueError, match="load it with sparseq.load\\(path\\)"):
+        sparseq.load(torch.nn.Linear(2, 2), FIXTURES / "w8a8")
+    assert not ct.is_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    assert not ct.is_checkpoint(tmp_path)
