@@ -62,10 +62,19 @@ def _tensors(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]
     return out, aliases
 
 
-def save(model: nn.Module, path: Union[str, Path], recipe=None) -> Path:
-    """Write ``model`` (swapped or not) to directory ``path``; returns the path."""
+def save(model: nn.Module, path: Union[str, Path], recipe=None, format: str = "sparseq") -> Path:  # noqa: A002
+    """Write ``model`` (swapped or not) to directory ``path``; returns the path.
+
+    ``format="compressed-tensors"`` writes a checkpoint stock vLLM loads without sparseq (W8A8
+    or int8 weight-only models; see ``sparseq.integrations.compressed_tensors.save``)."""
     from safetensors.torch import save_file
 
+    if format == "compressed-tensors":
+        from .integrations import compressed_tensors
+
+        return compressed_tensors.save(model, path)
+    if format != "sparseq":
+        raise ValueError(f"format must be 'sparseq' or 'compressed-tensors', got {format!r}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     manifest = _manifest(model, recipe)

@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "compressed_tensors"
-EXPECTED = {"sparse24_bf16": "2:4", "sparse24_w8a8": "2:4+w8a8", "w8a8": "w8a8"}
+EXPECTED = {"sparse24_bf16": "2:4", "sparse24_w8a8": "2:4+w8a8", "w8a8": "w8a8", "w8a16": "int8_weight_only"}
 
 
 def _layers(model):
@@ -121,3 +121,54 @@ def test_load_with_a_model_is_refused_and_plain_dirs_are_not_checkpoints(tmp_pat
     assert not ct.is_checkpoint(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     assert not ct.is_checkpoint(tmp_path)
+
+
+# ------------------------------------------------------------------------------ export
+
+
+@pytest.mark.parametrize("name", ["w8a8", "w8a16"])
+def test_export_writes_what_compressed_tensors_wrote(tmp_path, name):
+    """compressed-tensors -> sparseq -> compressed-tensors gives back the same tensors, bit for bit."""
+    model = sparseq.load(FIXTURES / name)
+    sparseq.save(model, tmp_path, format="compressed-tensors")
+    original = load_file(str(FIXTURES / name / "model.safetensors"))
+    written = load_file(str(tmp_path / "model.safetensors"))
+    assert sorted(written) == sorted(original)
+    for key, t in original.items():
+        assert written[key].dtype == t.dtype and torch.equal(written[key], t), key
+    want = json.loads((FIXTURES / name / "config.json").read_text())["quantization_config"]
+    got = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    for key in ("quant_method", "format", "quantization_status", "ignore"):
+        assert got[key] == want[key], key
+    for part in ("weights", "input_activations"):
+        a, b = got["config_groups"]["group_0"][part], want["config_groups"]["group_0"][part]
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert {k: a[k] for k in a if k != "observer"} == {k: b[k] for k in b if k != "observer"}
+    again = sparseq.load(tmp_path)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_export_of_a_sparseq_quantized_model_keeps_fp32_scales(tmp_path):
+    model = sparseq.load(FIXTURES / "sparse24_bf16")  # a bf16 model with 2:4 layers
+    with pytest.raises(ValueError, match="format '2:4' has no compressed-tensors export"):
+        sparseq.save(model, tmp_path, format="compressed-tensors")
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, sparseq.nn.CompressedLinear):
+            dense = torch.nn.Linear(layer.in_features, layer.out_features, bias=False, dtype=torch.bfloat16)
+            dense.weight.data = layer.dense_weight()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, dense)
+    sparseq.swap(model, {"lm_head": "dense", "*": "int8_weight_only"})
+    sparseq.save(model, tmp_path, format="compressed-tensors")
+    written = load_file(str(tmp_path / "model.safetensors"))
+    scales = [t for k, t in written.items() if k.endswith("weight_scale")]
+    assert len(scales) == 14 and {t.dtype for t in scales} == {torch.float32}  # not exact in bf16
+    again = sparseq.load(tmp_path)
+    ids = torch.tensor([[2, 7, 1, 8]])
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+    with pytest.raises(ValueError, match="format must be 'sparseq' or 'compressed-tensors'"):
+        sparseq.save(model, tmp_path, format="gguf")

@@ -69,7 +69,8 @@ def parse_scheme(qc: dict) -> Tuple[bool, Optional[str]]:
     groups = qc.get("config_groups") or {}
     if not groups:
         return sparse, None
-    _field("quantization_config.format", qc.get("format"), {"int-quantized", "naive-quantized"})
+    fmt = qc.get("format")
+    _field("quantization_config.format", fmt, {"int-quantized", "naive-quantized", "pack-quantized"})
     schemes = set()
     for name, group in groups.items():
         weights = group.get("weights") or {}
@@ -90,6 +91,9 @@ def parse_scheme(qc: dict) -> Tuple[bool, Optional[str]]:
         _field(f"{where}.strategy", strategy, {"token", "tensor"})
         _field(f"{where}.dynamic", acts.get("dynamic"), {True} if strategy == "token" else {False})
         schemes.add(strategy)
+    if fmt == "pack-quantized" and schemes != {"none"}:
+        raise ValueError("compressed-tensors checkpoint: quantization_config.format = 'pack-quantized' with "
+                         "input_activations is not supported (sparseq reads it for int8 weight-only)")
     if len(schemes) > 1:
         raise ValueError(f"compressed-tensors checkpoint: config_groups mix activation schemes {sorted(schemes)}; "
                          "sparseq reads one scheme per checkpoint")
@@ -153,6 +157,29 @@ def bitmask_to_dense(name: str, compressed: torch.Tensor, bitmask: torch.Tensor,
     return dense
 
 
+def unpack_int8(name: str, packed: torch.Tensor, shape) -> torch.Tensor:
+    """int8 ``[N, K]`` from ``pack-quantized`` 8-bit ``weight_packed`` int32 ``[N, ceil(K/4)]``:
+    four values per int32, lowest byte first, each stored as ``q + 128``."""
+    if shape is None:
+        raise ValueError(f"layer {name!r}: weight_packed without weight_shape")
+    shape = [int(s) for s in torch.as_tensor(shape).flatten().tolist()]
+    if len(shape) != 2 or packed.dtype != torch.int32 or tuple(packed.shape) != (shape[0], -(-shape[1] // 4)):
+        raise ValueError(f"layer {name!r}: weight_packed {packed.dtype} {list(packed.shape)} does not hold "
+                         f"8-bit values of shape {shape}")
+    n, k = shape
+    unsigned = packed.contiguous().view(torch.uint8).reshape(n, -1)[:, :k]
+    return (unsigned.to(torch.int16) - 128).to(torch.int8)
+
+
+def pack_int8(q: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`unpack_int8` (K padded to a multiple of 4 with ``0`` bytes)."""
+    n, k = q.shape
+    unsigned = (q.to(torch.int16) + 128).to(torch.uint8)
+    padded = torch.zeros(n, -(-k // 4) * 4, dtype=torch.uint8)
+    padded[:, :k] = unsigned
+    return padded.view(torch.int32)
+
+
 def _layer(name: str, tensors: Dict[str, torch.Tensor], sparse: bool, acts: Optional[str],
            dtype: torch.dtype, bias: Optional[torch.Tensor]) -> Optional[nn.Module]:
     """The sparseq layer for checkpoint layer ``name``, or None where it is stored dense."""
@@ -164,6 +191,8 @@ def _layer(name: str, tensors: Dict[str, torch.Tensor], sparse: bool, acts: Opti
         return None
     if is_sparse:
         w = bitmask_to_dense(name, tensors[f"{name}.compressed"], tensors[f"{name}.bitmask"], tensors[f"{name}.shape"])
+    elif f"{name}.weight_packed" in tensors:
+        w = unpack_int8(name, tensors[f"{name}.weight_packed"], tensors.get(f"{name}.weight_shape"))
     else:
         w = tensors[f"{name}.weight"]
     n, k = w.shape
@@ -258,3 +287,97 @@ def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> nn
     if torch.device(device).type == "cuda":
         prepare(model)
     return model
+
+
+# ------------------------------------------------------------------------------ export
+
+_WEIGHT_ARGS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "group_size": None,
+                "block_structure": None, "dynamic": False, "actorder": None, "observer": None,
+                "observer_kwargs": {}, "scale_dtype": None, "zp_dtype": None}
+
+
+def _activation_args(static: bool) -> dict:
+    return {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor" if static else "token",
+            "dynamic": not static, "group_size": None, "block_structure": None, "actorder": None,
+            "observer": None, "observer_kwargs": {}, "scale_dtype": None, "zp_dtype": None}
+
+
+def _scale_tensor(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``scale`` in the model dtype where that is exact (what compressed-tensors writes), else fp32."""
+    cast = scale.to(dtype)
+    return cast if torch.equal(cast.float(), scale.float()) else scale.float()
+
+
+def save(model: nn.Module, path: Union[str, Path]) -> Path:
+    """Write a transformers model whose sparseq layers are all W8A8 (``Int8Linear``) or all int8
+    weight-only (``Int8WeightOnlyLinear``) as a compressed-tensors checkpoint that stock vLLM
+    and compressed-tensors load without sparseq: W8A8 as ``int-quantized`` (per-channel
+    weights, dynamic per-token or static per-tensor activations), weight-only as
+    ``pack-quantized``. 2:4 layers have no such export (vLLM rejects every ``sparsity_config``):
+    save them in sparseq's format. SmoothQuant factors must be folded into the preceding
+    layer first (the format has no place for them)."""
+    from safetensors.torch import save_file
+
+    from ..nn.base import CompressedLinear
+
+    if not (hasattr(model, "config") and hasattr(model.config, "to_dict")):
+        raise ValueError("compressed-tensors export needs a transformers model (it writes config.json)")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    if not layers:
+        raise ValueError("the model has no sparseq layers to export")
+    kinds = set()
+    for name, layer in layers.items():
+        if layer.FORMAT not in ("w8a8", "int8_weight_only"):
+            raise ValueError(f"layer {name!r}: format {layer.FORMAT!r} has no compressed-tensors export that vLLM "
+                             "reads; save 2:4 models in sparseq's format (sparseq.save(model, dir))")
+        if getattr(layer, "smooth", None) is not None:
+            raise ValueError(f"layer {name!r} has SmoothQuant factors: compressed-tensors has no place for them "
+                             "(fold 1/smooth into the preceding norm, or save in sparseq's format)")
+        kinds.add("none" if layer.FORMAT == "int8_weight_only" else
+                  ("tensor" if layer.x_scale is not None else "token"))
+    if len(kinds) > 1:
+        raise ValueError(f"layers mix schemes {sorted(kinds)}: a compressed-tensors export holds one")
+    acts = kinds.pop()
+    tensors: Dict[str, torch.Tensor] = {}
+    seen: Dict[Tuple, str] = {}
+    skip = {f"{n}.{b}" for n, m in layers.items() for b in m._buffers}
+    for key, t in model.state_dict().items():
+        if key in skip:
+            continue
+        ident = (t.device, t.data_ptr(), tuple(t.shape), t.dtype)
+        if t.numel() and ident in seen:  # tied (lm_head = embeddings): stored once, re-tied on load
+            continue
+        seen[ident] = key
+        tensors[key] = t.detach().cpu().contiguous()
+    for name, layer in layers.items():
+        q = layer.weight_q.detach().cpu()
+        scale = _scale_tensor(layer.w_scale.detach().cpu().reshape(-1, 1), layer.dtype)
+        if acts == "none":
+            tensors[f"{name}.weight_packed"] = pack_int8(q).contiguous()
+            tensors[f"{name}.weight_shape"] = torch.tensor(list(q.shape), dtype=torch.int64)
+        else:
+            tensors[f"{name}.weight"] = q.contiguous()
+            if acts == "tensor":
+                tensors[f"{name}.input_scale"] = _scale_tensor(layer.x_scale.detach().cpu().reshape(1), layer.dtype)
+        tensors[f"{name}.weight_scale"] = scale.contiguous()
+        if layer.bias is not None:
+            tensors[f"{name}.bias"] = layer.bias.detach().cpu().contiguous()
+    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    group = {"targets": ["Linear"], "weights": dict(_WEIGHT_ARGS),
+             "input_activations": None if acts == "none" else _activation_args(acts == "tensor"),
+             "output_activations": None, "format": None}
+    quantization_config = {
+        "quant_method": "compressed-tensors", "format": "pack-quantized" if acts == "none" else "int-quantized",
+        "quantization_status": "compressed", "config_groups": {"group_0": group}, "ignore": ignore,
+        "kv_cache_scheme": None, "global_compression_ratio": None, "sparsity_config": {}, "transform_config": {},
+        "version": "0.14.0.1",
+    }
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config["quantization_config"] = quantization_config
+    tmp = path / "model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path / "model.safetensors")
+    (path / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+    return path
