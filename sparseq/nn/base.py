@@ -15,6 +15,7 @@ from typing import Callable, Dict, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.nn import functional as F
 
 from .. import dispatch, reference
@@ -351,7 +352,7 @@ class CompressedLinear(nn.Module):
                 if tuple(t.shape) != tuple(buf.shape):
                     raise ValueError(f"{name}: shape {tuple(t.shape)} where the layer expects {tuple(buf.shape)}")
             rule = BUFFER_RULES.get(name)
-            if rule is not None:
+            if rule is not None and not is_fake(t):  # no values to read while tracing
                 rule(name, t)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
