@@ -141,7 +141,11 @@ setup(
         "bench": ["matplotlib", "triton"],
         "lora": ["peft"],
     },
-    entry_points={"console_scripts": ["sparseq=sparseq.cli:main"]},
+    entry_points={
+        "console_scripts": ["sparseq=sparseq.cli:main"],
+        # vLLM calls it in each process: registers quantization method "sparseq" (sparseq.integrations.vllm)
+        "vllm.general_plugins": ["sparseq = sparseq.integrations.vllm:register"],
+    },
     ext_modules=ext_modules,
     cmdclass=_cmdclass(ext_modules),
     zip_safe=False,
