@@ -43,6 +43,15 @@ def _quantize_tile(xs, scale):
 
 
 @triton.jit
+def _nan_aware_max(a):
+    """Row max of ``a`` that is NaN where a row holds NaN (``tl.max`` follows IEEE maxNum and
+    drops NaN on the GPU), so a NaN row gets a NaN scale, as in the reference."""
+    amax = tl.max(a, axis=1)
+    has_nan = tl.max((a != a).to(tl.int32), axis=1)
+    return tl.where(has_nan > 0, amax * float("nan"), amax)
+
+
+@triton.jit
 def _quantize_per_token_kernel(x_ptr, smooth_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm,
                                HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                                SINGLE_PASS: tl.constexpr):
@@ -54,7 +63,7 @@ def _quantize_per_token_kernel(x_ptr, smooth_ptr, q_ptr, scale_ptr, M, K, stride
     if SINGLE_PASS:
         mask = mask_m[:, None] & (offs < K)[None, :]
         xs = _smoothed_tile(x_ptr, smooth_ptr, rows, stride_xm, offs, mask_m, K, HAS_SMOOTH)
-        amax = tl.max(tl.abs(xs), axis=1)
+        amax = _nan_aware_max(tl.abs(xs))
         scale = tl.where(amax == 0, 1.0, tl.math.div_rn(amax, 127.0))  # NaN stays NaN
         tl.store(q_ptr + rows[:, None] * stride_qm + offs[None, :], _quantize_tile(xs, scale), mask=mask)
     else:
@@ -62,8 +71,8 @@ def _quantize_per_token_kernel(x_ptr, smooth_ptr, q_ptr, scale_ptr, M, K, stride
         for k0 in range(0, K, BLOCK_K):
             mask = mask_m[:, None] & (k0 + offs < K)[None, :]
             xs = _smoothed_tile(x_ptr, smooth_ptr, rows, stride_xm, k0 + offs, mask_m, K, HAS_SMOOTH)
-            amax_tile = tl.maximum(amax_tile, tl.abs(xs))
-        amax = tl.max(amax_tile, axis=1)
+            amax_tile = tl.maximum(amax_tile, tl.abs(xs), propagate_nan=tl.PropagateNan.ALL)
+        amax = _nan_aware_max(amax_tile)
         scale = tl.where(amax == 0, 1.0, tl.math.div_rn(amax, 127.0))  # NaN stays NaN
         for k0 in range(0, K, BLOCK_K):
             mask = mask_m[:, None] & (k0 + offs < K)[None, :]

@@ -113,3 +113,14 @@ def test_subnormal_rows_saturate_like_torch():
     x[0, :3] = torch.tensor([1e-44, -1e-44, 5e-45])  # amax / 127 underflows to 0: 0/0 -> 0, x/0 -> +-127
     x[1, :2] = torch.tensor([1e-39, -3e-39])
     _check(x)
+
+
+@pytest.mark.parametrize("k", [300, 40000])  # one pass, and the looped two-pass kernel
+def test_nan_row_gets_a_nan_scale(k):
+    """As the reference's absmax_scale: a row holding NaN never gets a finite scale (the GPU's
+    tl.max drops NaN; the kernel flags such rows), an Inf row gets an Inf scale."""
+    x = torch.randn(4, k, device=DEVICE)
+    x[1, k - 3] = float("nan")
+    x[2, 5] = float("inf")
+    _, s = kq.quantize_per_token(x)
+    assert torch.isnan(s[1]) and torch.isinf(s[2]) and torch.isfinite(s[[0, 3]]).all()
