@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import random
 import subprocess
@@ -149,6 +150,7 @@ def _git_sha() -> str:
 
 
 def _machine() -> str:
+    """CPU model, torch threads and version, and the 5-minute load average (other jobs count)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -157,13 +159,15 @@ def _machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, {platform.system()}"
+    load = f", load average {os.getloadavg()[1]:.1f} at the end" if hasattr(os, "getloadavg") else ""
+    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, {platform.system()}{load}"
 
 
-def write_model_card(out: Path, args: argparse.Namespace, command: str, model, n_blocks: int,
-                     n_train_tokens: int, result: dict, ppl) -> None:
+def write_model_card(out: Path, args: argparse.Namespace, command: str, git_sha: str, model, n_blocks: int,
+                     n_train_tokens: int, result: dict, ppl, run_seconds: float) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     c = model.config
+    tps = [r["tokens_per_s"] for r in result["log"]] or [float("nan")]
     every = max(1, len(result["log"]) // 10)
     rows = result["log"][every - 1::every]
     if result["log"] and rows[-1] is not result["log"][-1]:
@@ -189,11 +193,12 @@ trained from scratch by `sparseq/models/train_llama.py` on 30 bundled Shakespear
 | seed | {args.seed} |
 | steps | {result['steps']} x {args.batch} blocks of {args.context} tokens, AdamW lr {args.lr} (warmup {args.warmup}, cosine to 10%), weight decay {args.weight_decay}, grad clip 1.0, {"bf16 autocast forward" if args.bf16_autocast else "fp32"} |
 | tokens seen | {result['tokens_seen']:,} (pad excluded) |
-| training time | {result['train_seconds'] / 60:.1f} min |
+| training time | {result['train_seconds'] / 60:.1f} min ({run_seconds / 60:.1f} min for the whole run: tokenizer, packing, training, evaluation) |
+| throughput | {result['tokens_seen'] / result['train_seconds']:,.0f} tokens/s mean ({min(tps):,.0f} to {max(tps):,.0f} per {args.log_every}-step window) |
 | final train loss | {result['final_loss']:.4f} (mean over the last {args.log_every} steps) |
 | held-out perplexity | **{ppl.perplexity:.2f}** on {ppl.n_lines} lines ({ppl.n_tokens:,} predicted tokens) of the evaluation plays, each line scored alone as `<s> line </s>` |
 | machine | {_machine()} |
-| git | {_git_sha()} (before these files were added) |
+| git | {git_sha} (when training started) |
 {early}
 Training loss (token-weighted mean over the {args.log_every} steps before each row):
 
@@ -203,6 +208,8 @@ Training loss (token-weighted mean over the {args.log_every} steps before each r
 
 A line is a line of verse or prose as `sparseq.compress.data.clean_lines` keeps it (at
 least 4 words, no stage directions or speaker names), so the model writes single lines.
+The same seed and `--steps` give the same files on the same torch and CPU (two 4-step runs
+had identical safetensors); `--minutes` only caps the time, so raise it on a busier machine.
 """
     (out / "README.md").write_text(text)
 
@@ -240,6 +247,7 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     hf_logging.disable_progress_bar()
+    git_sha = _git_sha()
     command = "python -m sparseq.models.train_llama " + " ".join(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
@@ -270,7 +278,8 @@ def main(argv=None) -> None:
     model.generation_config.do_sample = False
     model.to(getattr(torch, args.save_dtype)).save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
-    write_model_card(args.out, args, command, model, len(blocks), n_train_tokens, result, ppl)
+    write_model_card(args.out, args, command, git_sha, model, len(blocks), n_train_tokens, result, ppl,
+                     time.perf_counter() - t0)
     (args.out / "training_log.json").write_text(json.dumps({k: v for k, v in result.items()}, indent=1))
     print(f"saved to {args.out} ({time.perf_counter() - t0:.0f} s in all)", flush=True)
 
