@@ -131,7 +131,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["sparseq", "sparseq.*"]) + kernel_packages,
     package_dir={"sparseq": "sparseq", "sparseq.kernels": "kernels"},
-    package_data={"sparseq": ["data/*.json"]},
+    package_data={"sparseq": ["data/*.json", "models/llama_shakespeare/*"]},
     install_requires=["torch>=2.4", "numpy", "tqdm", "safetensors"],
     extras_require={
         "triton": ["triton"],
