@@ -17,7 +17,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 RULES: Dict[str, Dict[str, str]] = {
     "sm_90a": {"sparse MMA": r"\b[HI]GMMA\.SP\.", "TMA load": r"\bUTMALDG\b"},

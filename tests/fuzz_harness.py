@@ -398,7 +398,7 @@ def ops_case(rng: random.Random, triton: Dict[str, Callable]) -> str:
             got = kernel(*args)
         except CLEAR:
             got = None
-        except Exception as e:  # noqa: BLE001  torch's schema parser on the pinned op: fine where the reference rejects too
+        except Exception:  # noqa: BLE001  torch's schema parser on the pinned op: fine where the reference rejects too
             if error is None:
                 raise
             got = None
