@@ -14,6 +14,7 @@ The dense model goes through the same check (vLLM's attention and transformers' 
 run batches all prompts (decode M = 3: another CPU kernel bucket for W8A8).
 """
 import copy
+import inspect
 import json
 import os
 import signal
@@ -40,7 +41,7 @@ from sparseq.nn.swap import format_for  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 DRIVER = ROOT / "tests" / "vllm_driver.py"
 
-MODEL = "tiny-random"  # or "bundled": sparseq.models.load_llama() (sparseq/models/llama_shakespeare)
+MODEL = "bundled"  # sparseq.models.load_llama() (sparseq/models/llama_shakespeare), or "tiny-random"
 DTYPE = torch.float32
 MAX_TOKENS = 12
 MAX_MODEL_LEN = 256
@@ -95,12 +96,13 @@ def base_model():
 def greedy(model, prompt, n):
     """``n`` greedy tokens after ``prompt`` (token ids) with the KV cache: the prompt in one
     forward, then one token per step; no EOS handling (vLLM runs with ignore_eos)."""
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # transformers 5.24
     out = model(torch.tensor([prompt]), use_cache=True)
     tokens = []
     for _ in range(n):
         tokens.append(int(out.logits[0, -1].argmax()))
         if len(tokens) < n:
-            out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+            out = model(torch.tensor([[tokens[-1]]]), use_cache=True, **{key: getattr(out, key)})
     return tokens
 
 
