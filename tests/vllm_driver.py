@@ -3,8 +3,9 @@
     python tests/vllm_driver.py JOB.json OUT.json
     python tests/vllm_driver.py serve MODEL_DIR [vllm serve options]
 
-JOB: {"runs": [{"name", "model", "quantization", optional "max_num_seqs"}], "prompts": [[token
-ids]], "max_tokens", "dtype", "max_num_seqs", "max_model_len"}. Each run builds one ``LLM``
+JOB: {"runs": [{"name", "model", "quantization", optional "max_num_seqs", "tensor_parallel_size",
+"env" (set while that engine starts)}], "prompts": [[token ids]], "max_tokens", "dtype",
+"max_num_seqs", "max_model_len"}. Each run builds one ``LLM``
 (one at a time, shut down before the next), generates greedily (``ignore_eos``, top-2 logprobs
 per step) and reports, per vLLM linear layer, its quant method and the sparseq layers and
 backends it runs (``sparseq.integrations.vllm.describe``). OUT gets {name: {"tokens",
@@ -42,17 +43,25 @@ def main(job_path, out_path):
     results = {}
     for run in job["runs"]:
         t0 = time.perf_counter()
+        saved_env = {k: os.environ.get(k) for k in run.get("env", {})}
+        os.environ.update(run.get("env", {}))
         try:
             llm = LLM(model=run["model"], tokenizer=run["model"], quantization=run.get("quantization"),
                       dtype=job["dtype"], enforce_eager=True, max_model_len=job["max_model_len"],
                       max_num_seqs=run.get("max_num_seqs", job["max_num_seqs"]), enable_prefix_caching=False,
-                      seed=0, disable_log_stats=True)
+                      tensor_parallel_size=run.get("tensor_parallel_size", 1), seed=0, disable_log_stats=True)
         except Exception as e:  # noqa: BLE001 (a run that must fail; the cause is in the engine's log)
             results[run["name"]] = {"error": f"{type(e).__name__}: {e}",
                                     "seconds": {"engine (failed)": round(time.perf_counter() - t0, 2)}}
             _write(out_path, results)
             print(f"vllm_driver: {run['name']}: LLM() failed: {type(e).__name__}: {e}", flush=True)
             continue
+        finally:
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         t1 = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         t2 = time.perf_counter()

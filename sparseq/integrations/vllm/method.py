@@ -94,7 +94,8 @@ class SparseqLinearMethod(LinearMethodBase):
         if input_size != spec.in_features:
             raise ValueError(f"{where}: in_features {spec.in_features} in sparseq.json, vLLM builds {input_size}")
         full_sizes = list(getattr(layer, "output_sizes", None) or [output_size])
-        if len(full_sizes) == n_parts and [int(s) for s in full_sizes] != list(spec.out_features):
+        replicated = getattr(layer, "num_kv_head_replicas", 1) > 1  # tp > KV heads: k/v sizes count replicas
+        if not replicated and [int(s) for s in full_sizes] != list(spec.out_features):
             raise ValueError(f"{where}: out_features {list(spec.out_features)} in sparseq.json, "
                              f"vLLM builds {full_sizes}")
         k = input_size_per_partition
