@@ -11,13 +11,15 @@ every test here skips: the main test command never starts vLLM.
 Comparisons are exact: fp32 everywhere, greedy, one sequence at a time in vLLM
 (``max_num_seqs=1``, so each layer sees the same M as in transformers: the prompt, then 1).
 The dense model goes through the same check (vLLM's attention and transformers' agree), one run
-batches all prompts (decode M = 3: another CPU kernel bucket for W8A8), and three cases run with
-tensor_parallel_size=2 (two CPU workers).
+batches all prompts (decode M = 3: another CPU kernel bucket for W8A8), one runs compiled
+(enforce_eager=False, vLLM's default), one finds the method in config.json instead of the flag,
+and three cases run with tensor_parallel_size=2 (two CPU workers).
 """
 import copy
 import inspect
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,7 +51,7 @@ MAX_MODEL_LEN = 256
 PROMPTS = ["To be, or not to be, that is the question:",
            "Now is the winter of our discontent",
            "Friends, Romans, countrymen, lend me your ears;"]
-DRIVER_TIMEOUT_S = 2400  # 20-60 s per engine on 2 shared CPU cores; 14 engines
+DRIVER_TIMEOUT_S = 2400  # 20-65 s per engine on 2 shared CPU cores; 16 engines
 SERVE_START_TIMEOUT_S = 300
 REQUEST_TIMEOUT_S = 120
 SERVE_CASE = "2:4+w8a8 smooth"
@@ -63,6 +65,8 @@ CASES = {fmt: ({"lm_head": "dense", "*": fmt}, {}) for fmt in FORMATS}
 CASES["w8a8 smooth static"] = ({"lm_head": "dense", "*": "w8a8"}, {"smooth": True, "act_amax": 4.0})
 CASES["2:4+w8a8 smooth"] = ({"lm_head": "dense", "*": "2:4+w8a8"}, {"smooth": True})
 CASES["mixed"] = (MIXED, {})
+AUTO_CASE = "2:4"  # also run from a copy whose config.json has quantization_config {"quant_method": "sparseq"}
+COMPILED_CASE = "2:4+w8a8 smooth"  # also run without enforce_eager (vLLM's torch.compile of the model)
 TP_CASES = ["2:4", "w8a8 smooth static", "2:4+w8a8 smooth"]  # also run with tensor_parallel_size=2
 BAD_MERGE = {"lm_head": "dense", "*.q_proj": "2:4", "*": "w8a8"}  # q_proj differs from k/v: refused
 
@@ -126,9 +130,10 @@ def swapped(model, recipe, opts):
     return m
 
 
-def vllm_env():
+def vllm_env(root):
     env = dict(os.environ)
-    env.update(VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               VLLM_CACHE_ROOT=str(root / "vllm-cache"))  # torch.compile caches stay in the test's folder
     return env
 
 
@@ -160,6 +165,12 @@ def built(tmp_path_factory, timings):
         loaded = sparseq.load(d).eval()  # what was saved, as transformers + sparseq layers
         hf[case] = [greedy(loaded, p, MAX_TOKENS) for p in prompts]
         timings[f"transformers {case}: swap + save + load + generate"] = time.perf_counter() - t0
+    # config.json saying quant_method "sparseq": vLLM picks the method without --quantization
+    dirs["auto"] = root / "auto"
+    shutil.copytree(dirs[AUTO_CASE], dirs["auto"])
+    config = json.loads((dirs["auto"] / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "sparseq"}
+    (dirs["auto"] / "config.json").write_text(json.dumps(config, indent=2))
     dirs["bad merge"] = root / "bad_merge"
     sparseq.save(swapped(model, BAD_MERGE, {}), dirs["bad merge"])
     tokenizer.save_pretrained(dirs["bad merge"])
@@ -171,6 +182,9 @@ def vllm_runs(built, timings):
     """Every vLLM run in one driver process (one engine at a time)."""
     runs = [{"name": "dense", "model": str(built["dirs"]["dense"]), "quantization": None}]
     runs += [{"name": case, "model": str(built["dirs"][case]), "quantization": "sparseq"} for case in CASES]
+    runs.append({"name": f"{AUTO_CASE} auto", "model": str(built["dirs"]["auto"]), "quantization": None})
+    runs.append({"name": f"{COMPILED_CASE} compiled", "model": str(built["dirs"][COMPILED_CASE]),
+                 "quantization": "sparseq", "enforce_eager": False})
     runs.append({"name": "w8a8 batched", "model": str(built["dirs"]["w8a8"]), "quantization": "sparseq",
                  "max_num_seqs": len(PROMPTS)})
     cores = sorted(os.sched_getaffinity(0))
@@ -187,7 +201,8 @@ def vllm_runs(built, timings):
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.run([VLLM_PYTHON, str(DRIVER), str(root / "job.json"), str(root / "out.json")],
-                              stdout=f, stderr=subprocess.STDOUT, env=vllm_env(), timeout=DRIVER_TIMEOUT_S, cwd=root)
+                              stdout=f, stderr=subprocess.STDOUT, env=vllm_env(root), timeout=DRIVER_TIMEOUT_S,
+                              cwd=root)
     timings["vLLM driver, all runs (wall)"] = time.perf_counter() - t0
     text = log.read_text(errors="replace")
     assert proc.returncode == 0, f"vllm_driver.py exited {proc.returncode}; log {log}:\n{text[-6000:]}"
@@ -246,6 +261,19 @@ def test_vllm_batched_decode_equals_transformers(built, vllm_runs):
     _check_tokens(built, vllm_runs, "w8a8", run="w8a8 batched")
 
 
+def test_quant_method_in_config_json_needs_no_quantization_flag(built, vllm_runs):
+    """``quantization_config: {"quant_method": "sparseq"}`` in config.json: vLLM picks the method
+    itself and the plugin reads the layers from sparseq.json of the model folder."""
+    _check_tokens(built, vllm_runs, AUTO_CASE, run=f"{AUTO_CASE} auto")
+    assert vllm_runs["results"][f"{AUTO_CASE} auto"]["layers"] == vllm_runs["results"][AUTO_CASE]["layers"]
+
+
+def test_vllm_compiled_model_generates_the_same_tokens(built, vllm_runs):
+    """vLLM's default mode (enforce_eager=False: torch.compile traces the model, sparseq layers
+    included, with their kernels resolved at load time)."""
+    _check_tokens(built, vllm_runs, COMPILED_CASE, run=f"{COMPILED_CASE} compiled")
+
+
 @pytest.mark.parametrize("case", TP_CASES)
 def test_tensor_parallel_2_generates_the_same_tokens(case, built, vllm_runs):
     """tensor_parallel_size=2 (two CPU workers): column-parallel layers shard N (qkv_proj with one
@@ -285,7 +313,7 @@ def test_vllm_serve_answers_a_completion_with_the_same_tokens(built, vllm_runs, 
     log = built["root"] / "serve.log"
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=vllm_env(), cwd=built["root"],
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=vllm_env(built["root"]), cwd=built["root"],
                                 start_new_session=True)
     try:
         deadline = time.monotonic() + SERVE_START_TIMEOUT_S

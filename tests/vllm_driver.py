@@ -4,7 +4,7 @@
     python tests/vllm_driver.py serve MODEL_DIR [vllm serve options]
 
 JOB: {"runs": [{"name", "model", "quantization", optional "max_num_seqs", "tensor_parallel_size",
-"env" (set while that engine starts)}], "prompts": [[token ids]], "max_tokens", "dtype",
+"enforce_eager" (default true), "env" (set while that engine starts)}], "prompts": [[token ids]], "max_tokens", "dtype",
 "max_num_seqs", "max_model_len"}. Each run builds one ``LLM``
 (one at a time, shut down before the next), generates greedily (``ignore_eos``, top-2 logprobs
 per step) and reports, per vLLM linear layer, its quant method and the sparseq layers and
@@ -47,8 +47,9 @@ def main(job_path, out_path):
         os.environ.update(run.get("env", {}))
         try:
             llm = LLM(model=run["model"], tokenizer=run["model"], quantization=run.get("quantization"),
-                      dtype=job["dtype"], enforce_eager=True, max_model_len=job["max_model_len"],
-                      max_num_seqs=run.get("max_num_seqs", job["max_num_seqs"]), enable_prefix_caching=False,
+                      dtype=job["dtype"], enforce_eager=run.get("enforce_eager", True),
+                      max_model_len=job["max_model_len"], max_num_seqs=run.get("max_num_seqs", job["max_num_seqs"]),
+                      enable_prefix_caching=False,
                       tensor_parallel_size=run.get("tensor_parallel_size", 1), seed=0, disable_log_stats=True)
         except Exception as e:  # noqa: BLE001 (a run that must fail; the cause is in the engine's log)
             results[run["name"]] = {"error": f"{type(e).__name__}: {e}",
