@@ -51,6 +51,13 @@ def _tensors(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]
     for name, buf in model.named_buffers():
         if name not in persistent and buf is not None:
             state[_NONPERSISTENT + name] = buf
+    return unique_tensors(state)
+
+
+def unique_tensors(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """``(tensors, aliases)`` of a state dict with tied tensors (same storage, shape, stride and
+    dtype) kept once under their first name; ``aliases`` maps each dropped name to that name.
+    Tensors come back detached, contiguous and on the CPU, ready for safetensors."""
     out, seen, aliases = {}, {}, {}
     for name, t in state.items():
         key = (t.device, t.data_ptr(), t.shape, t.stride(), t.dtype)
@@ -116,7 +123,7 @@ def read_manifest(path: Union[str, Path]) -> dict:
         missing = [f for f in _SPEC_FIELDS if not isinstance(spec, dict) or f not in spec]
         if missing:
             raise ValueError(f"{file} is corrupt: layer {name!r} lacks {missing}")
-        _check_spec(name, spec)
+        check_layer_spec(name, spec)
     return manifest
 
 
@@ -148,7 +155,7 @@ def _layer_options(name: str, fmt: str, cls: type, fixed: dict, options: object)
     return {**options, **fixed}
 
 
-def _check_spec(name: str, spec: dict) -> Tuple[type, torch.dtype, dict]:
+def check_layer_spec(name: str, spec: dict) -> Tuple[type, torch.dtype, dict]:
     """``(layer class, dtype, constructor options)`` of a manifest entry, every field checked."""
     fmt = spec.get("format")
     if fmt not in FORMATS:
@@ -167,7 +174,7 @@ def _check_spec(name: str, spec: dict) -> Tuple[type, torch.dtype, dict]:
 
 
 def _empty_layer(name: str, spec: dict) -> CompressedLinear:
-    cls, dtype, options = _check_spec(name, spec)
+    cls, dtype, options = check_layer_spec(name, spec)
     try:
         return cls(spec["in_features"], spec["out_features"], spec["bias"], dtype, device="meta", **options)
     except (TypeError, ValueError) as e:

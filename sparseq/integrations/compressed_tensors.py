@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .. import reference as ref
+from ..serialization import unique_tensors
 
 CONFIG = "config.json"
 
@@ -338,17 +339,9 @@ def save(model: nn.Module, path: Union[str, Path]) -> Path:
     if len(kinds) > 1:
         raise ValueError(f"layers mix schemes {sorted(kinds)}: a compressed-tensors export holds one")
     acts = kinds.pop()
-    tensors: Dict[str, torch.Tensor] = {}
-    seen: Dict[Tuple, str] = {}
     skip = {f"{n}.{b}" for n, m in layers.items() for b in m._buffers}
-    for key, t in model.state_dict().items():
-        if key in skip:
-            continue
-        ident = (t.device, t.data_ptr(), tuple(t.shape), t.dtype)
-        if t.numel() and ident in seen:  # tied (lm_head = embeddings): stored once, re-tied on load
-            continue
-        seen[ident] = key
-        tensors[key] = t.detach().cpu().contiguous()
+    # tied tensors (lm_head = embeddings) are stored once and re-tied on load
+    tensors, _ = unique_tensors({k: t for k, t in model.state_dict().items() if k not in skip})
     for name, layer in layers.items():
         q = layer.weight_q.detach().cpu()
         scale = _scale_tensor(layer.w_scale.detach().cpu().reshape(-1, 1), layer.dtype)

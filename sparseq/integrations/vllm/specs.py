@@ -57,7 +57,7 @@ class LayerSpec:
 def parse_manifest(config: Mapping) -> Dict[str, dict]:
     """The ``layers`` of a sparseq manifest (the dict of ``sparseq.json``), every entry checked
     as ``sparseq.load`` checks it; raises ValueError naming the field."""
-    from ...serialization import _check_spec
+    from ...serialization import check_layer_spec
 
     if not isinstance(config, Mapping):
         raise ValueError(f"sparseq: the quantization config must be a JSON object, got {type(config).__name__}")
@@ -73,7 +73,7 @@ def parse_manifest(config: Mapping) -> Dict[str, dict]:
                    if not isinstance(spec, Mapping) or f not in spec]
         if missing:
             raise ValueError(f"sparseq: manifest layer {name!r} lacks {missing}")
-        _check_spec(name, dict(spec))
+        check_layer_spec(name, dict(spec))
         out[name] = dict(spec)
     return out
 
@@ -93,7 +93,7 @@ def resolve(layers: Mapping[str, dict], prefix: str,
 
     A merged layer needs every part in the manifest with one format and the same options (one
     kernel runs them all); anything else raises a ValueError naming the parts."""
-    from ...serialization import _check_spec
+    from ...serialization import check_layer_spec
 
     parts = part_names(prefix, packed_modules_mapping)
     specs = [layers.get(p) for p in parts]
@@ -114,7 +114,7 @@ def resolve(layers: Mapping[str, dict], prefix: str,
                              f"the same options and the same in_features for all parts; sparseq.json has {describe()}. "
                              "Re-compress these layers with one format (a sparseq recipe pattern such as "
                              "'*.self_attn.[qkv]_proj').")
-    cls, _, options = _check_spec(parts[0], dict(specs[0]))
+    cls, _, options = check_layer_spec(parts[0], dict(specs[0]))
     return LayerSpec(prefix=prefix, parts=parts, format=specs[0]["format"], cls=cls,
                      options=tuple(sorted(options.items())),
                      out_features=tuple(int(s["out_features"]) for s in specs),
