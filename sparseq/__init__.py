@@ -48,6 +48,20 @@ def __getattr__(name: str):
     globals()[name] = value
     return value
 
+
+def _install_transformers_integration() -> None:
+    """Teach transformers' ``from_pretrained`` quant method ``sparseq`` (lazily: transformers is
+    not imported here; see ``sparseq.integrations.transformers``)."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is not None:
+        from .integrations import transformers as _hf
+
+        _hf.install()
+
+
+_install_transformers_integration()
+
 __all__ = [
     "__version__",
     "FORMAT_VERSION",

@@ -90,9 +90,24 @@ def save(model: nn.Module, path: Union[str, Path], recipe=None, format: str = "s
     save_file(tensors, str(tmp), metadata={"sparseq_format_version": str(FORMAT_VERSION)})
     tmp.replace(path / WEIGHTS)
     if manifest["model"]["kind"] == "transformers":
-        model.config.save_pretrained(str(path))
+        _save_config(model, path, manifest)
     (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return path
+
+
+def _save_config(model: nn.Module, path: Path, manifest: dict) -> None:
+    """``config.json`` with ``quantization_config`` (quant method ``sparseq``: the layer specs)
+    when layers are compressed, so transformers' ``from_pretrained`` and vLLM read the model."""
+    from .integrations import transformers as hf
+
+    model.config.save_pretrained(str(path))
+    file = path / "config.json"
+    config = json.loads(file.read_text())
+    if manifest["layers"]:
+        config["quantization_config"] = hf.quantization_config(manifest)
+    elif (config.get("quantization_config") or {}).get("quant_method") == hf.QUANT_METHOD:
+        del config["quantization_config"]  # nothing compressed any more
+    file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def read_manifest(path: Union[str, Path]) -> dict:
@@ -289,7 +304,13 @@ def load(path_or_model: Union[str, Path, nn.Module], path: Optional[Union[str, P
     else:
         target, root = None, Path(path_or_model)
     if not (root / MANIFEST).exists():
-        from .integrations import compressed_tensors
+        from .integrations import compressed_tensors, transformers as hf
+
+        if hf.is_checkpoint(root):  # written by save_pretrained of a from_pretrained model
+            if target is not None:
+                raise ValueError(f"{root} was written by save_pretrained (no {MANIFEST}): load it with "
+                                 "sparseq.load(path), which builds the model from its config")
+            return hf.load_pretrained(root, device)
 
         if compressed_tensors.is_checkpoint(root):
             if target is not None:

@@ -1,2 +1,3 @@
 """Integrations with other projects (checkpoint formats, serving engines), one module each,
-imported lazily: nothing here is imported by ``import sparseq``."""
+imported lazily: ``import sparseq`` imports only ``transformers`` (this package's module, which
+adds an import hook and imports no transformers code itself), nothing else here."""
