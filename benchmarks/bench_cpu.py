@@ -54,7 +54,7 @@ from torch.nn import functional as F
 
 import sparseq
 import sparseq.nn as snn
-from sparseq import benchmarking as bm
+from sparseq import benchmarks as bm
 from sparseq import dispatch, testing
 
 COLUMNS = ["device", "cpu", "threads", "torch", "git_sha", "format", "backend", "dtype", "N", "K", "M",

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from sparseq import benchmarking as bm  # noqa: E402
+from sparseq import benchmarks as bm  # noqa: E402
 
 RECIPES = ("2:4", "w8a8", "int8_weight_only", "2:4+w8a8", "2:4+int8_weight_only")
 W8A8_RECIPES = ("w8a8", "2:4+w8a8")
@@ -306,7 +306,7 @@ def dense_reference(model: nn.Module) -> Iterator[int]:
 @contextmanager
 def layer_checks(model: nn.Module, failures: List[str]) -> Iterator[None]:
     """Within: each sparseq layer's output is checked against the dense layer it replaces, on
-    its own input (``benchmarking.check_layer``); the first violation is appended to ``failures``."""
+    its own input (``sparseq.benchmarks.check_layer``); the first violation is appended to ``failures``."""
 
     def hook(name: str):
         def check(layer: nn.Module, args: tuple, out: Tensor) -> None:

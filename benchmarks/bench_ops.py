@@ -10,7 +10,7 @@ one-time costs, failures) and ``ops_<N>x<K>_<dtype>.png`` to ``benchmarks/result
     python benchmarks/bench_ops.py --models none --shape 8192x8192 --m 1,16,4096
     python benchmarks/bench_ops.py --smoke         # CPU: tiny shapes, reference (+ interpreter)
 
-The sweep itself lives in ``sparseq.bench`` (also behind ``sparseq bench``).
+The sweep itself lives in ``sparseq.benchmarks`` (also behind ``sparseq bench``).
 """
 from __future__ import annotations
 
@@ -18,16 +18,15 @@ import argparse
 import sys
 from typing import List, Optional
 
-from sparseq import bench
-from sparseq import benchmarking as bm
+from sparseq import benchmarks as bm
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse the options, run the sweep, write the files, print the table; returns 0."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    bench.add_op_args(parser)
+    bm.add_op_args(parser)
     args = parser.parse_args(argv)
-    out, rows = bench.run_ops(args)
+    out, rows = bm.run_ops(args)
     bm.print_rows([r for r in rows if r.op not in bm.ONE_TIME_OPS])
     print(f"results: {out}")
     return 0

@@ -29,7 +29,7 @@ from torch.nn import functional as F  # noqa: E402
 
 import sparseq  # noqa: E402
 import sparseq.nn  # noqa: E402
-from sparseq import benchmarking, dispatch  # noqa: E402
+from sparseq import benchmarks, dispatch  # noqa: E402
 from sparseq.nn import FORMATS  # noqa: E402
 
 
@@ -102,7 +102,7 @@ def main() -> int:
             layer(x)
             assert set(layer.backends.values()) == {"triton"}, layer.backends
             rows.append((fmt, _median_us(lambda: layer(x)), _median_us(_checked_call(layer, x)), floor))
-    sha = benchmarking.git_sha()  # marks a dirty tree, unlike a bare rev-parse
+    sha = benchmarks.git_sha()  # marks a dirty tree, unlike a bare rev-parse
     head = (f"Host overhead per call, kernels stubbed (CPU: {platform.processor() or platform.machine()}, "
             f"torch {torch.__version__}, 1 thread, M=1, 4096x4096 fp16, git {sha}; median of 2000 calls)")
     lines = [head, "", "| format | layer (us) | checked ops (us) | F.linear 1x8x8 (us) |", "|---|---|---|---|"]

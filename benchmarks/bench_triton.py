@@ -14,7 +14,7 @@ Every kernel output is checked against ``sparseq.reference`` elementwise, within
 ``sparseq.testing`` (int8 x int8: exact accumulator), at every M before it is timed: a wrong
 kernel becomes an error row, never a time. Timing: ``triton.testing.do_bench`` median with the L2
 flushed before every run, dense measured in the same run. Writes ``triton.csv`` (the columns of
-``sparseq.benchmarking.CSV_COLUMNS``), ``triton.md`` (speedup tables, then each goal of the
+``sparseq.benchmarks.CSV_COLUMNS``), ``triton.md`` (speedup tables, then each goal of the
 issue: met or not, with the bytes moved and the bandwidth reached) to
 ``benchmarks/results/<gpu>/``.
 
@@ -48,7 +48,7 @@ COMPRESS_GOAL_MS = 10.0  # prune_and_compress_24 on 28672x8192 bf16
 
 
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    from sparseq.benchmarking import parse_shape
+    from sparseq.benchmarks import parse_shape
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", action="append", type=parse_shape, help="NxK (repeatable; default: the issue's four)")
@@ -131,10 +131,10 @@ def _s24_args(xq_xs, st):
 
 
 def run(shapes: Sequence[Tuple[int, int]], ms: Sequence[int], dtype_name: str, timer, device: torch.device) -> list:
-    """Measure every contender on every (shape, M); returns ``sparseq.benchmarking.Row`` objects."""
+    """Measure every contender on every (shape, M); returns ``sparseq.benchmarks.Row`` objects."""
     import torch.nn.functional as F
 
-    from sparseq import benchmarking as bm
+    from sparseq import benchmarks as bm
     from sparseq.kernels import prune_compress
     from sparseq.testing import check_matmul_close
 
@@ -226,7 +226,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.smoke = True
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels (and triton.jit) are imported
-    from sparseq import benchmarking as bm
+    from sparseq import benchmarks as bm
 
     device = torch.device("cpu") if args.smoke else torch.device("cuda")
     shapes = args.shape or (SMOKE_SHAPES if args.smoke else SHAPES)

@@ -55,7 +55,7 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-PLUGINS = ("sparseq.demo", "sparseq.compress.cli", "sparseq.tune", "sparseq.bench")
+PLUGINS = ("sparseq.demo", "sparseq.compress.cli", "sparseq.tune", "sparseq.benchmarks.cli")
 """Modules that add subcommands when imported; a plugin that is not there is skipped."""
 
 

@@ -10,8 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparseq import bench
-from sparseq import benchmarking as bm
+from sparseq import benchmarks as bm
 from sparseq import reference as ref
 
 
@@ -47,8 +46,8 @@ def test_ops_smoke_csv_has_exact_columns(ops_smoke):
     assert timed and all(r["checked"] == "yes" for r in timed)  # every contender here has a reference
     assert not [r for r in rows if "wrong result" in r["time_us"]]
     dense = [r for r in rows if r["format"] == "dense"]
-    assert {(int(r["N"]), int(r["K"])) for r in dense} == set(bench.SMOKE_SHAPES)
-    assert {int(r["M"]) for r in dense} == set(bench.M_SMOKE)
+    assert {(int(r["N"]), int(r["K"])) for r in dense} == set(bm.SMOKE_SHAPES)
+    assert {int(r["M"]) for r in dense} == set(bm.M_SMOKE)
     assert all(float(r["speedup"]) == 1.0 for r in dense)
 
 
@@ -67,7 +66,7 @@ def test_ops_smoke_measures_every_reference_format(ops_smoke):
 def test_ops_smoke_writes_markdown_and_plots(ops_smoke):
     md = (ops_smoke / "ops_smoke.md").read_text()
     assert "| contender |" in md and "not a speed claim" in md and "git " in md
-    for n, k in bench.SMOKE_SHAPES:
+    for n, k in bm.SMOKE_SHAPES:
         assert _is_png(ops_smoke / f"ops_smoke_{n}x{k}_fp16.png")
 
 
@@ -82,11 +81,11 @@ def test_e2e_smoke_writes_files(tmp_path, load_benchmark):
             reason = unsupported.get((r["format"], "cpu"))
             assert reason and r["time_us"].startswith(f"{bm.ERROR_PREFIX}unsupported on cpu: {reason}"), r
     scenarios = {("decode", "1"), ("decode", "2"), ("prefill", "32"), ("embed", "2")}
-    for fmt in ("dense", *bench.SWAP_FORMATS):
+    for fmt in ("dense", *bm.SWAP_FORMATS):
         if (fmt, "cpu") not in unsupported:
             timed = {(r["op"], r["M"]) for r in rows if r["format"] == fmt and r["speedup"]}
             assert scenarios <= timed, fmt
-    assert {r["format"] for r in rows} == {"dense", *bench.SWAP_FORMATS}
+    assert {r["format"] for r in rows} == {"dense", *bm.SWAP_FORMATS}
     for r in rows:  # each recipe's output was checked against the dense model with its weights
         if not r["time_us"].startswith(bm.ERROR_PREFIX):
             assert r["checked"] == ("reference" if r["format"] == "dense" else "yes"), r
@@ -96,7 +95,7 @@ def test_e2e_smoke_writes_files(tmp_path, load_benchmark):
 
 
 def test_merge_combines_split_runs(ops_smoke, tmp_path):
-    out, rows = bench.run_ops(bench_args(["--merge", str(ops_smoke / "ops_smoke.csv"), str(ops_smoke / "ops_smoke.csv"),
+    out, rows = bm.run_ops(bench_args(["--merge", str(ops_smoke / "ops_smoke.csv"), str(ops_smoke / "ops_smoke.csv"),
                                           "--out", str(tmp_path), "--name", "merged"]))
     merged = bm.read_csv(tmp_path / "merged.csv")
     original = bm.read_csv(ops_smoke / "ops_smoke.csv")
@@ -113,8 +112,8 @@ def test_cli_without_gpu_says_so_and_runs_smoke(tmp_path, capsys, monkeypatch):
     assert bm.read_csv(tmp_path / "ops_smoke.csv")
 
 
-def _dense() -> bench.Contender:
-    return bench.Contender("linear", "torch", "dense", lambda w: w, lambda w, x: lambda: F.linear(x, w))
+def _dense() -> bm.Contender:
+    return bm.Contender("linear", "torch", "dense", lambda w: w, lambda w, x: lambda: F.linear(x, w))
 
 
 def test_failures_and_wrong_results_are_recorded_not_raised():
@@ -123,11 +122,11 @@ def test_failures_and_wrong_results_are_recorded_not_raised():
 
     contenders = [
         _dense(),
-        bench.Contender("gemm", "broken", "2:4", boom, lambda s, x: lambda: x),
-        bench.Contender("gemm", "raises", "2:4", lambda w: w, lambda s, x: (lambda: 1 / 0)),
-        bench.Contender("gemm", "wrong", "2:4", lambda w: w, lambda w, x: lambda: F.linear(x, w) * 2, sparse=True),
+        bm.Contender("gemm", "broken", "2:4", boom, lambda s, x: lambda: x),
+        bm.Contender("gemm", "raises", "2:4", lambda w: w, lambda s, x: (lambda: 1 / 0)),
+        bm.Contender("gemm", "wrong", "2:4", lambda w: w, lambda w, x: lambda: F.linear(x, w) * 2, sparse=True),
     ]
-    rows = bench.sweep_shape(32, 64, [1, 3], "fp32", contenders, bm.Timer(torch.device("cpu"), cpu_reps=1), log=lambda s: None)
+    rows = bm.sweep_shape(32, 64, [1, 3], "fp32", contenders, bm.Timer(torch.device("cpu"), cpu_reps=1), log=lambda s: None)
     by = {(r.backend, r.M): r for r in rows if r.M is not None}
     assert by[("torch", 3)].time_us > 0 and by[("torch", 3)].error is None
     assert "no kernel for this shape" in by[("broken", 1)].error
@@ -155,11 +154,11 @@ def fake_backend(monkeypatch):
 
 
 def test_registered_backend_is_discovered_and_timed(fake_backend):
-    assert "benchtest" in bench.registered_backends("sparse24_mm")
-    assert "int8" not in bench.registered_backends("prune_and_compress_24")
-    contenders, _ = bench.discover(torch.float16, torch.device("cpu"), only=("benchtest",))
+    assert "benchtest" in bm.registered_backends("sparse24_mm")
+    assert "int8" not in bm.registered_backends("prune_and_compress_24")
+    contenders, _ = bm.discover(torch.float16, torch.device("cpu"), only=("benchtest",))
     assert [c.key for c in contenders] == [("linear", "torch", "dense"), ("gemm", "benchtest", "2:4")]
-    rows = bench.sweep_shape(16, 64, [2], "fp16", contenders, bm.Timer(torch.device("cpu"), cpu_reps=1), log=lambda s: None)
+    rows = bm.sweep_shape(16, 64, [2], "fp16", contenders, bm.Timer(torch.device("cpu"), cpu_reps=1), log=lambda s: None)
     timed = [r for r in rows if r.backend == "benchtest" and r.op == "gemm"]
     assert timed and timed[0].error is None and timed[0].speedup > 0
     assert fake_backend, "the layout hook was not used"
@@ -178,14 +177,14 @@ def test_csv_round_trip_and_error_cell(tmp_path):
 
 
 def test_shapes_and_m_values_follow_the_issue():
-    shapes = bench.all_shapes()
+    shapes = bm.all_shapes()
     for nk in [(4096, 4096), (14336, 4096), (4096, 14336), (6144, 4096),
                (28672, 8192), (8192, 28672), (10240, 8192), (384, 384), (1536, 384), (384, 1536)]:
         assert nk in shapes
-    assert bench.M_FULL == [2 ** i for i in range(15)]
-    assert bench.parse_shape("14336x4096") == (14336, 4096)
+    assert bm.M_FULL == [2 ** i for i in range(15)]
+    assert bm.parse_shape("14336x4096") == (14336, 4096)
     with pytest.raises(Exception, match="NxK"):
-        bench.parse_shape("4096")
+        bm.parse_shape("4096")
 
 
 def test_reference_checks_follow_the_reference():
@@ -193,12 +192,12 @@ def test_reference_checks_follow_the_reference():
     wq, sw = ref.quantize_per_channel(w)
     xq, sx = ref.quantize_per_token(x)
     y = ref.int8_mm(xq, wq, sx, sw, None, torch.float32)
-    assert bench.reference_check("w8a8", x, w, torch.float32)(y) is None
-    assert bench.reference_check("w8a8", x, w, torch.float32)(y * (1 + 1e-5)) is not None
+    assert bm.reference_check("w8a8", x, w, torch.float32)(y) is None
+    assert bm.reference_check("w8a8", x, w, torch.float32)(y * (1 + 1e-5)) is not None
     y = ref.int8_weight_only_mm(x, wq, sw)
-    assert bench.reference_check("int8_weight_only", x, w, torch.float32)(y) is None
-    assert bench.reference_check("float", x, w, torch.float32)(y, tol=5e-2) is None  # approx: quantization error
-    assert bench.reference_check("float", x, w, torch.float32)(y) is not None
+    assert bm.reference_check("int8_weight_only", x, w, torch.float32)(y) is None
+    assert bm.reference_check("float", x, w, torch.float32)(y, tol=5e-2) is None  # approx: quantization error
+    assert bm.reference_check("float", x, w, torch.float32)(y) is not None
 
 
 def test_cpu_timer_and_environment():
@@ -213,7 +212,7 @@ def test_cpu_timer_and_environment():
 @pytest.mark.gpu
 def test_quick_sweep_on_gpu(tmp_path):
     """On a GPU: a tiny sweep times dense and every discovered contender without crashing."""
-    out, rows = bench.run_ops(bench_args(["--quick", "--m", "16", "--shape", "4096x4096", "--models", "none",
+    out, rows = bm.run_ops(bench_args(["--quick", "--m", "16", "--shape", "4096x4096", "--models", "none",
                                           "--rep-ms", "5", "--out", str(tmp_path)]))
     assert any(r.format == "dense" and r.time_us for r in rows)
     _check_rows(bm.read_csv(out / "ops_quick.csv"))
@@ -223,7 +222,7 @@ def bench_args(argv):
     import argparse
 
     p = argparse.ArgumentParser()
-    bench.add_op_args(p)
+    bm.add_op_args(p)
     return p.parse_args(argv)
 
 

@@ -11,21 +11,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparseq import bench
-from sparseq import benchmarking as bm
+from sparseq import benchmarks as bm
 from sparseq import reference as ref
 from sparseq import testing
 
 CPU = torch.device("cpu")
 
 
-def _dense() -> bench.Contender:
-    return bench.Contender("linear", "torch", "dense", lambda w: w, lambda w, x: lambda: F.linear(x, w))
+def _dense() -> bm.Contender:
+    return bm.Contender("linear", "torch", "dense", lambda w: w, lambda w, x: lambda: F.linear(x, w))
 
 
 def _sweep(contenders, n=256, k=256, ms=(64,), dtype="fp16", check=True):
     timer = bm.Timer(CPU, cpu_reps=1)
-    return bench.sweep_shape(n, k, list(ms), dtype, [_dense(), *contenders], timer, check=check, log=lambda s: None)
+    return bm.sweep_shape(n, k, list(ms), dtype, [_dense(), *contenders], timer, check=check, log=lambda s: None)
 
 
 def _timed(rows, backend):
@@ -42,9 +41,9 @@ def _one_tile_off(y: torch.Tensor, factor: float = 1.05) -> torch.Tensor:
 
 
 def test_one_wrong_tile_of_a_larger_output_is_a_wrong_result():
-    wrong = bench.Contender("gemm", "tile", "2:4", lambda w: w, lambda w, x: lambda: _one_tile_off(F.linear(x, w)),
-                            sparse=True)
-    right = bench.Contender("gemm", "right", "2:4", lambda w: w, lambda w, x: lambda: F.linear(x, w), sparse=True)
+    wrong = bm.Contender("gemm", "tile", "2:4", lambda w: w, lambda w, x: lambda: _one_tile_off(F.linear(x, w)),
+                         sparse=True)
+    right = bm.Contender("gemm", "right", "2:4", lambda w: w, lambda w, x: lambda: F.linear(x, w), sparse=True)
     rows = _sweep([wrong, right])
     (bad,), (good,) = _timed(rows, "tile"), _timed(rows, "right")
     assert bad.error and "wrong result" in bad.error and bad.time_us is None
@@ -63,7 +62,7 @@ def test_w8a8_output_is_held_to_the_exact_accumulator_bound():
         y[40, 100] = y[40, 100] * (1 + 4 * torch.finfo(y.dtype).eps)  # a few ulps off in one element
         return lambda: y
 
-    off = bench.Contender("gemm", "ulps", "w8a8", ref.quantize_per_channel, call, expect="w8a8")
+    off = bm.Contender("gemm", "ulps", "w8a8", ref.quantize_per_channel, call, expect="w8a8")
     (row,) = _timed(_sweep([off]), "ulps")
     assert row.error and "wrong result" in row.error and "[40, 100]" in row.error
 
@@ -73,30 +72,30 @@ def test_int32_and_int8_outputs_must_be_exact():
     xq, _ = ref.quantize_per_token(x)
     wq, _ = ref.quantize_per_channel(w)
     acc = ref.int8_matmul_int32(xq, wq)
-    check = bench.reference_check("int32", x, w, torch.float16)
+    check = bm.reference_check("int32", x, w, torch.float16)
     assert check(acc) is None
     off = acc.clone()
     off[3, 7] += 1
     assert "[3, 7]" in check(off)
-    sat = bench.reference_check("int8_saturated", x, w, torch.float16)
+    sat = bm.reference_check("int8_saturated", x, w, torch.float16)
     assert sat(acc.clamp(-128, 127).to(torch.int8)) is None
     assert sat(acc.to(torch.int8)) is not None  # wrapped, not saturated: wrong
 
 
 def test_every_torch_contender_has_a_reference():
     """The cuSPARSELt int8 contender used to be timed with ``expect=""`` (never checked)."""
-    contenders = bench.torch_contenders(torch.float16)
+    contenders = bm.torch_contenders(torch.float16)
     assert any(c.backend == "torch-cusparselt" and "int8" in c.format for c in contenders)
     for c in contenders:
-        assert c.expect in bench.CHECK_KINDS, c.key
+        assert c.expect in bm.CHECK_KINDS, c.key
     kinds = {c.format: c.expect for c in contenders if c.backend == "torch-cusparselt"}
     assert kinds["2:4+int8 (int8 out)"] == "int8_saturated"
 
 
 def test_unchecked_contender_is_not_silently_passed():
-    silent = bench.Contender("gemm", "silent", "2:4", lambda w: w, lambda w, x: lambda: F.linear(x, w), expect="")
-    said = bench.Contender("gemm", "said", "2:4", lambda w: w, lambda w, x: lambda: F.linear(x, w), expect="",
-                           unchecked="no reference for this output")
+    silent = bm.Contender("gemm", "silent", "2:4", lambda w: w, lambda w, x: lambda: F.linear(x, w), expect="")
+    said = bm.Contender("gemm", "said", "2:4", lambda w: w, lambda w, x: lambda: F.linear(x, w), expect="",
+                        unchecked="no reference for this output")
     rows = _sweep([silent, said], n=64, k=64, ms=(4,))
     (s,), (d,) = _timed(rows, "silent"), _timed(rows, "said")
     assert s.error and "no reference" in s.error and s.time_us is None
@@ -109,9 +108,9 @@ def test_unchecked_contender_is_not_silently_passed():
 
 def test_no_check_rows_and_tables_carry_the_marker(tmp_path):
     p = argparse.ArgumentParser()
-    bench.add_op_args(p)
+    bm.add_op_args(p)
     args = p.parse_args(["--smoke", "--no-check", "--m", "1", "--backends", "reference", "--out", str(tmp_path)])
-    _, rows = bench.run_ops(args)
+    _, rows = bm.run_ops(args)
     csv_rows = bm.read_csv(tmp_path / "ops_smoke.csv")
     assert "checked" in bm.CSV_COLUMNS
     timed = [r for r in csv_rows if r["op"] not in bm.ONE_TIME_OPS and not r["time_us"].startswith(bm.ERROR_PREFIX)]
@@ -169,7 +168,7 @@ def test_sparseq_layers_are_checked_against_the_dense_layer_they_replace(monkeyp
 
     monkeypatch.setattr(dispatch, "preferences", lambda *a: ["reference"])  # the path the fault is put in
 
-    contenders = [c for c in bench.swap_contenders()[0] if c.format in ("2:4", "int8_weight_only")]
+    contenders = [c for c in bm.swap_contenders()[0] if c.format in ("2:4", "int8_weight_only")]
     assert {c.expect for c in contenders} == {"layer"}
     rows = _sweep(contenders, n=128, k=128, ms=(48,))
     assert all(r.error is None and r.checked == "yes" for r in rows if r.backend == "sparseq.nn" and r.M)
@@ -228,16 +227,15 @@ def test_cutlass_contenders_run_on_prepared_meta_and_pass_the_check():
     """The CUTLASS ops take prepared metadata: the op sweep converts the canonical meta once
     (their CPU implementations run here), and the W8A8-only kernels get no weight-only row."""
     import sparseq.cuda_ops  # noqa: F401  (registers the CUTLASS ops and their CPU impls)
-    from sparseq import bench
 
     torch.manual_seed(0)
     dtype = torch.bfloat16
     w = torch.randn(128, 256, dtype=dtype)
     w = w * sparseq.prune_24(w)
     x = torch.randn(5, 256, dtype=dtype)
-    contenders = bench.op_contenders("cutlass", dtype)
+    contenders = bm.op_contenders("cutlass", dtype)
     assert {c.format for c in contenders} == {"2:4", "2:4+w8a8"}
     for c in contenders:
         state = c.prepare(w)
         y = c.call(state, x)()
-        assert bench.check_output(c, state, x, y, {}, w, dtype) == "yes", c
+        assert bm.check_output(c, state, x, y, {}, w, dtype) == "yes", c

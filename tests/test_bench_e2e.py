@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparseq import benchmarking as bm
+from sparseq import benchmarks as bm
 from sparseq import ops
 from sparseq.nn.base import CompressedLinear
 

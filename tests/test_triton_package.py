@@ -65,7 +65,7 @@ def test_bench_triton_smoke(tmp_path):
            "--shape", "64x128", "--m", "1,5"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    from sparseq import benchmarking as bm
+    from sparseq import benchmarks as bm
 
     rows = bm.rows_from_csv(tmp_path / "triton.csv")
     assert not [r for r in rows if r.error]
