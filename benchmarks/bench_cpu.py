@@ -40,7 +40,6 @@ import copy
 import csv
 import functools
 import os
-import platform
 import statistics
 import sys
 import time
@@ -75,24 +74,9 @@ CPU = torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------- environment
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo, else ``platform``."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def machine_slug() -> str:
     """``cpu-<model>-<cores>c``, e.g. ``cpu-amd-epyc-2c``: the results folder name."""
-    return "cpu-" + bm.slug(f"{cpu_model()} {cores()}c")
+    return "cpu-" + bm.slug(f"{bm.cpu_model()} {bm.cpu_cores()}c")
 
 
 # ----------------------------------------------------------------------------------- timing
@@ -183,7 +167,7 @@ class Run:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.cpu = f"{cpu_model()} ({cores()} cores)"
+        self.cpu = f"{bm.cpu_model()} ({bm.cpu_cores()} cores)"
         self.torch = torch.__version__
         self.sha = bm.git_sha()
         self.rows: List[Dict[str, str]] = []

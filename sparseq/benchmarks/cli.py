@@ -15,7 +15,8 @@ import torch
 from ..cli import command
 from . import harness as hn
 from . import report
-from .harness import M_FULL, M_QUICK, M_SMOKE, QUICK_SHAPES, SMOKE_SHAPES, all_shapes, parse_shape
+from .harness import (M_CPU, M_FULL, M_QUICK, M_SMOKE, QUICK_SHAPES, SMOKE_SHAPES, all_shapes, cpu_shapes,
+                      parse_shape)
 from .results import ONE_TIME_OPS, Row, rows_from_csv, write_csv
 from .sweep import run_op_sweep
 
@@ -26,6 +27,10 @@ def add_op_args(p: argparse.ArgumentParser) -> None:
     """Options shared by ``sparseq bench`` and ``benchmarks/bench_ops.py``."""
     p.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny shapes, reference (+ interpreter) ops")
     p.add_argument("--quick", action="store_true", help="a few Llama-3-8B shapes and M values (< 2 min on a GPU)")
+    p.add_argument("--cpu", action="store_true", help="measure the CPU paths: fp32/bf16 nn.Linear (the baseline), "
+                   "quantize_dynamic (the peer) and every sparseq layer, on MiniLM's shapes and 2048x2048")
+    p.add_argument("--threads", type=int, default=None, help="--cpu: torch.set_num_threads for the run "
+                   "(default: torch's current count); the file stem names it")
     p.add_argument("--shape", action="append", type=parse_shape, default=[], metavar="NxK",
                    help="an extra weight shape, N x K (out x in); repeatable")
     p.add_argument("--models", default="llama3-8b,llama3-70b,mistral-7b,minilm",
@@ -52,6 +57,8 @@ def op_plan(args: argparse.Namespace) -> Tuple[str, List[Tuple[int, int]], List[
     """(mode, shapes, Ms, dtypes) from the options."""
     if args.smoke:
         mode, shapes, ms, dtypes = "smoke", list(SMOKE_SHAPES), list(M_SMOKE), ["fp16"]
+    elif getattr(args, "cpu", False):
+        mode, shapes, ms, dtypes = "cpu", list(args.shape) or cpu_shapes(), list(M_CPU), ["fp32", "bf16"]
     elif args.quick:
         mode, shapes, ms, dtypes = "quick", list(QUICK_SHAPES), list(M_QUICK), ["bf16"]
     else:
@@ -96,9 +103,12 @@ def run_ops(args: argparse.Namespace) -> Tuple[Path, List[Row]]:
     """Run the op sweep the options describe and write ``ops[_mode].csv/.md`` and PNGs; returns (folder, rows)."""
     if getattr(args, "merge", None):
         return merge_ops(args)
+    if getattr(args, "cpu", False) and not args.smoke:
+        return run_cpu_ops(args)
     if not args.smoke and not torch.cuda.is_available():
-        print("sparseq bench: no CUDA GPU here, so no speed can be measured; running the CPU smoke mode "
-              "instead (checks that the benchmark works; its times are not speed claims).")
+        print("sparseq bench: no CUDA GPU here, so no GPU speed can be measured; running the CPU smoke mode "
+              "instead (checks that the benchmark works; its times are not speed claims). "
+              "`sparseq bench --cpu` measures the CPU paths.")
         args.smoke = True
     device = torch.device("cpu") if args.smoke else hn.default_device()
     mode, shapes, ms, dtypes = op_plan(args)
@@ -115,6 +125,33 @@ def run_ops(args: argparse.Namespace) -> Tuple[Path, List[Row]]:
                         only=_csv_list(args.backends, str), check=not args.no_check)
     stem = args.name or ("ops" if mode == "full" else f"ops_{mode}")
     title = f"sparseq op sweep ({mode})" + (" — CPU smoke run, not a speed claim" if smoke else "")
+    write_op_results(out, stem, rows, env, title)
+    return out, rows
+
+
+def run_cpu_ops(args: argparse.Namespace) -> Tuple[Path, List[Row]]:
+    """``--cpu``: every sparseq layer vs fp32/bf16 ``nn.Linear`` and ``quantize_dynamic`` on this CPU
+    at ``--threads``, timed in interleaved rounds; writes ``ops_cpu_t<threads>.csv/.md`` and PNGs
+    under ``benchmarks/results/cpu-<model>-<cores>c/``."""
+    device = torch.device("cpu")
+    mode, shapes, ms, dtypes = op_plan(args)
+    threads_before = torch.get_num_threads()
+    threads = args.threads or threads_before
+    if threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {threads}")
+    env = hn.environment(device)
+    timer = hn.Timer(device, cpu_reps=10, rounds=5)
+    out = Path(args.out) if args.out else hn.results_dir(env)
+    print(f"sparseq bench (cpu, {threads} threads): {env.header()}")
+    torch.set_num_threads(threads)
+    try:
+        rows = run_op_sweep(shapes, ms, dtypes, timer, only=_csv_list(args.backends, str), check=not args.no_check,
+                            cpu=True)
+    finally:
+        torch.set_num_threads(threads_before)
+    stem = args.name or f"ops_cpu_t{threads}"
+    title = (f"sparseq layers on CPU, {threads} thread{'s' if threads > 1 else ''} (dense: nn.Linear's F.linear; "
+             "peer: torch.ao quantize_dynamic)")
     write_op_results(out, stem, rows, env, title)
     return out, rows
 

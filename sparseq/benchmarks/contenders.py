@@ -289,3 +289,38 @@ def discover(dtype: torch.dtype, device: torch.device, include_reference: bool =
     return contenders, errors
 
 
+QUANTIZE_DYNAMIC_TOL = 5e-2
+"""quantize_dynamic vs the W8A8 reference, relative L2 (as the torchao rows of the GPU sweep)."""
+
+
+def quantize_dynamic_contender() -> Contender:
+    """PyTorch's own CPU int8 path, ``torch.ao.quantization.quantize_dynamic`` of the Linear (fbgemm /
+    x86 engine, per-tensor dynamic activations): the peer of the W8A8 layers. Its activation
+    quantization is not the format's (per token), so its output is held to the W8A8 reference
+    by relative L2 only (rows marked ``approx``)."""
+
+    def prepare(w: Tensor) -> torch.nn.Module:
+        import warnings
+
+        from torch.ao.quantization import quantize_dynamic
+
+        with warnings.catch_warnings():  # its deprecation notices, once per layer
+            warnings.simplefilter("ignore")
+            return quantize_dynamic(_linear_module(w), {torch.nn.Linear}, dtype=torch.qint8)
+
+    return Contender("linear", "torch.ao", "quantize_dynamic", prepare, lambda m, x: lambda: m(x),
+                     expect="w8a8", tol=QUANTIZE_DYNAMIC_TOL)
+
+
+def discover_cpu(dtype: torch.dtype, only: Sequence[str] = ()) -> Tuple[List[Contender], List[Row]]:
+    """The CPU contenders: dense ``F.linear`` (``nn.Linear``'s op, the baseline, first), the
+    ``quantize_dynamic`` peer (fp32 only: it takes fp32 activations) and every ``sparseq.swap``
+    layer, running what the CPU dispatch picks (oneDNN int8, the dense copy)."""
+    contenders = torch_contenders(dtype)[:1]
+    if dtype == torch.float32:
+        contenders.append(quantize_dynamic_contender())
+    swapped, errors = swap_contenders()
+    contenders += swapped
+    if only:
+        contenders = [c for i, c in enumerate(contenders) if i == 0 or any(s in c.backend for s in only)]
+    return contenders, errors

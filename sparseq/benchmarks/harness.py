@@ -60,13 +60,29 @@ def git_sha(root: Optional[Path] = None) -> str:
 
 
 def environment(device: Optional[torch.device] = None) -> Environment:
-    """GPU name (or ``cpu (<machine>)``), torch version, CUDA version and git sha."""
+    """GPU name (or ``cpu <model> <cores>c``), torch version, CUDA version and git sha."""
     device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda":
         gpu = torch.cuda.get_device_name(device)
     else:
-        gpu = f"cpu ({platform.machine() or 'unknown'})"
+        gpu = f"cpu {cpu_model()} {cpu_cores()}c"
     return Environment(gpu=gpu, torch=torch.__version__, cuda=torch.version.cuda or "none", git_sha=git_sha())
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (trademark marks dropped), else ``platform``'s."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return " ".join(re.sub(r"\((R|TM|tm)\)", " ", line.split(":", 1)[1]).split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity), else the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def default_device() -> torch.device:
@@ -106,6 +122,8 @@ M_QUICK = [1, 16, 128, 1024, 4096]
 QUICK_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
 SMOKE_SHAPES = [(64, 128), (128, 64)]
 M_SMOKE = [1, 5, 32]
+M_CPU = [1, 16, 64, 256]
+"""``sparseq bench --cpu``: one M per CPU dispatch bucket up to 256 (``dispatch.BUCKET_M``)."""
 
 
 def minilm_shapes() -> List[Tuple[str, int, int]]:
@@ -133,6 +151,12 @@ def all_shapes(models: Sequence[str] = ("llama3-8b", "llama3-70b", "mistral-7b",
     return out
 
 
+def cpu_shapes() -> List[Tuple[int, int]]:
+    """``sparseq bench --cpu``: the bundled MiniLM's Linear shapes (the model people try on a CPU)
+    and 2048x2048 (a layer large enough for int8 to pay)."""
+    return list(dict.fromkeys([(n, k) for _, n, k in minilm_shapes()] + [(2048, 2048)]))
+
+
 def parse_shape(text: str) -> Tuple[int, int]:
     """``"14336x4096"`` -> ``(14336, 4096)`` (N x K: out x in features)."""
     try:
@@ -152,7 +176,9 @@ class Timer:
     """Times a zero-argument callable; returns microseconds (median of many, warm-up excluded).
 
     ``warmup_ms``/``rep_ms`` are the time budgets of ``do_bench`` on a GPU; on the CPU,
-    ``cpu_reps`` runs after one warm-up call are timed with ``time.perf_counter``.
+    ``cpu_reps`` runs after one warm-up call are timed with ``time.perf_counter``. ``rounds``:
+    the op sweep times all contenders of a cell this many times in turn and keeps each one's
+    median, so that drift on a shared machine hits every contender alike.
     """
 
     device: torch.device
@@ -160,6 +186,7 @@ class Timer:
     rep_ms: float = 100.0
     cpu_reps: int = 5
     use_triton: bool = True
+    rounds: int = 1
 
     def __call__(self, fn: Callable[[], Any]) -> float:
         if self.device.type == "cuda":
