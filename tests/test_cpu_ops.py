@@ -51,6 +51,37 @@ def test_onednn_w8a8_is_the_reference_format(m, n, k, static, smooth, out_dtype)
     assert torch.equal(y, want)
 
 
+@pytest.mark.parametrize("m,k", [(1, 8), (5, 96), (64, 384), (3, 1)])
+@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_int8_is_the_reference_activation_grid(m, k, smooth, static, dtype):
+    """The CPU quantizer equals ``reference.activation_grid`` bit for bit: ties (round half to
+    even), clamping, all-zero rows (scale 1), denormal maxima, non-finite rows (scale NaN/Inf)."""
+    torch.manual_seed(m * 7 + k)
+    x = torch.randn(m, k) * 5
+    x[0, 0] = 127.0  # with the row max 127: scale 1, so the .5 values below are exact ties
+    x[0, 1:] = (torch.arange(k - 1) % 9 - 4) + 0.5
+    if m > 1:
+        x[1] = 0.0
+    if m > 2:
+        x[2] = 1e-44 * torch.sign(torch.randn(k))  # denormal row maximum
+    if m > 3:
+        x[3, 0] = float("nan")
+    if m > 4:
+        x[4, -1] = float("inf")
+    x = x.to(dtype)
+    f = torch.rand(k) + 0.5 if smooth else None
+    xs = ref.per_tensor_scale(3.5) if static else None
+    q, s = cpu_ops.quantize_int8(x, f, xs)
+    grid, want_s = ref.activation_grid(x, f, xs)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32
+    torch.testing.assert_close(s, want_s, rtol=0, atol=0, equal_nan=True)
+    finite = torch.isfinite(want_s)
+    assert torch.equal(q[finite], grid[finite].to(torch.int8))
+    assert not finite[:3].logical_not().any()  # only the NaN / Inf rows are not finite
+
+
 @needs_onednn
 def test_onednn_accumulates_exactly_at_the_int8_extremes():
     """All +-127 operands over K = 4096: any saturation or 16-bit intermediate would show."""
