@@ -273,3 +273,37 @@ def test_from_pretrained_peak_memory_stays_below_the_dense_model(tmp_path, repor
     assert peaks["dense"] > 0.9 * dense  # the control: the measure sees a dense model's bytes
     assert peaks["from_pretrained"] < dense / 2, peaks
     assert peaks["sparseq.load"] < dense / 2, peaks
+
+
+def test_embeddings_and_tied_head_stay_dense_with_a_reason_and_tied(saved):
+    """Issue 16 item 6 on the bundled Llama (tied embeddings): the report lists the embedding
+    and the tied lm_head as dense with their reasons; after from_pretrained they are one tensor."""
+    model, _ = load_llama()
+    report = sparseq.swap(model, "2:4", prune="magnitude")
+    rows = {r.name: r for r in report.rows}
+    assert rows["model.embed_tokens"].format == "dense" and rows["model.embed_tokens"].kind == "embedding"
+    assert "embedding lookup" in rows["model.embed_tokens"].note
+    assert rows["lm_head"].format == "dense" and "tied to 'model.embed_tokens'" in rows["lm_head"].note
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    text = str(report)
+    assert "28 of 29 Linear layers swapped" in text and "embedding lookup" in text
+    assert report.bytes_before == sum(r.bytes_before for r in report.rows if r.kind == "linear")
+
+
+def test_untied_odd_vocabulary_head_is_compressed_and_loads(tmp_path):
+    """An lm_head with an odd vocabulary (4099) is no obstacle: its K (hidden) is what 2:4 and
+    int8 constrain, so it swaps like any Linear and from_pretrained loads it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=4099, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    report = sparseq.swap(model, {"lm_head": "w8a8", "*": "2:4"}, prune="magnitude")
+    assert {r.name: r.format for r in report.rows}["lm_head"] == "w8a8"
+    sparseq.save(model, tmp_path / "odd")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "odd")
+    assert isinstance(loaded.lm_head, sparseq.Int8Linear) and loaded.lm_head.out_features == 4099
+    ids = torch.tensor([[1, 5, 4098, 7]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)

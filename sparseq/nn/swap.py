@@ -55,6 +55,8 @@ class SwapRow:
     bytes_before: int
     bytes_after: int
     note: str = ""
+    kind: str = "linear"
+    """``linear`` (an ``nn.Linear``) or ``embedding`` (listed, always dense, not in the totals)."""
 
 
 @dataclass
@@ -68,12 +70,17 @@ class SwapReport:
         return [r for r in self.rows if r.format != "dense"]
 
     @property
+    def linear(self) -> List[SwapRow]:
+        return [r for r in self.rows if r.kind == "linear"]
+
+    @property
     def bytes_before(self) -> int:
-        return sum(r.bytes_before for r in self.rows)
+        """Bytes of the Linear layers' weights and biases before the swap."""
+        return sum(r.bytes_before for r in self.linear)
 
     @property
     def bytes_after(self) -> int:
-        return sum(r.bytes_after for r in self.rows)
+        return sum(r.bytes_after for r in self.linear)
 
     def __str__(self) -> str:
         head = f"{'layer':<48} {'format':<22} {'N x K':>13} {'MiB before':>10} {'MiB after':>10}  note"
@@ -82,7 +89,7 @@ class SwapReport:
             lines.append(f"{r.name:<48} {r.format:<22} {f'{r.shape[0]}x{r.shape[1]}':>13} "
                          f"{r.bytes_before / 2**20:>10.3f} {r.bytes_after / 2**20:>10.3f}  {r.note}")
         ratio = self.bytes_after / self.bytes_before if self.bytes_before else 1.0
-        lines.append(f"{len(self.swapped)} of {len(self.rows)} Linear layers swapped; linear weights "
+        lines.append(f"{len(self.swapped)} of {len(self.linear)} Linear layers swapped; linear weights "
                      f"{self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB ({ratio:.2f}x)")
         return "\n".join(lines)
 
@@ -145,7 +152,8 @@ def swap(model: nn.Module, recipe: Recipe = "2:4", filter: Optional[Callable[[st
     ``filter(name, module) -> bool`` excludes layers (False = keep dense). ``prune`` =
     ``"magnitude"`` prunes weights that are not 2:4 yet (default: raise, naming the layer).
     ``smooth`` / ``act_amax`` give per-layer SmoothQuant factors and static activation maxima
-    for the W8A8 formats. Layers whose shape no format supports stay dense with a reason.
+    for the W8A8 formats. Layers whose shape no format supports stay dense with a reason;
+    embeddings are listed as dense with theirs (no sparseq format is a lookup table).
     """
     _check_recipe(recipe)
     if prune is not None and prune not in PRUNE_METHODS:
@@ -180,6 +188,11 @@ def _plan(model: nn.Module, recipe: Recipe, filter) -> Tuple[Dict[str, SwapRow],
     tied = _tied_weights(model)
     mha = {n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     for name, linear in model.named_modules():
+        if isinstance(linear, nn.Embedding):  # listed so the report says why it stays dense
+            size = linear.weight.numel() * linear.weight.element_size()
+            rows[name] = SwapRow(name, "dense", tuple(linear.weight.shape), size, size,
+                                 "embedding lookup: no sparseq format (they replace nn.Linear)", "embedding")
+            continue
         if not isinstance(linear, nn.Linear):
             continue
         before = _linear_weight_bytes(linear)
