@@ -20,7 +20,7 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from sparseq.integrations import transformers as hf  # noqa: E402
-from sparseq.integrations.vllm.specs import parse_manifest  # noqa: E402
+from sparseq.integrations.serving import parse_manifest  # noqa: E402
 from sparseq.models import load_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -133,7 +133,7 @@ def _build_classes() -> Dict[str, type]:
 
         def __init__(self, layers: Optional[Dict[str, dict]] = None, sparseq_format_version: Any = None,
                      quant_method: str = QUANT_METHOD, **kwargs) -> None:
-            from .vllm.specs import parse_manifest
+            from .serving import parse_manifest
 
             if quant_method != QUANT_METHOD:
                 raise ValueError(f"sparseq: quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
