@@ -145,6 +145,8 @@ setup(
         "console_scripts": ["sparseq=sparseq.cli:main"],
         # vLLM calls it in each process: registers quantization method "sparseq" (sparseq.integrations.vllm)
         "vllm.general_plugins": ["sparseq = sparseq.integrations.vllm:register"],
+        # SGLang calls it in each process (load_plugins): registers quantization method "sparseq"
+        "sglang.srt.plugins": ["sparseq = sparseq.integrations.sglang:register"],
     },
     ext_modules=ext_modules,
     cmdclass=_cmdclass(ext_modules),
