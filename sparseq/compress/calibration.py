@@ -14,7 +14,7 @@ Padding tokens are left out of every statistic.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -131,9 +131,12 @@ def linear_names(module: nn.Module, prefix: str = "") -> List[str]:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, batches: Sequence[Dict[str, torch.Tensor]], block: nn.Module) -> List[BlockInput]:
-    """The ``(args, kwargs)`` the first block receives for each batch (the forward stops there)."""
-    from .evaluate import model_inputs
+def capture_block_inputs(model: nn.Module, batches: Sequence[Dict[str, torch.Tensor]], block: nn.Module,
+                         model_inputs: Optional[Callable[..., Dict[str, Any]]] = None) -> List[BlockInput]:
+    """The ``(args, kwargs)`` the first block receives for each batch (the forward stops there).
+    ``model_inputs(batch, device)`` builds the forward's keywords (default: an encoder's)."""
+    if model_inputs is None:
+        from .evaluate import model_inputs
 
     device = next(model.parameters()).device
     captured: List[BlockInput] = []

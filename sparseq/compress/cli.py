@@ -37,7 +37,8 @@ def _recipe_arg(value: str):
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="DIR", help="transformers model directory (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument("--model", metavar="DIR", help="transformers model directory (default: bundled all-MiniLM-L6-v2); a "
+                        "causal LM (e.g. sparseq/models/llama_shakespeare) is scored by perplexity instead of cosine")
     p.add_argument("--text", metavar="FILE", help="plain-text file, one sentence a line (default: bundled Shakespeare)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: cores, at most 4)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -53,8 +54,9 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--schedule", metavar="R1,R2,...",
                    help="compress step by step instead: formats applied in turn, each scored (and recovered with "
                         "--recover), e.g. 30%%,50%%,2:4,2:4+w8a8")
-    p.add_argument("--floor", type=float, metavar="COSINE",
-                   help="with --schedule: undo and stop at the first step whose cosine ends below this")
+    p.add_argument("--floor", type=float, metavar="LIMIT",
+                   help="with --schedule: undo and stop at the first step whose cosine ends below this (causal LM: "
+                        "whose perplexity ratio to dense ends above this, e.g. 1.1)")
     p.add_argument("--method", default="sparsegpt", choices=("magnitude", "wanda", "sparsegpt"))
     p.add_argument("--alpha", default="search", help="SmoothQuant migration strength, 'search' (default) or 'none'")
     p.add_argument("--activations", default="dynamic", choices=("dynamic", "static"),
@@ -107,15 +109,17 @@ def print_report(report: dict) -> None:
     b, a = report["linear_bytes_bf16"], report["linear_bytes_compressed"]
     if report.get("schedule"):
         from .schedule import Step, steps_table
-        from .evaluate import Scores
+        from .tasks import scores_from_dict
 
-        steps = [Step(**dict(s, oneshot=Scores(**s["oneshot"]), recovered=Scores(**s["recovered"]) if s["recovered"] else None))
+        steps = [Step(**dict(s, oneshot=scores_from_dict(s["oneshot"]),
+                             recovered=scores_from_dict(s["recovered"]) if s["recovered"] else None))
                  for s in report["steps"]]
         print("\n" + steps_table(steps, b))
     print(f"\nLinear weights: {b / mib:.2f} MiB (bf16) -> {a / mib:.2f} MiB ({b / max(a, 1):.2f}x smaller)")
+    from .tasks import scores_from_dict
+
     for name, s in report["scores"].items():
-        print(f"accuracy ({name}) vs dense on {s['n']} held-out lines: cosine {s['cosine']:.4f} "
-              f"(min {s['cosine_min']:.3f}), nearest-neighbour agreement {s['nn_agreement']:.3f}")
+        print(f"accuracy ({name}) vs dense on {s['n']} held-out lines: {scores_from_dict(s).summary()}")
     if report.get("speed"):
         sp = report["speed"]
         print(f"speed (GPU, one batch): dense {sp['dense_ms']:.2f} ms, compressed {sp['compressed_ms']:.2f} ms ({sp['speedup']:.2f}x)")
@@ -147,11 +151,10 @@ def run_eval(args: argparse.Namespace) -> int:
         r = eval_saved(args.path, args.model, args.text, args.eval_lines or None)
     except (DataError, ValueError, FileNotFoundError) as e:
         return _fail(str(e))
-    print(f"{r['path']}: recipe {r['recipe']}, method {r['method']}")
-    print(f"cosine {r['cosine']:.4f} (min {r['cosine_min']:.3f}), nearest-neighbour agreement {r['nn_agreement']:.3f} "
-          f"on {r['n']} lines ({time.perf_counter() - t0:.0f} s)")
-    if r.get("reported_cosine") is not None:
-        print(f"(compress reported cosine {r['reported_cosine']:.4f} with simulated layers)")
+    print(f"{r['path']}: recipe {r['recipe']}, method {r['method']}, task {r['task']}")
+    print(f"{r['summary']} on {r['n']} lines ({time.perf_counter() - t0:.0f} s)")
+    if r.get("reported") is not None:
+        print(f"(compress reported {r['metric']} {r['reported']:.4f} with simulated layers)")
     return 0
 
 
@@ -159,7 +162,9 @@ def run_eval(args: argparse.Namespace) -> int:
 def _add_plan(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="per-layer format under an accuracy budget; accuracy-vs-speed frontier plot")
     _common(p)
-    p.add_argument("--budget", type=float, default=0.01, help="allowed loss of cosine vs dense (default %(default)s)")
+    p.add_argument("--budget", type=float, default=0.01,
+                   help="allowed loss vs dense: of mean cosine, or for a causal LM of perplexity ratio - 1 "
+                        "(0.05: at most 5%% higher perplexity) (default %(default)s)")
     p.add_argument("--formats", default="2:4,w8a8,2:4+w8a8,int8_weight_only,2:4+int8_weight_only",
                    help="candidate formats, comma separated")
     p.add_argument("--speedups", metavar="CSV", help="measured per-layer speedups (ops.csv of sparseq bench); default: tabled")

@@ -1,6 +1,7 @@
 """The bundled model (all-MiniLM-L6-v2) and text (Shakespeare plays), loaded offline.
 
-Also loads any transformers model directory and any plain-text file (one sentence a line).
+Also loads any transformers model directory (a causal LM with its language-model head, any
+other model as its base encoder) and any plain-text file (one sentence a line).
 """
 from __future__ import annotations
 
@@ -60,8 +61,20 @@ def bundled_text_dir() -> Path:
     return path
 
 
+def is_causal_lm_dir(path: Path) -> bool:
+    """Whether ``config.json`` names a ``*ForCausalLM`` architecture (e.g. the bundled Llama)."""
+    import json
+
+    try:
+        archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path / 'config.json'} is not readable JSON: {e}") from None
+    return any(str(a).endswith("ForCausalLM") for a in archs)
+
+
 def load_model(model_dir: Optional[os.PathLike] = None, dtype: torch.dtype = torch.float32) -> Tuple[nn.Module, object]:
-    """``(model, tokenizer)`` from a transformers directory (default: the bundled MiniLM), offline."""
+    """``(model, tokenizer)`` from a transformers directory (default: the bundled MiniLM), offline.
+    A causal LM loads with its head (``AutoModelForCausalLM``), anything else as ``AutoModel``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     path = Path(model_dir) if model_dir is not None else bundled_model_dir()
@@ -69,7 +82,7 @@ def load_model(model_dir: Optional[os.PathLike] = None, dtype: torch.dtype = tor
         raise DataError(f"model directory {path} does not exist")
     if not (path / "config.json").is_file():
         raise DataError(f"{path} is not a transformers model directory (no config.json)")
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -78,6 +91,9 @@ def load_model(model_dir: Optional[os.PathLike] = None, dtype: torch.dtype = tor
     except AttributeError:  # older transformers
         pass
     kwargs = {"dtype": dtype}
+    if is_causal_lm_dir(path):
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+        return model.eval(), AutoTokenizer.from_pretrained(path, local_files_only=True)
     try:
         model = AutoModel.from_pretrained(path, add_pooling_layer=False, **kwargs)
     except TypeError:  # models without a pooler

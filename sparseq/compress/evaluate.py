@@ -23,9 +23,13 @@ class Scores:
     cosine_min: float
     nn_agreement: float
     n: int
+    columns = (("cosine", "cosine"), ("NN agr.", "nn_agreement"))  # (table header, field): main metric, agreement
 
     def as_dict(self) -> Dict[str, float]:
         return {"cosine": self.cosine, "cosine_min": self.cosine_min, "nn_agreement": self.nn_agreement, "n": self.n}
+
+    def summary(self) -> str:
+        return f"cosine {self.cosine:.4f} (min {self.cosine_min:.3f}), nearest-neighbour agreement {self.nn_agreement:.3f}"
 
 
 def batches_by_length(tokenizer, lines: Sequence[str], batch_size: int, max_length: int = 128) -> List[Dict[str, torch.Tensor]]:

@@ -3,6 +3,8 @@
 ``compress_job``: load model + text (bundled MiniLM + Shakespeare by default) -> calibrate
 and compress (default 2:4 + W8A8, SparseGPT, sequential) -> optional distillation recovery
 -> accuracy against the dense model on held-out text -> ``sparseq.swap`` + ``sparseq.save``.
+The task comes from the model (``sparseq.compress.tasks``): an encoder is scored by embedding
+cosine, a causal LM (e.g. ``--model sparseq/models/llama_shakespeare``) by perplexity.
 """
 from __future__ import annotations
 
@@ -17,10 +19,11 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 
 from .data import load_model, load_texts
-from .evaluate import Scores, batches_by_length, compare, embed
+from .evaluate import Scores
 from .export import linear_weight_bytes, to_kernel_layers
 from .recipe import DEFAULT_RECIPE, Recipe, parse_format
 from .schedule import compress_in_steps, recipe_name
+from .tasks import Task, task_for
 
 REPORT = "compress.json"
 
@@ -34,16 +37,14 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _speed(dense: torch.nn.Module, compressed: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> Optional[Dict[str, float]]:
+def _speed(dense: torch.nn.Module, compressed: torch.nn.Module, batch: Dict[str, torch.Tensor], task: Task) -> Optional[Dict[str, float]]:
     """Milliseconds per forward of dense vs compressed on the GPU (None without one)."""
     if not torch.cuda.is_available():
         return None
-    from .evaluate import model_inputs
-
     out = {}
     for name, m in (("dense_ms", dense), ("compressed_ms", compressed)):
         m = m.to("cuda")  # same activation dtype (fp32) for both
-        inputs = model_inputs(batch, torch.device("cuda"))
+        inputs = task.model_inputs(batch, torch.device("cuda"))
         with torch.no_grad():
             for _ in range(3):
                 m(**inputs)
@@ -89,7 +90,8 @@ def compress_job(
 
     ``schedule``: recipes applied one after another instead of ``recipe`` alone (each step
     scored, and recovered when ``recover_steps``); ``floor``: undo and stop at the first
-    step whose cosine ends below it (see ``sparseq.compress.schedule``).
+    step whose cosine ends below it, or for a causal LM whose perplexity ratio to dense ends
+    above it (see ``sparseq.compress.schedule``).
     """
     t_start = time.perf_counter()
     steps = list(schedule) if schedule else [recipe]
@@ -100,15 +102,17 @@ def compress_job(
     check_activations(activations)
     texts = load_texts(text, n_calib=n_calib, n_eval=n_eval, n_train=max(4000, 32 * recover_steps) if recover_steps else 0)
     model, tokenizer = load_model(model_dir)
-    _say(f"model  {model_dir or 'bundled all-MiniLM-L6-v2'} ({type(model).__name__})")
+    task = task_for(model)
+    task.check_floor(floor)
+    _say(f"model  {model_dir or 'bundled all-MiniLM-L6-v2'} ({type(model).__name__}, task {task.name})")
     _say(f"text   {texts.source}: {len(texts.calib)} calibration lines, {len(texts.eval)} held-out lines")
     dense = copy.deepcopy(model)
-    eval_batches = batches_by_length(tokenizer, texts.eval, 128)
-    ref = embed(dense, eval_batches, desc="dense embeddings")
+    eval_batches = task.batches(tokenizer, texts.eval, 128)
+    ref = task.reference(dense, eval_batches)
     done, result, rec = compress_in_steps(
         model, dense, tokenizer, texts.calib, eval_batches, ref, steps, method, train_lines=texts.train,
         recover_steps=recover_steps, recover_lr=recover_lr, lora_rank=lora_rank, floor=floor, say=_say,
-        alpha=alpha, activations=activations)
+        task=task, alpha=alpha, activations=activations)
     kept = [s for s in done if s.kept]
     scores: Dict[str, Scores] = {"oneshot": kept[-1].oneshot}
     if kept[-1].recovered is not None:
@@ -117,13 +121,14 @@ def compress_job(
     final = kept[-1].final
     report: Dict[str, Any] = {
         "model_dir": str(model_dir) if model_dir else None,
+        "task": task.name,
         "text": str(text) if text else None,
         "recipe": steps[len(kept) - 1],
         "schedule": [recipe_name(r) for r in schedule] if schedule else None,
         "steps": [asdict(x) for x in done],
         "method": method, "activations": activations, "n_calib": len(texts.calib), "n_eval": len(texts.eval),
         "scores": {k: v.as_dict() for k, v in scores.items()},
-        "cosine": final.cosine, "nn_agreement": final.nn_agreement,
+        **{k: v for k, v in final.as_dict().items() if k not in ("n", "n_tokens")},  # the headline scores
         "linear_bytes_bf16": size["before"], "linear_bytes_compressed": size["after"],
         "layers": [asdict(layer) for layer in result.layers],
         "recovery": asdict(rec) if rec else None,
@@ -131,7 +136,7 @@ def compress_job(
     if save and out:
         swap_report, kernel_recipe = to_kernel_layers(model)
         report["swap"] = str(swap_report)
-        speed = _speed(dense, model, eval_batches[-1])
+        speed = _speed(dense, model, eval_batches[-1], task)
         if speed:
             report["speed"] = speed
         import sparseq
@@ -159,9 +164,10 @@ def eval_saved(path: str, model_dir: Optional[str] = None, text: Optional[str] =
     n_eval = n_eval or saved.get("n_eval", 1200)
     compressed = sparseq.load(root)
     dense, tokenizer = load_model(model_dir)
+    task = task_for(dense)
     texts = load_texts(text, n_calib=1, n_eval=n_eval, n_train=0)
-    batches = batches_by_length(tokenizer, texts.eval, 128)
-    ref = embed(dense, batches, desc="dense embeddings")
-    s = compare(ref, embed(compressed, batches, desc="score"))
-    return {"path": str(root), "recipe": saved.get("recipe"), "method": saved.get("method"), **s.as_dict(),
-            "reported_cosine": saved.get("cosine")}
+    batches = task.batches(tokenizer, texts.eval, 128)
+    s = task.score(compressed, batches, task.reference(dense, batches))
+    key = s.columns[0][1]  # cosine, or the perplexity ratio of a causal LM
+    return {"path": str(root), "recipe": saved.get("recipe"), "method": saved.get("method"), "task": task.name,
+            **s.as_dict(), "summary": s.summary(), "metric": key, "reported": saved.get(key)}

@@ -20,16 +20,15 @@ from .calibration import (
     capture_block_inputs,
     collect_stats,
     execution_groups,
-    find_blocks,
     linear_names,
     run_block,
 )
-from .evaluate import batches_by_length
 from .progress import progress
 from .pruning import METHODS, prune
 from .recipe import DEFAULT_RECIPE, Format, Recipe, resolve
 from .simulated import SimulatedLinear
 from .smoothquant import search_alpha, smooth_factors, static_amax
+from .tasks import Task, task_for
 
 
 @dataclass
@@ -185,6 +184,7 @@ def compress_model(
     max_rows: int = 1024,
     filter: Optional[Callable[[str, nn.Module], bool]] = None,
     activations: str = "dynamic",
+    task: Optional[Task] = None,
 ) -> CompressionResult:
     """Compress ``model``'s Linear layers in place by ``recipe`` (see ``sparseq.compress.recipe``).
 
@@ -197,7 +197,8 @@ def compress_model(
     classic layer-wise objective. ``activations="static"`` gives W8A8 layers one calibrated
     per-tensor activation scale (no per-token max at run time) instead of dynamic per-token
     scales. Layers outside the repeated blocks and layers rejected by ``filter(name, module)``
-    stay dense.
+    stay dense. ``task`` (default ``task_for(model)``) says how to tokenize and which blocks
+    to calibrate: encoder layers, or decoder blocks of a causal LM.
     """
     check_activations(activations)
     if method not in METHODS:
@@ -207,15 +208,16 @@ def compress_model(
     if not calib_lines:
         raise ValueError("calibration text is empty: need at least one line")
     start = time.perf_counter()
-    prefix, blocks = find_blocks(model)
+    task = task or task_for(model)
+    prefix, blocks = task.blocks(model)
     all_names = [n for i in range(len(blocks)) for n in linear_names(blocks[i], f"{prefix}.{i}.")]
     if filter is not None:
         mods = dict(model.named_modules())
         all_names = [n for n in all_names if filter(n, mods[n])]
     formats = resolve(recipe, all_names)
-    batches = batches_by_length(tokenizer, list(calib_lines), batch_size, max_length)
+    batches = task.batches(tokenizer, list(calib_lines), batch_size, max_length)
     masks = _token_masks(batches)
-    inputs = capture_block_inputs(model, batches, blocks[0])
+    inputs = capture_block_inputs(model, batches, blocks[0], task.model_inputs)
     dense_inputs = inputs if sequential and target == "dense" and method == "sparsegpt" else None
     result = CompressionResult(model, formats)
     bar = progress(total=sum(f.name != "dense" for f in formats.values()), desc=f"compress {method}", unit="layer")

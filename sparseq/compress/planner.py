@@ -2,7 +2,9 @@
 
 1. Sensitivity, measured: every Linear is compressed alone in every candidate format
    (calibrated on the dense model) and the whole model is scored with only that layer
-   changed: its cosine loss against the dense model on probe lines (calibration text). The
+   changed: its loss against the dense model on probe lines (calibration text) — the task's
+   budget metric: 1 - mean cosine for an embedding model, perplexity ratio - 1 for a causal
+   LM (``sparseq.compress.tasks``). The
    layer's relative output error is recorded too (for the table); it is not used to decide,
    because equal output errors in different layers cost the model very different amounts.
 2. Speed: per-layer speedups, measured (``ops.csv`` of ``sparseq bench``) or tabled; the
@@ -27,11 +29,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .calibration import capture_block_inputs, collect_stats, find_blocks, linear_names, run_block
-from .evaluate import batches_by_length, compare, embed, encode
+from .calibration import capture_block_inputs, collect_stats, linear_names, run_block
 from .oneshot import _token_masks, compress_linear, compress_model, set_module
 from .progress import progress
 from .recipe import parse_format
+from .tasks import Task, task_for
 
 TABLED_SPEEDUP = {"dense": 1.0, "2:4": 1.6, "int8_weight_only": 1.8, "w8a8": 1.9, "2:4+int8_weight_only": 2.6, "2:4+w8a8": 3.0}
 """Per-layer speedups at decode-size M when nothing was measured (from the byte limits of
@@ -46,14 +48,24 @@ class Plan:
     budget: float
     est_loss: float
     speedup: float
-    measured_cosine: Optional[float] = None
-    measured_nn: Optional[float] = None
-    frontier: List[Tuple[float, float]] = field(default_factory=list)  # (speedup, estimated cosine), no budget
-    uniform: Dict[str, Tuple[float, float]] = field(default_factory=dict)  # format -> (speedup, cosine)
+    measured: Optional[float] = None  # the task's headline metric: cosine, or a causal LM's perplexity ratio
+    measured_agreement: Optional[float] = None  # nearest-neighbour (embeddings) or next-token top-1 agreement
+    frontier: List[Tuple[float, float]] = field(default_factory=list)  # (speedup, estimated metric), no budget
+    uniform: Dict[str, Tuple[float, float]] = field(default_factory=dict)  # format -> (speedup, metric)
     sensitivity: Dict[str, Dict[str, float]] = field(default_factory=dict)  # relative output error
-    layer_loss: Dict[str, Dict[str, float]] = field(default_factory=dict)  # measured cosine loss, layer alone
-    checked: List[Tuple[float, float]] = field(default_factory=list)  # (speedup, measured cosine) of plans tried
+    layer_loss: Dict[str, Dict[str, float]] = field(default_factory=dict)  # measured loss, layer alone
+    checked: List[Tuple[float, float]] = field(default_factory=list)  # (speedup, measured metric) of plans tried
     greedy_speedup: float = 0.0  # of the greedy plan before any back-off
+    metric: str = "cosine"  # what ``measured``, ``frontier``, ``uniform`` and ``checked`` hold
+
+    @property
+    def measured_cosine(self) -> Optional[float]:
+        """``measured`` (named for embedding models, where it is the mean cosine)."""
+        return self.measured
+
+    @property
+    def measured_nn(self) -> Optional[float]:
+        return self.measured_agreement
 
     def table(self) -> str:
         """Markdown: one row per layer (measured loss of the layer alone, and its output error)."""
@@ -95,27 +107,21 @@ def layer_speedup(fmt: str, shape: Tuple[int, int], measured: Dict[Tuple[str, in
 
 
 @torch.no_grad()
-def _probe_loss(model: nn.Module, batches: List[Dict[str, torch.Tensor]], ref: torch.Tensor) -> float:
-    """Cosine loss (1 - mean cosine) of ``model`` against reference embeddings, no progress bar."""
-    out = torch.empty_like(ref)
-    for b in batches:
-        out[b["index"]] = encode(model, b).cpu()
-    return max(0.0, 1.0 - compare(ref, out).cosine)
-
-
-@torch.no_grad()
 def sensitivity(model: nn.Module, tokenizer, calib_lines: Sequence[str], formats: Sequence[str], method: str = "sparsegpt",
                 batch_size: int = 32, max_rows: int = 512, probe_lines: Optional[Sequence[str]] = None,
+                task: Optional[Task] = None,
                 ) -> Tuple[Dict[str, Dict[str, float]], Dict[str, Tuple[int, int]], Dict[str, Dict[str, float]]]:
     """Each layer alone (dense inputs) in each format: ``(relative output errors, layer shapes,
     measured model losses)``, the last on ``probe_lines`` (default: the calibration lines) as
-    ``{layer: {format: 1 - mean cosine vs dense}}`` with every other layer dense."""
-    prefix, blocks = find_blocks(model)
-    batches = batches_by_length(tokenizer, list(calib_lines), batch_size)
+    ``{layer: {format: task loss vs dense}}`` (1 - mean cosine, or perplexity ratio - 1) with
+    every other layer dense."""
+    task = task or task_for(model)
+    prefix, blocks = task.blocks(model)
+    batches = task.batches(tokenizer, list(calib_lines), batch_size)
     masks = _token_masks(batches)
-    probe = batches_by_length(tokenizer, list(probe_lines or calib_lines), 128)
-    probe_ref = embed(model, probe, desc="dense probe")
-    inputs = capture_block_inputs(model, batches, blocks[0])
+    probe = task.batches(tokenizer, list(probe_lines or calib_lines), 128)
+    probe_ref = task.reference(model, probe, desc="dense probe")
+    inputs = capture_block_inputs(model, batches, blocks[0], task.model_inputs)
     errors: Dict[str, Dict[str, float]] = {}
     losses: Dict[str, Dict[str, float]] = {}
     shapes: Dict[str, Tuple[int, int]] = {}
@@ -134,7 +140,7 @@ def sensitivity(model: nn.Module, tokenizer, calib_lines: Sequence[str], formats
                 errs[f.name] = float((sim(st.rows) - ref).pow(2).sum() / ref.pow(2).sum().clamp(min=1e-20))
                 set_module(block, n, sim)
                 try:
-                    loss[f.name] = _probe_loss(model, probe, probe_ref)
+                    loss[f.name] = task.probe_loss(model, probe, probe_ref)
                 finally:
                     set_module(block, n, lin)
             full = f"{prefix}.{i}.{n}"
@@ -204,12 +210,13 @@ def back_off(n_plans: int, budget: float, measure: Callable[[int], float]) -> Tu
 
 def plan(model: nn.Module, tokenizer, calib_lines: Sequence[str], eval_lines: Sequence[str],
          formats: Sequence[str] = ("2:4", "w8a8", "2:4+w8a8", "int8_weight_only", "2:4+int8_weight_only"),
-         budget: float = 0.01, method: str = "sparsegpt", speedups_csv: Optional[str] = None) -> Plan:
-    """Choose a format per Linear of ``model`` (not modified) so that the loss of mean cosine vs
-    dense on ``eval_lines`` stays within ``budget`` (measured, see the module doc), maximizing
-    the modelled speed."""
+         budget: float = 0.01, method: str = "sparsegpt", speedups_csv: Optional[str] = None,
+         task: Optional[Task] = None) -> Plan:
+    """Choose a format per Linear of ``model`` (not modified) so that the task's loss vs dense
+    on ``eval_lines`` (1 - mean cosine; for a causal LM perplexity ratio - 1) stays within
+    ``budget`` (measured, see the module doc), maximizing the modelled speed."""
     if not 0 < budget < 1:
-        raise ValueError(f"budget must be a cosine loss in (0, 1), got {budget}")
+        raise ValueError(f"budget must be a loss in (0, 1) (1 - cosine, or perplexity ratio - 1), got {budget}")
     if not formats:
         raise ValueError("the planner needs at least one candidate format")
     for f in formats:
@@ -217,38 +224,43 @@ def plan(model: nn.Module, tokenizer, calib_lines: Sequence[str], eval_lines: Se
             raise ValueError(f"format {f!r} has no sparseq kernel; plan among {TABLED_SPEEDUP}")
     if not eval_lines:
         raise ValueError("the planner needs held-out lines to verify the plan: got none")
+    task = task or task_for(model)
     measured = load_speedups(speedups_csv)
-    sens, shapes, losses = sensitivity(model, tokenizer, calib_lines, formats, method)
-    eval_batches = batches_by_length(tokenizer, list(eval_lines), 128)
-    ref = embed(model, eval_batches, desc="dense embeddings")
+    sens, shapes, losses = sensitivity(model, tokenizer, calib_lines, formats, method, task=task)
+    eval_batches = task.batches(tokenizer, list(eval_lines), 128)
+    ref = task.reference(model, eval_batches)
 
-    def score(recipe) -> Tuple[float, float]:
+    def score(recipe) -> Tuple[float, float, float]:
+        """``(loss, headline metric, agreement)`` of the model compressed by ``recipe``."""
         recipe = {l: f for l, f in recipe.items() if f != "dense"} if isinstance(recipe, dict) else recipe
         if not recipe:
-            return 1.0, 1.0
+            return 0.0, 1.0, 1.0
         m = copy.deepcopy(model)
-        compress_model(m, tokenizer, calib_lines, recipe, method, sequential=False)
-        s = compare(ref, embed(m, eval_batches, desc="score"))
-        return s.cosine, s.nn_agreement
+        compress_model(m, tokenizer, calib_lines, recipe, method, sequential=False, task=task)
+        s = task.score(m, eval_batches, ref)
+        (_, key), (_, agree) = s.columns
+        return task.loss(s), getattr(s, key), getattr(s, agree)
 
     uniform = {}
     for f in formats:
-        uniform[f] = (_speed({l: f for l in shapes}, shapes, measured), score(f)[0])
+        uniform[f] = (_speed({l: f for l in shapes}, shapes, measured), score(f)[1])
     _, loss, frontier, path = greedy(losses, shapes, budget, measured)
     full_frontier = greedy(losses, shapes, float("inf"), measured)[2]  # the whole estimated curve, for the plot
-    scores: Dict[int, Tuple[float, float]] = {}
+    if task.metric != "cosine":  # greedy reports (speedup, 1 - loss): show the task's metric instead
+        full_frontier = [(sp, task.from_loss(1.0 - q)) for sp, q in full_frontier]
+    scores: Dict[int, Tuple[float, float, float]] = {}
 
     def measure(i: int) -> float:
         scores[i] = score(path[i])
-        return 1.0 - scores[i][0]
+        return scores[i][0]
 
     idx, checked = back_off(len(path), budget, measure)
     chosen = path[idx]
-    cos, nn_agree = scores.get(idx, (1.0, 1.0))
+    _, value, agree = scores.get(idx, (0.0, 1.0, 1.0))
     est = 1.0 - frontier[idx][1]
-    tried = [(_speed(path[i], shapes, measured), 1.0 - checked[i]) for i in sorted(checked)]
-    return Plan(chosen, budget, est, _speed(chosen, shapes, measured), cos, nn_agree, full_frontier, uniform, sens,
-                losses, tried, _speed(path[-1], shapes, measured))
+    tried = [(_speed(path[i], shapes, measured), task.from_loss(checked[i])) for i in sorted(checked)]
+    return Plan(chosen, budget, est, _speed(chosen, shapes, measured), value, agree, full_frontier, uniform, sens,
+                losses, tried, _speed(path[-1], shapes, measured), task.metric)
 
 
 def frontier_png(p: Plan, path: Path) -> None:
@@ -269,9 +281,10 @@ def frontier_png(p: Plan, path: Path) -> None:
         ax.scatter(cx, cy, color="tab:orange", marker="o", s=18, zorder=4, label="greedy-path plans (measured)")
     if p.measured_cosine is not None:
         ax.scatter([p.speedup], [p.measured_cosine], color="tab:red", marker="*", s=120, zorder=5, label="plan (measured)")
-    ax.axhline(1.0 - p.budget, color="gray", ls="--", lw=0.8, label=f"budget {p.budget}")
+    lm = p.metric != "cosine"
+    ax.axhline(1.0 + p.budget if lm else 1.0 - p.budget, color="gray", ls="--", lw=0.8, label=f"budget {p.budget}")
     ax.set_xlabel("modelled speedup vs dense (Linear layers)")
-    ax.set_ylabel("mean cosine vs dense")
+    ax.set_ylabel("perplexity ratio to dense" if lm else "mean cosine vs dense")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -285,22 +298,26 @@ def plan_job(model_dir: Optional[str], text: Optional[str], formats: Sequence[st
 
     model, tokenizer = load_model(model_dir)
     texts = load_texts(text, n_calib=n_calib, n_eval=n_eval, n_train=0)
-    p = plan(model, tokenizer, texts.calib, texts.eval, formats, budget, method, speedups_csv)
+    task = task_for(model)
+    p = plan(model, tokenizer, texts.calib, texts.eval, formats, budget, method, speedups_csv, task=task)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     src = f"measured ({speedups_csv})" if speedups_csv else "tabled (no measurement given)"
-    head = (f"plan under a cosine budget of {budget}: modelled speedup {p.speedup:.2f}x (speedups {src}); "
-            f"estimated cosine {1 - p.est_loss:.4f}, measured {p.measured_cosine:.4f}, "
-            f"neighbour agreement {p.measured_nn:.3f} on {len(texts.eval)} held-out lines\n"
-            + "plans measured on the greedy path (speedup -> cosine): "
+    metric, agreement = ("cosine", "neighbour") if p.metric == "cosine" else ("perplexity ratio", "next-token top-1")
+    loss_name = "1 - cosine" if p.metric == "cosine" else "perplexity ratio - 1"
+    head = (f"plan under a {metric} budget of {budget} ({loss_name}): modelled speedup {p.speedup:.2f}x (speedups {src}); "
+            f"estimated {metric} {task.from_loss(p.est_loss):.4f}, measured {p.measured:.4f}, "
+            f"{agreement} agreement {p.measured_agreement:.3f} on {len(texts.eval)} held-out lines\n"
+            + f"plans measured on the greedy path (speedup -> {metric}): "
             + ", ".join(f"{s:.2f}x -> {c:.4f}" for s, c in p.checked) + "\n"
             + "uniform recipes: " + ", ".join(f"{f} {c:.4f} @ {s:.2f}x" for f, (s, c) in p.uniform.items())
-            + "\ncells: measured cosine loss of the model with only that layer compressed / the layer's relative output error")
+            + f"\ncells: measured loss ({loss_name}) of the model with only that layer compressed / the layer's relative output error")
     text_out = head + "\n\n" + p.table()
-    (root / "plan.json").write_text(json.dumps({"recipe": p.formats, "budget": budget, "speedup": p.speedup,
-                                                "estimated_cosine": 1 - p.est_loss, "measured_cosine": p.measured_cosine,
-                                                "nn_agreement": p.measured_nn, "uniform": p.uniform,
-                                                "checked": p.checked, "layer_loss": p.layer_loss}, indent=2))
+    key = "cosine" if p.metric == "cosine" else "ppl_ratio"
+    (root / "plan.json").write_text(json.dumps({"recipe": p.formats, "budget": budget, "speedup": p.speedup, "task": task.name,
+                                                f"estimated_{key}": task.from_loss(p.est_loss), f"measured_{key}": p.measured,
+                                                "nn_agreement" if key == "cosine" else "top1_agreement": p.measured_agreement,
+                                                "uniform": p.uniform, "checked": p.checked, "layer_loss": p.layer_loss}, indent=2))
     (root / "plan.md").write_text(text_out + "\n")
     frontier_png(p, root / "frontier.png")
     return text_out + f"\n\nwrote {root / 'plan.json'} (use: sparseq compress --recipe {root / 'plan.json'}), plan.md, frontier.png"

@@ -5,9 +5,11 @@ multiplies the weight by the fixed keep-mask (pruned weights get no gradient) an
 weights are re-masked after every optimizer step, so the sparsity pattern never changes.
 W8A8 layers train through their fake quantization (straight-through). With ``lora_rank``
 only low-rank adapters (plus biases and LayerNorms) train and are merged back at the end.
-Loss: token-wise (1 - cosine) of the hidden states + (1 - cosine) of the sentence embeddings;
-with ``layers="all"`` (default) the token-wise term is averaged over every encoder layer's
-output, not only the last: each block gets a direct signal, which recovers faster.
+The loss comes from the task (``sparseq.compress.tasks``). Embedding models: token-wise
+(1 - cosine) of the hidden states + (1 - cosine) of the sentence embeddings; with
+``layers="all"`` (default) the token-wise term is averaged over every encoder layer's output,
+not only the last: each block gets a direct signal, which recovers faster. Causal LMs:
+token-level KL(teacher || student) of the next-token distributions.
 """
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .evaluate import batches_by_length, compare, embed, mean_pool, model_inputs
+from .evaluate import mean_pool
 from .progress import progress
 from .simulated import SimulatedLinear
+from .tasks import Task, task_for
 
 
 @dataclass
@@ -32,8 +35,9 @@ class RecoveryReport:
     seconds: float
     first_loss: float
     last_loss: float
-    train_cosine: float
-    val_cosine_before: Optional[float] = None  # student vs teacher on the held-back lines
+    train_cosine: float  # running batch agreement: cosine (embeddings) or top-1 agreement (causal LM)
+    # held-back lines, student vs teacher: cosine (embeddings) or dense / student perplexity (causal LM)
+    val_cosine_before: Optional[float] = None
     val_cosine_after: Optional[float] = None
     kept: bool = True  # False: recovery made the held-back lines worse and was undone
 
@@ -56,7 +60,7 @@ def _trainable(student: nn.Module, lora_rank: int) -> List[nn.Parameter]:
                 params.append(mod.weight)
             if mod.bias is not None:
                 params.append(mod.bias)
-        elif isinstance(mod, nn.LayerNorm):
+        elif isinstance(mod, nn.LayerNorm) or type(mod).__name__.endswith("RMSNorm"):
             params += [p for p in mod.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -118,8 +122,10 @@ def split_validation(lines: Sequence[str], n_max: int = 256) -> Tuple[List[str],
 
 
 @torch.no_grad()
-def _val_cosine(student: nn.Module, teacher_emb: torch.Tensor, batches) -> float:
-    return compare(teacher_emb, embed(student, batches, desc="validate")).cosine
+def _val_cosine(student: nn.Module, teacher_ref, batches, task: Task) -> float:
+    """The student's quality against the teacher on held-back lines (higher is better; the
+    cosine for embedding models)."""
+    return task.quality(task.score(student, batches, teacher_ref, desc="validate"))
 
 
 def recover(
@@ -138,6 +144,7 @@ def recover(
     layers: str = "all",
     warmup: Optional[int] = None,
     guard: bool = True,
+    task: Optional[Task] = None,
 ) -> RecoveryReport:
     """Train ``student`` to match ``teacher`` on ``lines`` for ``steps`` (or ``max_seconds``).
 
@@ -149,11 +156,14 @@ def recover(
     ``"last"`` only the final one. ``guard``: hold back about a tenth of ``lines`` (at most
     256), score the student's sentence embeddings against the teacher's on them before and
     after, and undo the recovery if it made them worse (e.g. too few steps at a high
-    learning rate); this keeps a copy of the student's weights meanwhile. Returns a short report.
+    learning rate); this keeps a copy of the student's weights meanwhile. ``task`` (default
+    ``task_for(student)``) gives the loss and the validation score: a causal LM distills the
+    dense logits (token-level KL; ``layers`` does not apply). Returns a short report.
     """
     if layers not in ("all", "last"):
         raise ValueError(f"layers must be 'all' or 'last', got {layers!r}")
     all_layers = layers == "all"
+    task = task or task_for(student)
     if not lines:
         raise ValueError("recovery needs training text: got no lines")
     if steps < 1:
@@ -166,27 +176,24 @@ def recover(
     teacher.eval()
     student.eval()  # no dropout: the student should match the teacher's deterministic outputs
     lines, val_lines = split_validation(lines) if guard else (list(lines), [])
-    val_before, snapshot, val_batches, teacher_emb = None, None, None, None
+    val_before, snapshot, val_batches, teacher_ref = None, None, None, None
     if val_lines:
-        val_batches = batches_by_length(tokenizer, val_lines, 128, max_length)
-        teacher_emb = embed(teacher, val_batches, desc="validate")
-        val_before = _val_cosine(student, teacher_emb, val_batches)
+        val_batches = task.batches(tokenizer, val_lines, 128, max_length)
+        teacher_ref = task.reference(teacher, val_batches, desc="validate")
+        val_before = _val_cosine(student, teacher_ref, val_batches, task)
         snapshot = {k: v.detach().clone() for k, v in student.state_dict().items()}
     params = _trainable(student, lora_rank)
     opt = torch.optim.AdamW(params, lr=lr * (10 if lora_rank else 1), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))
-    batches = batches_by_length(tokenizer, list(lines), batch_size, max_length)
+    batches = task.batches(tokenizer, list(lines), batch_size, max_length)
     order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed))
     start, first, last, cos_ema = time.perf_counter(), None, 0.0, 0.0
     bar = progress(range(steps), desc="recover", unit="step")
     done = 0
     try:
         for step in bar:
-            inputs = model_inputs(batches[int(order[step % len(batches)])], device)
-            with torch.no_grad():
-                target = _hidden(teacher, inputs, all_layers)
-            hidden = _hidden(student, inputs, all_layers)
-            loss, cos = layered_distill_loss(hidden, target, inputs["attention_mask"])
+            inputs = task.model_inputs(batches[int(order[step % len(batches)])], device)
+            loss, cos = task.distill_loss(student, teacher, inputs, all_layers)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -210,7 +217,7 @@ def recover(
         assert torch.equal(compressed[n].mask, mask), f"mask of {n} changed during recovery"
     val_after, kept = None, True
     if snapshot is not None:
-        val_after = _val_cosine(student, teacher_emb, val_batches)
+        val_after = _val_cosine(student, teacher_ref, val_batches, task)
         if val_after < val_before:
             student.load_state_dict(snapshot)
             kept = False

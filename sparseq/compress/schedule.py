@@ -17,12 +17,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .evaluate import Scores, compare, embed
+from .evaluate import Scores
 from .export import linear_weight_bytes
 from .oneshot import CompressionResult, compress_model
 from .recipe import Recipe
 from .recovery import RecoveryReport, recover
 from .simulated import SimulatedLinear
+from .tasks import Task, task_for
 
 
 @dataclass
@@ -30,7 +31,7 @@ class Step:
     """What one step of a schedule did to the model."""
 
     recipe: str
-    oneshot: Scores  # right after compression
+    oneshot: Scores  # right after compression (LMScores for a causal LM)
     recovered: Optional[Scores]  # after recovery, when it ran
     linear_bytes: float
     modelled_speedup: float
@@ -84,19 +85,22 @@ def compress_in_steps(
     lora_rank: int = 0,
     floor: Optional[float] = None,
     say=print,
+    task: Optional[Task] = None,
     **compress_options: Any,
 ) -> Tuple[List[Step], Optional[CompressionResult], Optional[RecoveryReport]]:
     """Compress ``model`` in place by each recipe of ``steps`` in turn; score each step on
-    ``eval_batches`` against the dense embeddings ``ref`` (and recover it from ``dense``
-    when ``recover_steps``). With ``floor`` (a cosine), the first step that ends below it is
-    undone and the schedule stops; ValueError if that is the first step.
+    ``eval_batches`` against the dense reference ``ref`` (``task.reference``: embeddings, or
+    the dense perplexity and tokens of a causal LM), and recover it from ``dense`` when
+    ``recover_steps``. With ``floor`` (a cosine; for a causal LM the highest perplexity ratio),
+    the first step that ends past it is undone and the schedule stops; ValueError if that is
+    the first step. ``task`` defaults to ``task_for(model)``.
 
     Returns ``(steps, compression result of the last kept step, its recovery report)``.
     """
     if not steps:
         raise ValueError("the schedule has no steps")
-    if floor is not None and not 0.0 < floor <= 1.0:
-        raise ValueError(f"floor must be a cosine in (0, 1], got {floor}")
+    task = task or task_for(model)
+    task.check_floor(floor)
     if recover_steps and not train_lines:
         raise ValueError("recovery needs training lines (train_lines)")
     done: List[Step] = []
@@ -105,28 +109,28 @@ def compress_in_steps(
         t0 = time.perf_counter()
         snapshot = copy.deepcopy(model) if floor is not None else None
         tag = f"step {i + 1}/{len(steps)} {recipe_name(recipe)}" if len(steps) > 1 else recipe_name(recipe)
-        result = compress_model(model, tokenizer, calib_lines, recipe, method, **compress_options)
-        s: Scores = compare(ref, embed(model, eval_batches, desc="score"))
-        say(f"{tag}: one-shot {method} cosine {s.cosine:.4f}, neighbour agreement {s.nn_agreement:.3f} ({result.seconds:.0f} s)")
+        result = compress_model(model, tokenizer, calib_lines, recipe, method, task=task, **compress_options)
+        s = task.score(model, eval_batches, ref)
+        say(f"{tag}: one-shot {method} {s.summary()} ({result.seconds:.0f} s)")
         rec, r = None, None
         if recover_steps:
-            rec = recover(model, dense, tokenizer, train_lines, steps=recover_steps, lr=recover_lr, lora_rank=lora_rank)
-            r = compare(ref, embed(model, eval_batches, desc="score"))
+            rec = recover(model, dense, tokenizer, train_lines, steps=recover_steps, lr=recover_lr, lora_rank=lora_rank,
+                          task=task)
+            r = task.score(model, eval_batches, ref)
             if not rec.kept:
-                say(f"{tag}: recovery lowered the held-back training lines' cosine ({rec.val_cosine_before:.4f} -> "
+                say(f"{tag}: recovery lowered the held-back training lines' {task.metric} score ({rec.val_cosine_before:.4f} -> "
                     f"{rec.val_cosine_after:.4f}; more steps or a lower --lr may help): undone")
-            say(f"{tag}: recovered ({rec.steps} steps, {rec.seconds:.0f} s) cosine {r.cosine:.4f}, "
-                f"neighbour agreement {r.nn_agreement:.3f}")
+            say(f"{tag}: recovered ({rec.steps} steps, {rec.seconds:.0f} s) {r.summary()}")
         step = Step(recipe_name(recipe), s, r, linear_weight_bytes(model)["after"], modelled_speedup(model),
                     time.perf_counter() - t0)
         done.append(step)
-        if floor is not None and step.final.cosine < floor:
+        if floor is not None and not task.meets_floor(step.final, floor):
             step.kept = False
             if i == 0:
-                raise ValueError(f"the first step ({step.recipe}) already ends at cosine {step.final.cosine:.4f}, "
-                                 f"below the floor {floor}; start with a smaller step")
+                raise ValueError(f"the first step ({step.recipe}) already ends at {step.final.summary()}, "
+                                 f"past the floor {floor} ({task.metric}); start with a smaller step")
             _restore(model, snapshot)
-            say(f"{tag}: cosine {step.final.cosine:.4f} < floor {floor}: undone; keeping step {i}")
+            say(f"{tag}: {step.final.summary()} is past the floor {floor} ({task.metric}): undone; keeping step {i}")
             break
         kept = (result, rec)
     return done, kept[0], kept[1]
@@ -135,11 +139,13 @@ def compress_in_steps(
 def steps_table(steps: Sequence[Step], dense_bytes: float) -> str:
     """A printable table: one row per step (accuracy, size, modelled speed)."""
     mib = 2 ** 20
-    lines = [f"{'step':<5} {'recipe':<28} {'cosine':>7} {'recovered':>9} {'NN agr.':>7} {'MiB':>7} {'size':>6} {'speed*':>6}  ",
+    (main, key), (agree, agree_key) = steps[0].oneshot.columns if steps else Scores.columns
+    lines = [f"{'step':<5} {'recipe':<28} {main:>7} {'recovered':>9} {agree:>7} {'MiB':>7} {'size':>6} {'speed*':>6}  ",
              f"{'0':<5} {'dense':<28} {1.0:>7.4f} {'-':>9} {1.0:>7.3f} {dense_bytes / mib:>7.2f} {1.0:>5.2f}x {1.0:>5.2f}x"]
     for i, s in enumerate(steps, 1):
-        rec = "-" if s.recovered is None else f"{s.recovered.cosine:.4f}"
-        lines.append(f"{i:<5} {s.recipe[:28]:<28} {s.oneshot.cosine:>7.4f} {rec:>9} {s.final.nn_agreement:>7.3f} {s.linear_bytes / mib:>7.2f} "
+        rec = "-" if s.recovered is None else f"{getattr(s.recovered, key):.4f}"
+        lines.append(f"{i:<5} {s.recipe[:28]:<28} {getattr(s.oneshot, key):>7.4f} {rec:>9} {getattr(s.final, agree_key):>7.3f} "
+                     f"{s.linear_bytes / mib:>7.2f} "
                      f"{dense_bytes / max(s.linear_bytes, 1):>5.2f}x {s.modelled_speedup:>5.2f}x" + ("" if s.kept else "  undone"))
     lines.append("* modelled from tabled per-format speedups (sparseq plan's table), not measured; formats without "
                  "kernels (N:M other than 2:4, unstructured %) run dense, and their sizes count no index cost")
