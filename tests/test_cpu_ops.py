@@ -25,7 +25,8 @@ def _kwargs(fmt):
 @pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("smooth", [False, True])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_onednn_w8a8_is_the_reference_format(m, n, k, static, smooth, out_dtype):
+@pytest.mark.parametrize("gemm", ["onednn", "int_mm"])
+def test_onednn_w8a8_is_the_reference_format(m, n, k, static, smooth, out_dtype, gemm):
     """Per-token (or static) activation quantization bit-exact with the reference, exact int32
     accumulation, the epilogue in the reference's order: the output equals the reference's."""
     torch.manual_seed(m * 131 + n + k)
@@ -40,7 +41,7 @@ def test_onednn_w8a8_is_the_reference_format(m, n, k, static, smooth, out_dtype)
     xs = ref.per_tensor_scale(float((x / (f if smooth else 1)).abs().amax() * 0.8)) if static and m else None
     if static and not m:
         xs = torch.ones(1)
-    y = cpu_ops.run_w8a8(x, cpu_ops.prepack(wq), ws, f, xs, bias, out_dtype)
+    y = cpu_ops.run_w8a8(x, _packed(wq, gemm), ws, f, xs, bias, out_dtype)
     if static:
         xq, s = ref.quantize_per_tensor(x, xs, f), xs
     else:
@@ -82,8 +83,22 @@ def test_quantize_int8_is_the_reference_activation_grid(m, k, smooth, static, dt
     assert not finite[:3].logical_not().any()  # only the NaN / Inf rows are not finite
 
 
+def _packed(wq, gemm):
+    """The weight as ``run_w8a8`` takes it for one GEMM (``prepack`` picks by layer size)."""
+    return cpu_ops.onednn_prepack(wq) if gemm == "onednn" else wq.contiguous()
+
+
 @needs_onednn
-def test_onednn_accumulates_exactly_at_the_int8_extremes():
+def test_prepack_picks_int_mm_for_small_layers_only():
+    small = torch.ones(64, cpu_ops.INT_MM_MAX_NK // 64, dtype=torch.int8)
+    large = torch.ones(64, cpu_ops.INT_MM_MAX_NK // 64 + 8, dtype=torch.int8)
+    assert not cpu_ops.prepack(small).is_mkldnn and cpu_ops.prepack(large).is_mkldnn
+    assert cpu_ops.prepack(torch.ones(8, 1, dtype=torch.int8)).is_mkldnn  # K = 1: torch's _int_mm is wrong there
+
+
+@needs_onednn
+@pytest.mark.parametrize("gemm", ["onednn", "int_mm"])
+def test_onednn_accumulates_exactly_at_the_int8_extremes(gemm):
     """All +-127 operands over K = 4096: any saturation or 16-bit intermediate would show."""
     k = 4096
     xq = torch.full((2, k), 127, dtype=torch.int8)
@@ -91,7 +106,7 @@ def test_onednn_accumulates_exactly_at_the_int8_extremes():
     wq = torch.full((3, k), 127, dtype=torch.int8)
     wq[2] = -127
     x = xq.float()  # scale 1 per token: quantizing x gives back xq
-    y = cpu_ops.run_w8a8(x, cpu_ops.prepack(wq), torch.ones(3), None, None, None, torch.float32)
+    y = cpu_ops.run_w8a8(x, _packed(wq, gemm), torch.ones(3), None, None, None, torch.float32)
     exact = (xq.double() @ wq.double().T).float()
     assert torch.equal(y, exact), (y, exact)
 
