@@ -307,3 +307,24 @@ def test_untied_odd_vocabulary_head_is_compressed_and_loads(tmp_path):
     ids = torch.tensor([[1, 5, 4098, 7]])
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_from_pretrained_dtype_casts_the_layers_as_to_does(saved, tokenizer):
+    """``from_pretrained(dir, dtype=torch.bfloat16)`` of an fp32 save: every sparseq layer is cast
+    as ``.to(torch.bfloat16)`` casts it (scales stay fp32), the logits those of
+    ``sparseq.load(dir).to(torch.bfloat16)`` (with transformers' fp32 rotary tables)."""
+    path = saved["mixed"]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    ref = sparseq.load(path)
+    rotary = ref.model.rotary_emb
+    kept = {n: b for n, b in rotary.named_buffers()}  # transformers keeps rotary tables fp32
+    ref.to(torch.bfloat16)
+    for n, b in kept.items():
+        setattr(rotary, n, b)
+    for name, layer in model.named_modules():
+        if isinstance(layer, sparseq.nn.CompressedLinear):
+            assert layer.dtype == torch.bfloat16, name
+            assert getattr(layer, "w_scale", torch.ones(1)).dtype == torch.float32, name
+            for buf, t in ref.get_submodule(name).named_buffers():
+                assert torch.equal(getattr(layer, buf), t), f"{name}.{buf}"
+    assert torch.equal(_logits(model, tokenizer), _logits(ref, tokenizer))

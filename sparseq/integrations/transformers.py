@@ -148,6 +148,11 @@ def _build_classes() -> Dict[str, type]:
         """Builds sparseq layers on the meta device before loading; checks their buffers after."""
 
         requires_calibration = True  # loads sparseq-saved models; it does not compress dense ones
+        _dtype = None
+
+        def update_dtype(self, dtype):
+            self._dtype = dtype  # from_pretrained(dtype=...): the layers follow it after loading
+            return dtype
 
         def _process_model_before_weight_loading(self, model, **kwargs):
             _swap_empty_layers(model, self.quantization_config.layers)
@@ -158,7 +163,7 @@ def _build_classes() -> Dict[str, type]:
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            _check_loaded(model)
+            _check_loaded(model, self._dtype)
             return model
 
         def get_state_dict_and_metadata(self, model):
@@ -188,9 +193,12 @@ def _swap_empty_layers(model, layers: Dict[str, dict]) -> None:
     _put_layers(model, {"layers": layers})
 
 
-def _check_loaded(model) -> None:
+def _check_loaded(model, dtype=None) -> None:
     """Validate every sparseq layer's buffers as ``load_state_dict`` would (transformers assigns
-    them directly), then let kernels resolve afresh for the loaded values."""
+    them directly), cast layers saved in another float dtype to ``dtype`` (as ``.to(dtype)``
+    casts them: scales stay fp32), then let kernels resolve afresh for the loaded values."""
+    import torch
+
     from ..nn.base import CompressedLinear
 
     for name, module in model.named_modules():
@@ -204,7 +212,10 @@ def _check_loaded(model) -> None:
         except (TypeError, ValueError) as e:
             raise type(e)(f"sparseq: layer {name!r} ({type(module).__name__}): {e}") from None
         module.reset()
-        module._try_prepare()
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype != module.dtype:
+            module.to(dtype)  # prepares on a GPU itself
+        else:
+            module._try_prepare()
 
 
 def load_pretrained(path: Path, device: str = "cpu"):
