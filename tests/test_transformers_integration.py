@@ -152,6 +152,12 @@ def test_save_pretrained_round_trips_bit_identically(saved, tokenizer, tmp_path)
         assert torch.equal(_logits(reloaded, tokenizer), expected)
     with pytest.raises(ValueError, match="save_pretrained"):
         sparseq.load(load_llama()[0], out)
+    again = sparseq.save(model, tmp_path / "sparseq-again")  # sparseq.save of a from_pretrained model
+    assert load_file(str(again / "model.safetensors")).keys() == theirs.keys()
+    for key, t in load_file(str(again / "model.safetensors")).items():
+        assert torch.equal(t, theirs[key]), key
+    assert json.loads((again / "config.json").read_text())["quantization_config"] == \
+        json.loads((path / "config.json").read_text())["quantization_config"]
 
 
 def _edit_config(src: Path, dst: Path, edit) -> Path:

@@ -88,6 +88,9 @@ class _Loader(importlib.abc.Loader):
     def __init__(self, inner) -> None:
         self.inner = inner
 
+    def __getattr__(self, name: str):  # get_source, get_filename, ...: the real loader's
+        return getattr(self.inner, name)
+
     def create_module(self, spec):
         return self.inner.create_module(spec)
 
