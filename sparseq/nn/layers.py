@@ -150,6 +150,11 @@ class Int8WeightOnlyLinear(CompressedLinear):
     def backend_impl(self, backend: str, m: int, dtype: torch.dtype, device: torch.device) -> Optional[Impl]:
         if backend == "reference":
             return lambda x: ops.int8_weight_only_mm(x, self.weight_q, self.w_scale, self.bias)
+        if backend == "int8pack":  # CPU: torch's int8 weight-only kernel (sparseq.cpu_ops)
+            from .. import cpu_ops
+
+            return cpu_ops.weight_only_impl(self.weight_q, self.w_scale, self.bias, dtype) \
+                if device.type == "cpu" else None
         if backend == "triton":
             op = _triton(self.OP)
             return None if op is None else (lambda x: op(x, self.weight_q, self.w_scale, self.bias))
@@ -369,6 +374,13 @@ class Sparse24Int8Linear(_W8A8Mixin, CompressedLinear):
     def backend_impl(self, backend: str, m: int, dtype: torch.dtype, device: torch.device) -> Optional[Impl]:
         if backend == "onednn":
             return self._onednn_impl(device) if self.mode == "w8a8" else None
+        if backend == "int8pack":  # CPU, weight-only: torch's int8 weight-only kernel on the expanded weight
+            from .. import cpu_ops
+
+            if self.mode != "weight_only" or device.type != "cpu" or dtype not in cpu_ops.WEIGHT_ONLY_DTYPES:
+                return None
+            wq = self.derived("int8_dense", device, self._int8_weight)
+            return cpu_ops.weight_only_impl(wq, self.w_scale, self.bias, dtype)
         mm, meta = self._mm(backend, dtype, device)
         if mm is None:
             return None
