@@ -19,7 +19,6 @@ pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from sparseq.integrations import transformers as hf  # noqa: E402
 from sparseq.integrations.serving import parse_manifest  # noqa: E402
 from sparseq.models import load_llama  # noqa: E402
 
