@@ -175,7 +175,7 @@ def run_bench(args: argparse.Namespace) -> int:
     else:
         print(f"{len(timed)} measurements, {sum(1 for r in timed if r.error)} failed: see the .md tables")
     print(f"results: {out}")
-    if args.full and not args.smoke and not args.merge:
+    if args.full and not args.smoke and not args.merge and not args.cpu:  # CPU end to end: bench_cpu.py
         return run_e2e_script(["--out", str(out)])
     return 0
 
