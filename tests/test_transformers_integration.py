@@ -184,14 +184,22 @@ def test_bad_quantization_config_is_refused_naming_the_field(edit, match, saved,
         AutoModelForCausalLM.from_pretrained(bad)
 
 
-def test_bad_buffer_is_refused_naming_the_layer(saved, tmp_path):
+@pytest.mark.parametrize("change, match", [
+    ("bad codes", r"model\.layers\.2\.mlp\.down_proj.*meta"),
+    ("missing", r"model\.layers\.2\.mlp\.down_proj.*\['meta'\] missing"),
+])
+def test_bad_or_missing_buffer_is_refused_naming_the_layer(change, match, saved, tmp_path):
     from safetensors.torch import save_file
 
     bad = _edit_config(saved["2:4"], tmp_path / "bad", lambda qc: None)
     tensors = load_file(str(bad / "model.safetensors"))
-    tensors["model.layers.2.mlp.down_proj.meta"] = torch.full_like(tensors["model.layers.2.mlp.down_proj.meta"], 0xFF)
+    key = "model.layers.2.mlp.down_proj.meta"
+    if change == "missing":  # transformers alone would leave it uninitialized, with a warning
+        del tensors[key]
+    else:
+        tensors[key] = torch.full_like(tensors[key], 0xFF)
     save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"model\.layers\.2\.mlp\.down_proj.*meta"):
+    with pytest.raises(ValueError, match=match):
         AutoModelForCausalLM.from_pretrained(bad)
 
 

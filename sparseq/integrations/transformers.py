@@ -157,8 +157,9 @@ def _build_classes() -> Dict[str, type]:
             self._dtype = dtype  # from_pretrained(dtype=...): the layers follow it after loading
             return dtype
 
-        def _process_model_before_weight_loading(self, model, **kwargs):
+        def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
             _swap_empty_layers(model, self.quantization_config.layers)
+            _check_keys(model, checkpoint_files)
             # sparseq.save also stores non-persistent buffers (rotary inv_freq); transformers
             # recomputes its own, so those entries are expected extras
             ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
@@ -194,6 +195,28 @@ def _swap_empty_layers(model, layers: Dict[str, dict]) -> None:
     from ..serialization import _put_layers
 
     _put_layers(model, {"layers": layers})
+
+
+def _check_keys(model, checkpoint_files) -> None:
+    """Every buffer of every sparseq layer must be in the checkpoint: transformers would leave a
+    missing one as uninitialized memory (it only warns), so its absence is an error here."""
+    from safetensors import safe_open
+
+    from ..nn.base import CompressedLinear
+
+    files = [str(f) for f in (checkpoint_files or []) if str(f).endswith(".safetensors")]
+    if not files:
+        return
+    keys = set()
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            keys.update(f.keys())
+    for name, module in model.named_modules():
+        if isinstance(module, CompressedLinear):
+            missing = [b for b, t in module._buffers.items() if t is not None and f"{name}.{b}" not in keys]
+            if missing:
+                raise ValueError(f"sparseq: layer {name!r} ({type(module).__name__}, format {module.FORMAT!r}): "
+                                 f"tensors {missing} missing from the checkpoint")
 
 
 def _check_loaded(model, dtype=None) -> None:
