@@ -5,53 +5,51 @@ transformers + sparseq layers (the saved model loaded back by ``sparseq.load``),
 
 vLLM runs in its own venv (``SPARSEQ_VLLM_PYTHON``; ``bash .ci/vllm`` builds it and runs these
 tests); this module runs in the main venv and starts ``tests/vllm_driver.py`` (all LLM runs,
-one engine at a time) and ``vllm serve`` as subprocesses. Without ``SPARSEQ_VLLM_PYTHON``
-every test here skips: the main test command never starts vLLM.
+one engine at a time, in one process) and ``vllm serve`` as subprocesses. Without
+``SPARSEQ_VLLM_PYTHON`` every test here skips: the main test command never starts vLLM.
 
 Comparisons are exact: fp32 everywhere, greedy, one sequence at a time in vLLM
 (``max_num_seqs=1``, so each layer sees the same M as in transformers: the prompt, then 1).
 The dense model goes through the same check (vLLM's attention and transformers' agree), one run
-batches all prompts (decode M = 3: another CPU kernel bucket for W8A8), one runs compiled
-(enforce_eager=False, vLLM's default), one finds the method in config.json instead of the flag,
-and three cases run with tensor_parallel_size=2 (two CPU workers).
+batches all prompts (decode M = 3: another CPU kernel bucket for W8A8), one runs compiled in
+vLLM's default layout (enforce_eager=False, engine core and worker processes), one finds the
+method in config.json instead of the flag, one reads the layers from sparseq.json behind a bare
+``{"quant_method": "sparseq"}``, and two cases run with tensor_parallel_size=2 (two CPU
+workers). The other runs keep vLLM's engine core and worker in the driver process (see
+tests/vllm_driver.py): the same model code, two process starts fewer per engine.
 """
 import copy
-import inspect
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
 
-VLLM_PYTHON = os.environ.get("SPARSEQ_VLLM_PYTHON")
+from vllm_harness import (DRIVER, KV_CACHE_BYTES, SKIP_REASON, VLLM_PYTHON, check_tokens, greedy, run_driver,
+                          vllm_env)
+
 pytestmark = pytest.mark.vllm
 if not VLLM_PYTHON:
-    pytest.skip("the vLLM tests need SPARSEQ_VLLM_PYTHON (a python with vllm: bash .ci/vllm)",
-                allow_module_level=True)
+    pytest.skip(SKIP_REASON, allow_module_level=True)
 pytest.importorskip("transformers")
 
 import sparseq  # noqa: E402
 from sparseq.nn.swap import format_for  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-DRIVER = ROOT / "tests" / "vllm_driver.py"
-
 MODEL = "bundled"  # sparseq.models.load_llama() (sparseq/models/llama_shakespeare), or "tiny-random"
 DTYPE = torch.float32
 MAX_TOKENS = 12
-MAX_MODEL_LEN = 256
+MAX_MODEL_LEN = 128  # prompts of 10-14 tokens + 12 generated
 PROMPTS = ["To be, or not to be, that is the question:",
            "Now is the winter of our discontent",
            "Friends, Romans, countrymen, lend me your ears;"]
-DRIVER_TIMEOUT_S = 2400  # 20-65 s per engine on 2 shared CPU cores; 16 engines
+DRIVER_TIMEOUT_S = 2400  # 10-30 s per in-process engine on 2 shared CPU cores, ~60 s per TP or compiled one
 SERVE_START_TIMEOUT_S = 300
 REQUEST_TIMEOUT_S = 120
 SERVE_CASE = "2:4+w8a8 smooth"
@@ -65,9 +63,12 @@ CASES = {fmt: ({"lm_head": "dense", "*": fmt}, {}) for fmt in FORMATS}
 CASES["w8a8 smooth static"] = ({"lm_head": "dense", "*": "w8a8"}, {"smooth": True, "act_amax": 4.0})
 CASES["2:4+w8a8 smooth"] = ({"lm_head": "dense", "*": "2:4+w8a8"}, {"smooth": True})
 CASES["mixed"] = (MIXED, {})
-AUTO_CASE = "2:4"  # also run from a copy whose config.json has quantization_config {"quant_method": "sparseq"}
+AUTO_CASE = "2:4"  # run without quantization="sparseq": vLLM finds the method in config.json
+MANIFEST_CASE = "mixed"  # config.json says only {"quant_method": "sparseq"}: the layers come from sparseq.json
 COMPILED_CASE = "2:4+w8a8 smooth"  # also run without enforce_eager (vLLM's torch.compile of the model)
-TP_CASES = ["2:4", "w8a8 smooth static", "2:4+w8a8 smooth"]  # also run with tensor_parallel_size=2
+# also run with tensor_parallel_size=2: 2:4 values / meta and SmoothQuant factors sharded, dynamic and
+# static activation scales (plain 2:4 shards through the same loaders as 2:4+w8a8)
+TP_CASES = ["w8a8 smooth static", "2:4+w8a8 smooth"]
 BAD_MERGE = {"lm_head": "dense", "*.q_proj": "2:4", "*": "w8a8"}  # q_proj differs from k/v: refused
 
 
@@ -98,20 +99,6 @@ def base_model():
     return tiny_random_llama()
 
 
-@torch.no_grad()
-def greedy(model, prompt, n):
-    """``n`` greedy tokens after ``prompt`` (token ids) with the KV cache: the prompt in one
-    forward, then one token per step; no EOS handling (vLLM runs with ignore_eos)."""
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # transformers 5.24
-    out = model(torch.tensor([prompt]), use_cache=True)
-    tokens = []
-    for _ in range(n):
-        tokens.append(int(out.logits[0, -1].argmax()))
-        if len(tokens) < n:
-            out = model(torch.tensor([[tokens[-1]]]), use_cache=True, **{key: getattr(out, key)})
-    return tokens
-
-
 def smooth_for(model, seed=1):
     g = torch.Generator().manual_seed(seed)
     return {name: torch.rand(m.in_features, generator=g) * 1.5 + 0.5
@@ -128,13 +115,6 @@ def swapped(model, recipe, opts):
                               if isinstance(mod, torch.nn.Linear) and name != "lm_head"}
     sparseq.swap(m, recipe, prune="magnitude", **kwargs)
     return m
-
-
-def vllm_env(root):
-    env = dict(os.environ)
-    env.update(VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               VLLM_CACHE_ROOT=str(root / "vllm-cache"))  # torch.compile caches stay in the test's folder
-    return env
 
 
 @pytest.fixture(scope="session")
@@ -165,12 +145,10 @@ def built(tmp_path_factory, timings):
         loaded = sparseq.load(d).eval()  # what was saved, as transformers + sparseq layers
         hf[case] = [greedy(loaded, p, MAX_TOKENS) for p in prompts]
         timings[f"transformers {case}: swap + save + load + generate"] = time.perf_counter() - t0
-    # config.json saying quant_method "sparseq": vLLM picks the method without --quantization
-    dirs["auto"] = root / "auto"
-    shutil.copytree(dirs[AUTO_CASE], dirs["auto"])
-    config = json.loads((dirs["auto"] / "config.json").read_text())
+    # a bare quant method in config.json: the plugin reads the layers from sparseq.json
+    config = json.loads((dirs[MANIFEST_CASE] / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "sparseq"}
-    (dirs["auto"] / "config.json").write_text(json.dumps(config, indent=2))
+    (dirs[MANIFEST_CASE] / "config.json").write_text(json.dumps(config, indent=2))
     dirs["bad merge"] = root / "bad_merge"
     sparseq.save(swapped(model, BAD_MERGE, {}), dirs["bad merge"])
     tokenizer.save_pretrained(dirs["bad merge"])
@@ -181,10 +159,10 @@ def built(tmp_path_factory, timings):
 def vllm_runs(built, timings):
     """Every vLLM run in one driver process (one engine at a time)."""
     runs = [{"name": "dense", "model": str(built["dirs"]["dense"]), "quantization": None}]
-    runs += [{"name": case, "model": str(built["dirs"][case]), "quantization": "sparseq"} for case in CASES]
-    runs.append({"name": f"{AUTO_CASE} auto", "model": str(built["dirs"]["auto"]), "quantization": None})
+    runs += [{"name": case, "model": str(built["dirs"][case]),
+              "quantization": None if case == AUTO_CASE else "sparseq"} for case in CASES]
     runs.append({"name": f"{COMPILED_CASE} compiled", "model": str(built["dirs"][COMPILED_CASE]),
-                 "quantization": "sparseq", "enforce_eager": False})
+                 "quantization": "sparseq", "enforce_eager": False, "engine_process": True})
     runs.append({"name": "w8a8 batched", "model": str(built["dirs"]["w8a8"]), "quantization": "sparseq",
                  "max_num_seqs": len(PROMPTS)})
     cores = sorted(os.sched_getaffinity(0))
@@ -195,22 +173,12 @@ def vllm_runs(built, timings):
     runs.append({"name": "bad merge", "model": str(built["dirs"]["bad merge"]), "quantization": "sparseq"})
     job = {"runs": runs, "prompts": built["prompts"], "max_tokens": MAX_TOKENS,
            "dtype": str(DTYPE).replace("torch.", ""), "max_num_seqs": 1, "max_model_len": MAX_MODEL_LEN}
-    root = built["root"]
-    (root / "job.json").write_text(json.dumps(job))
-    log = root / "driver.log"
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.run([VLLM_PYTHON, str(DRIVER), str(root / "job.json"), str(root / "out.json")],
-                              stdout=f, stderr=subprocess.STDOUT, env=vllm_env(root), timeout=DRIVER_TIMEOUT_S,
-                              cwd=root)
-    timings["vLLM driver, all runs (wall)"] = time.perf_counter() - t0
-    text = log.read_text(errors="replace")
-    assert proc.returncode == 0, f"vllm_driver.py exited {proc.returncode}; log {log}:\n{text[-6000:]}"
-    results = json.loads((root / "out.json").read_text())
-    for name, r in results.items():
+    out = run_driver(job, built["root"], "driver", DRIVER_TIMEOUT_S)
+    timings["vLLM driver, all runs (wall)"] = out["seconds"]
+    for name, r in out["results"].items():
         for what, s in r.get("seconds", {}).items():
             timings[f"vLLM {name}: {what}"] = s
-    return {"results": results, "log": text, "log_path": log}
+    return out
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -221,13 +189,7 @@ def _report_timings(request, timings, report_line):
 
 
 def _check_tokens(built, vllm_runs, case, run=None):
-    r = vllm_runs["results"][run or case]
-    assert "error" not in r, f"vLLM run {run or case} failed: {r.get('error')} (log {vllm_runs['log_path']})"
-    want = built["hf"][case]
-    for i, (got, exp) in enumerate(zip(r["tokens"], want)):
-        assert got == exp, (f"{run or case}, prompt {i}: vLLM {got} != transformers+sparseq {exp}; "
-                            f"vLLM top-2 logprob margins {r['margins'][i]}")
-    assert len(r["tokens"]) == len(want)
+    check_tokens(vllm_runs["results"][run or case], built["hf"][case], f"{run or case} (log {vllm_runs['log_path']})")
 
 
 def test_dense_model_vllm_equals_transformers(built, vllm_runs):
@@ -261,16 +223,28 @@ def test_vllm_batched_decode_equals_transformers(built, vllm_runs):
     _check_tokens(built, vllm_runs, "w8a8", run="w8a8 batched")
 
 
-def test_quant_method_in_config_json_needs_no_quantization_flag(built, vllm_runs):
-    """``quantization_config: {"quant_method": "sparseq"}`` in config.json: vLLM picks the method
-    itself and the plugin reads the layers from sparseq.json of the model folder."""
-    _check_tokens(built, vllm_runs, AUTO_CASE, run=f"{AUTO_CASE} auto")
-    assert vllm_runs["results"][f"{AUTO_CASE} auto"]["layers"] == vllm_runs["results"][AUTO_CASE]["layers"]
+def test_quant_method_in_config_json_needs_no_quantization_flag(built):
+    """``sparseq.save`` writes ``quantization_config`` (quant method ``sparseq`` and the layers)
+    into config.json: vLLM picks the method itself (the AUTO_CASE run has no --quantization and
+    passes test_vllm_generates_the_tokens_of_transformers_and_sparseq)."""
+    config = json.loads((built["dirs"][AUTO_CASE] / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "sparseq" and config["quantization_config"]["layers"]
+
+
+def test_bare_quant_method_reads_the_layers_from_sparseq_json(built, vllm_runs):
+    """``quantization_config: {"quant_method": "sparseq"}`` alone: the plugin reads the layers from
+    the folder's sparseq.json (the MANIFEST_CASE run, every format in one model)."""
+    config = json.loads((built["dirs"][MANIFEST_CASE] / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "sparseq"}
+    _check_tokens(built, vllm_runs, MANIFEST_CASE)
+    methods = {row["method"] for row in vllm_runs["results"][MANIFEST_CASE]["layers"].values()}
+    assert methods == {"SparseqLinearMethod", "UnquantizedLinearMethod"}
 
 
 def test_vllm_compiled_model_generates_the_same_tokens(built, vllm_runs):
-    """vLLM's default mode (enforce_eager=False: torch.compile traces the model, sparseq layers
-    included, with their kernels resolved at load time)."""
+    """vLLM's default mode and layout (enforce_eager=False: torch.compile traces the model, sparseq
+    layers included, with their kernels resolved at load time; engine core and worker in their
+    own processes, each loading the plugin from its entry point)."""
     _check_tokens(built, vllm_runs, COMPILED_CASE, run=f"{COMPILED_CASE} compiled")
 
 
@@ -309,6 +283,7 @@ def test_vllm_serve_answers_a_completion_with_the_same_tokens(built, vllm_runs, 
     # `vllm serve ...` through the driver: vllm-cpu 0.32.0's `vllm` script cannot start (see vllm_driver.py)
     cmd = [VLLM_PYTHON, str(DRIVER), "serve", model_dir, "--quantization", "sparseq", "--dtype", "float32",
            "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "1",
+           "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
            "--no-enable-prefix-caching", "--seed", "0", "--host", "127.0.0.1", "--port", str(port)]
     log = built["root"] / "serve.log"
     t0 = time.perf_counter()
