@@ -341,3 +341,21 @@ def test_from_pretrained_dtype_casts_the_layers_as_to_does(saved, tokenizer):
             for buf, t in ref.get_submodule(name).named_buffers():
                 assert torch.equal(getattr(layer, buf), t), f"{name}.{buf}"
     assert torch.equal(_logits(model, tokenizer), _logits(ref, tokenizer))
+
+
+def test_a_model_with_nothing_compressed_gets_no_quantization_config(saved, tmp_path):
+    """A dense save stays a plain transformers folder (vLLM / SGLang load it unquantized), also
+    when the model came from a sparseq folder (its config held the sparseq entry)."""
+    dense, _ = load_llama()
+    sparseq.save(dense, tmp_path / "dense")
+    assert "quantization_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())
+    model = sparseq.load(saved["w8a8"])
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, sparseq.nn.CompressedLinear):
+            linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+            linear.weight.data = layer.dense_weight()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, linear)
+    assert "quant_method" in str(model.config.quantization_config)
+    sparseq.save(model, tmp_path / "undone")
+    assert "quantization_config" not in json.loads((tmp_path / "undone" / "config.json").read_text())
