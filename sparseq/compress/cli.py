@@ -66,7 +66,8 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recover", action="store_true", help="distillation recovery with masks fixed")
     p.add_argument("--steps", type=int, default=200, help="recovery steps of 32 lines (default %(default)s; 2000 took the bundled model "
                         "to cosine 0.964 in README's table, about 14 min on 2 CPU cores)")
-    p.add_argument("--lr", type=float, default=1e-3, help="recovery peak learning rate (default %(default)s)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="recovery peak learning rate (default 1e-3 for embedding models, 1e-4 for causal LMs)")
     p.add_argument("--lora", type=int, default=0, metavar="RANK", help="recover through LoRA adapters of this rank, merged back")
     p.add_argument("--out", default="sparseq-out", metavar="DIR", help="where to save (default %(default)s)")
     p.add_argument("--no-save", action="store_true", help="report only")

@@ -82,7 +82,7 @@ def compress_job(
     lora_rank: int = 0,
     save: bool = True,
     activations: str = "dynamic",
-    recover_lr: float = 1e-3,
+    recover_lr: Optional[float] = None,
     schedule: Optional[Sequence[Recipe]] = None,
     floor: Optional[float] = None,
 ) -> Dict[str, Any]:
@@ -91,7 +91,8 @@ def compress_job(
     ``schedule``: recipes applied one after another instead of ``recipe`` alone (each step
     scored, and recovered when ``recover_steps``); ``floor``: undo and stop at the first
     step whose cosine ends below it, or for a causal LM whose perplexity ratio to dense ends
-    above it (see ``sparseq.compress.schedule``).
+    above it (see ``sparseq.compress.schedule``). ``recover_lr``: default the task's
+    (1e-3 for embedding models, 1e-4 for causal LMs).
     """
     t_start = time.perf_counter()
     steps = list(schedule) if schedule else [recipe]
@@ -111,7 +112,7 @@ def compress_job(
     ref = task.reference(dense, eval_batches)
     done, result, rec = compress_in_steps(
         model, dense, tokenizer, texts.calib, eval_batches, ref, steps, method, train_lines=texts.train,
-        recover_steps=recover_steps, recover_lr=recover_lr, lora_rank=lora_rank, floor=floor, say=_say,
+        recover_steps=recover_steps, recover_lr=recover_lr or task.recover_lr, lora_rank=lora_rank, floor=floor, say=_say,
         task=task, alpha=alpha, activations=activations)
     kept = [s for s in done if s.kept]
     scores: Dict[str, Scores] = {"oneshot": kept[-1].oneshot}
