@@ -4,30 +4,32 @@ by SGLang's weight loaders from a checkpoint written by ``sparseq.save``, give t
 saved sparseq layers; with tensor_parallel_size 2 (SGLang's logical tp group, one rank at a time in
 this process) the ranks' shards concatenate (column parallel) or sum (row parallel) to them.
 
-Needs SGLang's Python sources (not its GPU kernels): skipped where ``sglang`` does not import.
-SGLang pins a CUDA stack, so the main venv does not install it; to run these tests::
+Needs SGLang's Python sources (not its GPU kernels): SGLang pins a CUDA stack, so the main venv
+does not install it. ``bash tests/sglang_sources.sh`` installs sglang 0.5.23 and the pure-Python
+modules its layers import into ``.cache/sglang-src``; ``SPARSEQ_SGLANG_PATH`` names that folder
+(appended to sys.path: the venv's own packages keep precedence). Skipped where ``sglang`` does not
+import::
 
-    pip download sglang==0.5.23 --no-deps -d /tmp/sgl && \\
-      pip install --no-deps --target /tmp/sgl-target /tmp/sgl/sglang-*.whl
-    # plus, --no-deps into the same target, the pure-Python modules its layers import:
-    # orjson pybase64 requests urllib3 certifi starlette msgspec pyzmq IPython traitlets aiohttp
-    # multidict attrs yarl propcache aiohappyeyeballs aiosignal frozenlist apache-tvm-ffi==0.1.11
-    # torchvision dill sentencepiece compressed-tensors loguru gguf
-    PYTHONPATH=/tmp/sgl-target python -m pytest tests/test_sglang_layers.py
+    bash tests/sglang_sources.sh
+    SPARSEQ_SGLANG_PATH=.cache/sglang-src python -m pytest tests/test_sglang_layers.py
 
 The end-to-end run (``sglang.Engine`` generating the tokens of transformers) needs a GPU:
 tests/test_sglang_engine.py.
 """
 import json
+import os
+import sys
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
+if os.environ.get("SPARSEQ_SGLANG_PATH"):
+    sys.path.append(os.path.abspath(os.environ["SPARSEQ_SGLANG_PATH"]))
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # SGLang warns at import that AWQ / GGUF need a GPU
-    pytest.importorskip("sglang.srt.layers.linear", reason="needs SGLang's sources (see the module docstring)")
+    pytest.importorskip("sglang.srt.layers.linear", reason="needs SGLang's sources: bash tests/sglang_sources.sh, SPARSEQ_SGLANG_PATH")
     from sglang.srt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
     from sglang.srt.runtime_context import get_parallel
 
