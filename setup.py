@@ -8,6 +8,11 @@ Environment:
   CUDA_HOME                   CUDA toolkit (default /usr/local/cuda when nvcc lives there)
   CUTLASS_PATH                CUTLASS checkout (default: headers of the nvidia-cutlass wheel)
   MAX_JOBS                    parallel nvcc jobs (ninja)
+  SPARSEQ_PREBUILT_EXTENSIONS=1  pack the sparseq/_C*.abi3.so already built into the wheel
+
+The extensions use only PyTorch's stable C ABI (from torch TORCH_TARGET_VERSION on) and Python's
+limited API, so `pip wheel --no-build-isolation --no-deps -w dist .` makes one
+sparseq-<v>-cp310-abi3-linux_x86_64.whl for every CPython >= 3.10 and torch >= 2.10.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import importlib.util
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import Distribution, find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CUTLASS_WHEEL = "nvidia-cutlass==4.2.0.0"
@@ -25,6 +30,13 @@ EXTENSIONS = {
     "80": ("sparseq._C", "sm80", ["-gencode=arch=compute_80,code=sm_80"]),
     "90a": ("sparseq._C_sm90a", "sm90a", ["-gencode=arch=compute_90a,code=sm_90a"]),
 }
+
+
+# The oldest torch the extensions load under: the bindings use only PyTorch's stable C ABI as of
+# this version (torch/csrc/stable/version.h encodes major << 56 | minor << 48: 2.10 here).
+TORCH_TARGET_VERSION = "0x020A000000000000ULL"
+# Python's limited API version the extensions are built for (cp310-abi3 wheels).
+PY_LIMITED_API = "cp310"
 
 
 def _say(msg: str) -> None:
@@ -97,16 +109,23 @@ def cuda_extensions():
         sources = sorted(glob.glob(os.path.join("csrc", folder, "*.cu")) + glob.glob(os.path.join("csrc", folder, "*.cpp")))
         if not sources:
             continue
-        exts.append(cpp_extension.CUDAExtension(
+        ext = cpp_extension.CUDAExtension(
             name=module,
             sources=sources,
             include_dirs=[os.path.join(ROOT, "csrc", "include")] + includes,
             extra_compile_args={
-                "cxx": ["-O3", "-std=c++20"],  # torch >= 2.10 headers need C++20 (bindings only)
+                # bindings: PyTorch's stable C ABI (torch/csrc/stable) at TORCH_TARGET_VERSION, so one
+                # build loads under every torch from that version on; USE_CUDA exposes the CUDA shim
+                "cxx": ["-O3", "-std=c++20", f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}", "-DUSE_CUDA"],
                 "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--expt-extended-lambda",
                          "-DNDEBUG", "-DCUTLASS_ENABLE_TENSOR_CORE_MMA=1", *gencode],
             },
-        ))
+            py_limited_api=True,  # Python's limited API: one .abi3.so for CPython >= 3.10
+        )
+        # the CUDA runtime linked statically (as nvcc does by default): the .so needs only the
+        # driver, not the libcudart of the CUDA version this torch was built with
+        ext.libraries = [("cudart_static" if lib == "cudart" else lib) for lib in ext.libraries] + ["rt", "dl"]
+        exts.append(ext)
     _say(f"building CUDA extensions for {archs} with CUDA {torch.version.cuda} at {home}")
     return exts
 
@@ -119,8 +138,21 @@ def _cmdclass(exts):
     return {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+class _BinaryDistribution(Distribution):
+    """A distribution with compiled extensions (prebuilt ones included): platform wheel tags."""
+
+    def has_ext_modules(self) -> bool:
+        return True
+
+
 kernel_packages = ["sparseq.kernels" + p[len("kernels"):] for p in find_packages(include=["kernels", "kernels.*"])]
-ext_modules = cuda_extensions()
+# SPARSEQ_PREBUILT_EXTENSIONS=1: pack the sparseq/_C*.abi3.so already there (built before, e.g.
+# cached by .ci/build_cuda.sh) into the wheel instead of compiling them
+PREBUILT = os.environ.get("SPARSEQ_PREBUILT_EXTENSIONS") == "1"
+if PREBUILT and not glob.glob(os.path.join(ROOT, "sparseq", "_C*.abi3.so")):
+    raise SystemExit("SPARSEQ_PREBUILT_EXTENSIONS=1 but there is no sparseq/_C*.abi3.so")
+ext_modules = [] if PREBUILT else cuda_extensions()
+binary = PREBUILT or bool(ext_modules)
 
 setup(
     name="sparseq",
@@ -131,7 +163,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["sparseq", "sparseq.*"]) + kernel_packages,
     package_dir={"sparseq": "sparseq", "sparseq.kernels": "kernels"},
-    package_data={"sparseq": ["data/*.json", "models/llama_shakespeare/*"]},
+    package_data={"sparseq": ["data/*.json", "models/llama_shakespeare/*"] + (["_C*.abi3.so"] if PREBUILT else [])},
     install_requires=["torch>=2.4", "numpy", "tqdm", "safetensors"],
     extras_require={
         "triton": ["triton"],
@@ -150,5 +182,8 @@ setup(
     },
     ext_modules=ext_modules,
     cmdclass=_cmdclass(ext_modules),
+    # wheels with the extensions are tagged cp310-abi3: one wheel for every CPython >= 3.10
+    options={"bdist_wheel": {"py_limited_api": PY_LIMITED_API}} if binary else {},
+    distclass=_BinaryDistribution if binary else Distribution,
     zip_safe=False,
 )

@@ -24,20 +24,36 @@ CACHE_ROOT=${SPARSEQ_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sparseq-build}
 key=$( { "$VENV/bin/python" -c "import torch; print(torch.__version__, torch.version.cuda)";
          echo "$SPARSEQ_CUDA_ARCHS"; "$CUDA_HOME/bin/nvcc" --version | tail -n 1;
          git ls-files -s csrc;
-         sed -n '/^EXTENSIONS = {/,/^}/p;/^def _cutlass_includes/,/^def _cmdclass/p' setup.py; } | sha256sum | cut -c1-16)
+         sed -n '/^TORCH_TARGET_VERSION/p;/^PY_LIMITED_API/p;/^EXTENSIONS = {/,/^}/p;/^def _cutlass_includes/,/^def _cmdclass/p' setup.py; } | sha256sum | cut -c1-16)
 cache="$CACHE_ROOT/$key"
 start=$(date +%s)
-if [ "$CACHE_ROOT" != off ] && ls "$cache"/_C*.so >/dev/null 2>&1; then
-  cp "$cache"/_C*.so sparseq/
-  SPARSEQ_SKIP_CUDA_BUILD=1 "$VENV/bin/pip" install --disable-pip-version-check -q --no-build-isolation --no-deps -e .
+# One build: the binary wheel (cp310-abi3, both extensions, the Triton kernels) in dist/; the
+# editable install of the checkout takes its extensions from that wheel. Cached: the compiled
+# extensions, packed into a wheel of this checkout's Python code without compiling.
+rm -f sparseq/_C*.so dist/sparseq-*.whl
+if [ "$CACHE_ROOT" != off ] && ls "$cache"/_C*.abi3.so >/dev/null 2>&1; then
+  cp "$cache"/_C*.abi3.so sparseq/
+  SPARSEQ_PREBUILT_EXTENSIONS=1 "$VENV/bin/pip" wheel --disable-pip-version-check -q --no-build-isolation --no-deps -w dist .
   echo "build_cuda: reused the extensions cached in $cache"
 else
-  "$VENV/bin/pip" install --disable-pip-version-check -q --no-build-isolation --no-deps -e .
-  echo "build_cuda: extensions built in $(( $(date +%s) - start )) s with MAX_JOBS=$MAX_JOBS"
-  if [ "$CACHE_ROOT" != off ]; then
-    mkdir -p "$cache" && cp sparseq/_C*.so "$cache"/ && echo "build_cuda: cached in $cache"
-  fi
+  "$VENV/bin/pip" wheel --disable-pip-version-check -q --no-build-isolation --no-deps -w dist .
+  echo "build_cuda: wheel built in $(( $(date +%s) - start )) s with MAX_JOBS=$MAX_JOBS"
 fi
+wheel=$(ls dist/sparseq-*-cp310-abi3-linux_*.whl)
+echo "build_cuda: $wheel"
+"$VENV/bin/python" - "$wheel" <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as whl:
+    libs = [n for n in whl.namelist() if n.startswith("sparseq/_C") and n.endswith(".so")]
+    assert sorted(libs) == ["sparseq/_C.abi3.so", "sparseq/_C_sm90a.abi3.so"], libs
+    assert any(n.startswith("sparseq/kernels/") for n in whl.namelist()), "no Triton kernels in the wheel"
+    whl.extractall(".", libs)
+print(f"build_cuda: extensions {libs} taken from the wheel")
+PY
+if [ "$CACHE_ROOT" != off ] && ! ls "$cache"/_C*.abi3.so >/dev/null 2>&1; then
+  mkdir -p "$cache" && cp sparseq/_C*.abi3.so "$cache"/ && echo "build_cuda: cached in $cache"
+fi
+SPARSEQ_SKIP_CUDA_BUILD=1 "$VENV/bin/pip" install --disable-pip-version-check -q --no-build-isolation --no-deps -e .
 
 "$VENV/bin/python" - <<'PY'
 import importlib

@@ -60,7 +60,11 @@ def load_cuda_extensions() -> Dict[str, BackendStatus]:
                     importlib.import_module(module)
                     status[arch] = BackendStatus(True, f"{module} loaded")
                 except (ImportError, OSError) as e:
-                    status[arch] = BackendStatus(False, f"{module} failed to load: {e}")
+                    why = f"{module} failed to load: {e}"
+                    if torch.version.cuda is None:
+                        why = (f"{module} needs a CUDA build of torch >= 2.10; torch {torch.__version__} is a "
+                               f"CPU build ({why})")
+                    status[arch] = BackendStatus(False, why)
             _cuda_status = status
         return dict(_cuda_status)
 

@@ -1,8 +1,8 @@
 // torch bindings of sparseq._C, the core extension: registers the public CUTLASS 2:4 ops
 // (schemas in sparseq/cuda_ops.py) and runs the Ampere (mma.sp) kernels; on sm90 GPUs the GEMMs
 // route through the dispatcher to the sm90a kernels registered by sparseq._C_sm90a.
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/library.h>
+// PyTorch's stable C ABI only (see binding_utils.h).
+#include <array>
 
 #include "sparseq/binding_utils.h"
 #include "sparseq/sm80_kernels.h"
@@ -10,6 +10,8 @@
 namespace {
 
 using sparseq::KernelEntry;
+using sparseq::ScalarType;
+using sparseq::Tensor;
 
 const KernelEntry kSm80Kernels[] = {
 #define SPARSEQ_ENTRY(name, in, out, bucket) \
@@ -19,81 +21,83 @@ const KernelEntry kSm80Kernels[] = {
 };
 
 // 90 for sm90 (the sm90a kernels), 80 for sm80-sm89, an error otherwise.
-int arch_of(const at::Tensor& x) {
-  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got device ", x.device());
-  auto props = sparseq::device_info(x.device().index());
+int arch_of(const Tensor& x) {
+  STD_TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got device ", sparseq::device_of(x));
+  auto props = sparseq::device_info(x.get_device_index());
   if (props.major == 9 && props.minor == 0) return 90;
-  TORCH_CHECK(props.major == 8, "sparseq's CUTLASS 2:4 kernels run on sm80-sm89 and sm90 GPUs, not sm",
-              props.major, props.minor);
+  STD_TORCH_CHECK(props.major == 8, "sparseq's CUTLASS 2:4 kernels run on sm80-sm89 and sm90 GPUs, not sm",
+                  props.major, props.minor);
   return 80;
 }
 
-c10::OperatorHandle sm90a_op(const char* name) {
-  auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
-  TORCH_CHECK(handle.hasKernelForDispatchKey(c10::DispatchKey::CUDA), name,
-              " has no CUDA kernel: sparseq._C_sm90a is not built or not imported "
-              "(see sparseq.kernels_available())");
-  return handle;
+// Calls a private sm90a op of sparseq._C_sm90a through the dispatcher; its result is stack[0].
+template <size_t N>
+Tensor call_sm90a(const char* op, std::array<StableIValue, N>& stack) {
+  const AOTITorchError err = torch_call_dispatcher(op, "", stack.data(), TORCH_ABI_VERSION);
+  STD_TORCH_CHECK(err == AOTI_TORCH_SUCCESS, "sparseq: ", op,
+                  " failed (torch printed the cause above); if it has no CUDA kernel, sparseq._C_sm90a is not "
+                  "built or not imported (see sparseq.kernels_available())");
+  return torch::stable::detail::to<Tensor>(stack[0]);
 }
 
-at::Tensor sparse24_mm_cutlass(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
-                               const std::optional<at::Tensor>& bias) {
+Tensor sparse24_mm_cutlass(Tensor x, Tensor values, Tensor meta, std::optional<Tensor> bias) {
   if (arch_of(x) == 90) {
-    static auto op = sm90a_op("sparseq::_sparse24_mm_cutlass_sm90a")
-                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                           const std::optional<at::Tensor>&)>();
-    return op.call(x, values, meta, bias);
+    sparseq::check_sparse24_mm(90, x, values, meta);  // report bad input here, in full
+    std::array<StableIValue, 4> stack{torch::stable::detail::from(x), torch::stable::detail::from(values),
+                                      torch::stable::detail::from(meta), torch::stable::detail::from(bias)};
+    return call_sm90a("sparseq::_sparse24_mm_cutlass_sm90a", stack);
   }
   return sparseq::sparse24_mm(kSm80Kernels, 80, x, values, meta, bias);
 }
 
-at::Tensor sparse24_int8_mm_cutlass(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
-                                    const at::Tensor& w_scale, const std::optional<at::Tensor>& x_scale,
-                                    const std::optional<at::Tensor>& bias, std::optional<at::ScalarType> out_dtype) {
+Tensor sparse24_int8_mm_cutlass(Tensor x, Tensor values, Tensor meta, Tensor w_scale, std::optional<Tensor> x_scale,
+                                std::optional<Tensor> bias, std::optional<ScalarType> out_dtype) {
   if (arch_of(x) == 90) {
-    static auto op = sm90a_op("sparseq::_sparse24_int8_mm_cutlass_sm90a")
-                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                           std::optional<at::ScalarType>)>();
-    return op.call(x, values, meta, w_scale, x_scale, bias, out_dtype);
+    sparseq::check_sparse24_int8_mm(90, x, values, meta, x_scale, out_dtype);
+    std::array<StableIValue, 7> stack{
+        torch::stable::detail::from(x),       torch::stable::detail::from(values),
+        torch::stable::detail::from(meta),    torch::stable::detail::from(w_scale),
+        torch::stable::detail::from(x_scale), torch::stable::detail::from(bias),
+        torch::stable::detail::from(out_dtype)};
+    return call_sm90a("sparseq::_sparse24_int8_mm_cutlass_sm90a", stack);
   }
   return sparseq::sparse24_int8_mm(kSm80Kernels, 80, x, values, meta, w_scale, x_scale, bias, out_dtype);
 }
 
-at::Tensor meta_to_cutlass_sm80(const at::Tensor& values, const at::Tensor& meta) {
+Tensor meta_to_cutlass_sm80(Tensor values, Tensor meta) {
   auto [n, k, bits] = sparseq::check_canonical(values, meta);
-  TORCH_CHECK(meta.scalar_type() == at::kByte && meta.dim() == 2 && meta.size(0) == n && meta.size(1) == k / 8,
-              "meta must be the canonical uint8 [", n, ", ", k / 8, "], got ", meta.scalar_type(), " ", meta.sizes());
-  c10::cuda::CUDAGuard guard(values.device());
-  at::Tensor out = bits == 16 ? at::empty({k / 32, n, 2}, meta.options().dtype(at::kShort))
-                              : at::empty({k / 64, n, 2}, meta.options().dtype(at::kInt));
-  const char* err = sparseq_meta_to_cutlass_sm80(meta.data_ptr<uint8_t>(), out.data_ptr(), int(n), int(k), bits,
-                                                 sparseq::current_stream(values));
-  TORCH_CHECK(err == nullptr, "sparseq: ", err);
+  sparseq::check_canonical_meta(meta, n, k);
+  auto guard = sparseq::device_guard(values);
+  Tensor out = bits == 16 ? sparseq::empty_like_device(meta, {k / 32, n, 2}, ScalarType::Short)
+                          : sparseq::empty_like_device(meta, {k / 64, n, 2}, ScalarType::Int);
+  const char* err = sparseq_meta_to_cutlass_sm80(static_cast<const uint8_t*>(meta.data_ptr()), out.data_ptr(),
+                                                 int(n), int(k), bits, sparseq::current_stream(values));
+  STD_TORCH_CHECK(err == nullptr, "sparseq: ", err);
   return out;
 }
 
-at::Tensor meta_from_cutlass_sm80(const at::Tensor& values, const at::Tensor& meta_cutlass) {
+Tensor meta_from_cutlass_sm80(Tensor values, Tensor meta_cutlass) {
   auto [n, k, bits] = sparseq::check_canonical(values, meta_cutlass);
   sparseq::check_prepared_meta(meta_cutlass, n, k, bits, 80);
-  c10::cuda::CUDAGuard guard(values.device());
-  at::Tensor out = at::empty({n, k / 8}, meta_cutlass.options().dtype(at::kByte));
-  const char* err = sparseq_meta_from_cutlass_sm80(meta_cutlass.data_ptr(), out.data_ptr<uint8_t>(), int(n), int(k),
-                                                   bits, sparseq::current_stream(values));
-  TORCH_CHECK(err == nullptr, "sparseq: ", err);
+  auto guard = sparseq::device_guard(values);
+  Tensor out = sparseq::empty_like_device(meta_cutlass, {n, k / 8}, ScalarType::Byte);
+  const char* err = sparseq_meta_from_cutlass_sm80(meta_cutlass.data_ptr(), static_cast<uint8_t*>(out.data_ptr()),
+                                                   int(n), int(k), bits, sparseq::current_stream(values));
+  STD_TORCH_CHECK(err == nullptr, "sparseq: ", err);
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sparseq, CUDA, m) {
-  m.impl("sparse24_mm_cutlass", &sparse24_mm_cutlass);
-  m.impl("sparse24_int8_mm_cutlass", &sparse24_int8_mm_cutlass);
-  m.impl("sparse24_meta_to_cutlass_sm80", &meta_to_cutlass_sm80);
-  m.impl("sparse24_meta_from_cutlass_sm80", &meta_from_cutlass_sm80);
+STABLE_TORCH_LIBRARY_IMPL(sparseq, CUDA, m) {
+  m.impl("sparse24_mm_cutlass", TORCH_BOX(&sparse24_mm_cutlass));
+  m.impl("sparse24_int8_mm_cutlass", TORCH_BOX(&sparse24_int8_mm_cutlass));
+  m.impl("sparse24_meta_to_cutlass_sm80", TORCH_BOX(&meta_to_cutlass_sm80));
+  m.impl("sparse24_meta_from_cutlass_sm80", TORCH_BOX(&meta_from_cutlass_sm80));
 }
 
-// A Python module so that `import sparseq._C` works; importing it registers the kernels.
+// A Python module (limited API, any CPython >= 3.10) so that `import sparseq._C` works;
+// importing it registers the kernels.
 #include <Python.h>
 static struct PyModuleDef sparseq_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&sparseq_c_module); }
