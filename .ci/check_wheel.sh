@@ -8,7 +8,7 @@
 #   PYTHON=python3                 interpreter for it
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WHEEL_VENV=${WHEEL_VENV:-.cache/venv-wheel}
+WHEEL_VENV=$(realpath -m "${WHEEL_VENV:-.cache/venv-wheel}")
 PY=${PYTHON:-python3}
 start=$(date +%s)
 wheel=$(ls dist/sparseq-*-cp310-abi3-linux_*.whl 2>/dev/null | head -n 1 || true)
