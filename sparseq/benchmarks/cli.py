@@ -150,7 +150,7 @@ def run_cpu_ops(args: argparse.Namespace) -> Tuple[Path, List[Row]]:
     finally:
         torch.set_num_threads(threads_before)
     stem = args.name or f"ops_cpu_t{threads}"
-    title = (f"sparseq layers on CPU, {threads} thread{'s' if threads > 1 else ''} (dense: nn.Linear's F.linear; "
+    title = (f"sparseq layers on CPU, {threads} thread{'s' if threads > 1 else ''} (dense: nn.Linear; "
              "peer: torch.ao quantize_dynamic)")
     write_op_results(out, stem, rows, env, title)
     return out, rows

@@ -313,10 +313,11 @@ def quantize_dynamic_contender() -> Contender:
 
 
 def discover_cpu(dtype: torch.dtype, only: Sequence[str] = ()) -> Tuple[List[Contender], List[Row]]:
-    """The CPU contenders: dense ``F.linear`` (``nn.Linear``'s op, the baseline, first), the
-    ``quantize_dynamic`` peer (fp32 only: it takes fp32 activations) and every ``sparseq.swap``
-    layer, running what the CPU dispatch picks (oneDNN int8, the dense copy)."""
-    contenders = torch_contenders(dtype)[:1]
+    """The CPU contenders: the dense ``nn.Linear`` (the baseline, first), the ``quantize_dynamic``
+    peer (fp32 only: it takes fp32 activations) and every ``sparseq.swap`` layer, running what
+    the CPU dispatch picks. All are called as the same one-layer module, so a row's speedup is
+    the layer's, module-call overhead included on both sides."""
+    contenders = [Contender("linear", "torch", "dense", _linear_module, lambda m, x: lambda: m(x))]
     if dtype == torch.float32:
         contenders.append(quantize_dynamic_contender())
     swapped, errors = swap_contenders()
