@@ -31,8 +31,8 @@ import urllib.request
 import pytest
 import torch
 
-from vllm_harness import (DRIVER, KV_CACHE_BYTES, SKIP_REASON, VLLM_PYTHON, check_tokens, greedy, run_driver,
-                          vllm_env)
+from vllm_harness import (DRIVER, KV_CACHE_BYTES, SKIP_REASON, VLLM_PYTHON, check_tokens, finish_driver, greedy,
+                          start_driver, stop_driver, vllm_env)
 
 pytestmark = pytest.mark.vllm
 if not VLLM_PYTHON:
@@ -122,29 +122,40 @@ def timings():
     return {}
 
 
+def _runs(dirs, prompts):
+    """The driver's job: every vLLM run (one engine at a time, in one process)."""
+    runs = [{"name": "dense", "model": str(dirs["dense"]), "quantization": None}]
+    runs += [{"name": case, "model": str(dirs[case]), "quantization": None if case == AUTO_CASE else "sparseq"}
+             for case in CASES]
+    runs.append({"name": f"{COMPILED_CASE} compiled", "model": str(dirs[COMPILED_CASE]),
+                 "quantization": "sparseq", "enforce_eager": False, "engine_process": True})
+    runs.append({"name": "w8a8 batched", "model": str(dirs["w8a8"]), "quantization": "sparseq",
+                 "max_num_seqs": len(PROMPTS)})
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= 2:  # vLLM's CPU workers bind one core each (no NUMA node to spare here)
+        env = {"VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}|{cores[1]}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+        runs += [{"name": f"{case} tp2", "model": str(dirs[case]), "quantization": "sparseq",
+                  "tensor_parallel_size": 2, "env": env} for case in TP_CASES]
+    runs.append({"name": "bad merge", "model": str(dirs["bad merge"]), "quantization": "sparseq"})
+    return {"runs": runs, "prompts": prompts, "max_tokens": MAX_TOKENS, "dtype": str(DTYPE).replace("torch.", ""),
+            "max_num_seqs": 1, "max_model_len": MAX_MODEL_LEN}
+
+
 @pytest.fixture(scope="session")
 def built(tmp_path_factory, timings):
-    """Model folders (dense, one per case, the refused merge) and transformers' tokens."""
+    """Model folders (dense, one per case, the refused merge), the vLLM runs on them (the driver
+    runs while this process computes transformers' tokens from the saved folders)."""
     root = tmp_path_factory.mktemp("vllm")
     t0 = time.perf_counter()
     model, tokenizer = base_model()
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
-    timings["build model + tokenizer"] = time.perf_counter() - t0
-    dirs, hf = {}, {}
-    t0 = time.perf_counter()
-    dirs["dense"] = root / "dense"
+    dirs = {"dense": root / "dense"}
     model.save_pretrained(dirs["dense"])
     tokenizer.save_pretrained(dirs["dense"])
-    hf["dense"] = [greedy(model, p, MAX_TOKENS) for p in prompts]
-    timings["transformers dense: save + generate"] = time.perf_counter() - t0
     for case, (recipe, opts) in CASES.items():
-        t0 = time.perf_counter()
         d = dirs[case] = root / case.replace(":", "").replace("+", "_").replace(" ", "_")
         sparseq.save(swapped(model, recipe, opts), d)
         tokenizer.save_pretrained(d)
-        loaded = sparseq.load(d).eval()  # what was saved, as transformers + sparseq layers
-        hf[case] = [greedy(loaded, p, MAX_TOKENS) for p in prompts]
-        timings[f"transformers {case}: swap + save + load + generate"] = time.perf_counter() - t0
     # a bare quant method in config.json: the plugin reads the layers from sparseq.json
     config = json.loads((dirs[MANIFEST_CASE] / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "sparseq"}
@@ -152,33 +163,29 @@ def built(tmp_path_factory, timings):
     dirs["bad merge"] = root / "bad_merge"
     sparseq.save(swapped(model, BAD_MERGE, {}), dirs["bad merge"])
     tokenizer.save_pretrained(dirs["bad merge"])
-    return {"root": root, "dirs": dirs, "hf": hf, "prompts": prompts, "tokenizer": tokenizer}
+    timings["model folders: swap + save"] = time.perf_counter() - t0
+    driver = start_driver(_runs(dirs, prompts), root, "driver")
+    try:
+        t0 = time.perf_counter()
+        hf = {"dense": [greedy(model, p, MAX_TOKENS) for p in prompts]}
+        for case in CASES:
+            loaded = sparseq.load(dirs[case]).eval()  # what was saved, as transformers + sparseq layers
+            hf[case] = [greedy(loaded, p, MAX_TOKENS) for p in prompts]
+        timings["transformers: load + generate, every case (beside the driver)"] = time.perf_counter() - t0
+        runs = finish_driver(driver, DRIVER_TIMEOUT_S)
+    finally:
+        stop_driver(driver)
+    timings["vLLM driver, all runs (wall)"] = runs["seconds"]
+    for name, r in runs["results"].items():
+        for what, s in r.get("seconds", {}).items():
+            timings[f"vLLM {name}: {what}"] = s
+    return {"root": root, "dirs": dirs, "hf": hf, "prompts": prompts, "tokenizer": tokenizer, "runs": runs}
 
 
 @pytest.fixture(scope="session")
-def vllm_runs(built, timings):
-    """Every vLLM run in one driver process (one engine at a time)."""
-    runs = [{"name": "dense", "model": str(built["dirs"]["dense"]), "quantization": None}]
-    runs += [{"name": case, "model": str(built["dirs"][case]),
-              "quantization": None if case == AUTO_CASE else "sparseq"} for case in CASES]
-    runs.append({"name": f"{COMPILED_CASE} compiled", "model": str(built["dirs"][COMPILED_CASE]),
-                 "quantization": "sparseq", "enforce_eager": False, "engine_process": True})
-    runs.append({"name": "w8a8 batched", "model": str(built["dirs"]["w8a8"]), "quantization": "sparseq",
-                 "max_num_seqs": len(PROMPTS)})
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) >= 2:  # vLLM's CPU workers bind one core each (no NUMA node to spare here)
-        env = {"VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}|{cores[1]}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-        runs += [{"name": f"{case} tp2", "model": str(built["dirs"][case]), "quantization": "sparseq",
-                  "tensor_parallel_size": 2, "env": env} for case in TP_CASES]
-    runs.append({"name": "bad merge", "model": str(built["dirs"]["bad merge"]), "quantization": "sparseq"})
-    job = {"runs": runs, "prompts": built["prompts"], "max_tokens": MAX_TOKENS,
-           "dtype": str(DTYPE).replace("torch.", ""), "max_num_seqs": 1, "max_model_len": MAX_MODEL_LEN}
-    out = run_driver(job, built["root"], "driver", DRIVER_TIMEOUT_S)
-    timings["vLLM driver, all runs (wall)"] = out["seconds"]
-    for name, r in out["results"].items():
-        for what, s in r.get("seconds", {}).items():
-            timings[f"vLLM {name}: {what}"] = s
-    return out
+def vllm_runs(built):
+    """The driver's results (see built)."""
+    return built["runs"]
 
 
 @pytest.fixture(scope="session", autouse=True)

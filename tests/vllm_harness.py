@@ -45,20 +45,41 @@ def vllm_env(root: Path, extra: Optional[Dict[str, str]] = None) -> Dict[str, st
     return env
 
 
-def run_driver(job: dict, root: Path, name: str, timeout_s: float, env: Optional[Dict[str, str]] = None) -> dict:
-    """Run ``job`` (see tests/vllm_driver.py) in one driver process; ``{"results", "log",
-    "log_path", "seconds"}``. Fails with the log's tail when the driver exits non-zero."""
+def start_driver(job: dict, root: Path, name: str, env: Optional[Dict[str, str]] = None) -> dict:
+    """Start ``job`` (see tests/vllm_driver.py) in a driver process and return at once (the
+    caller computes transformers' side meanwhile: vLLM's in-process engines are bound to one
+    core, so the other one is free); :func:`finish_driver` waits for it."""
     (root / f"{name}.json").write_text(json.dumps({"kv_cache_memory_bytes": KV_CACHE_BYTES, **job}))
     log = root / f"{name}.log"
     out = root / f"{name}.out.json"
-    t0 = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.run([VLLM_PYTHON, str(DRIVER), str(root / f"{name}.json"), str(out)], stdout=f,
-                              stderr=subprocess.STDOUT, env=vllm_env(root, env), timeout=timeout_s, cwd=root)
-    seconds = time.perf_counter() - t0
+        proc = subprocess.Popen([VLLM_PYTHON, str(DRIVER), str(root / f"{name}.json"), str(out)], stdout=f,
+                                stderr=subprocess.STDOUT, env=vllm_env(root, env), cwd=root)
+    return {"proc": proc, "log_path": log, "out": out, "t0": time.perf_counter()}
+
+
+def finish_driver(handle: dict, timeout_s: float) -> dict:
+    """Wait for a driver; ``{"results", "log", "log_path", "seconds"}``. Fails with the log's
+    tail when the driver exits non-zero or runs past ``timeout_s`` (then it is killed)."""
+    proc, log = handle["proc"], handle["log_path"]
+    try:
+        proc.wait(timeout=max(1.0, timeout_s - (time.perf_counter() - handle["t0"])))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"vllm_driver.py ran past {timeout_s} s; log {log}:\n"
+                             f"{log.read_text(errors='replace')[-6000:]}") from None
+    seconds = time.perf_counter() - handle["t0"]
     text = log.read_text(errors="replace")
     assert proc.returncode == 0, f"vllm_driver.py exited {proc.returncode}; log {log}:\n{text[-6000:]}"
-    return {"results": json.loads(out.read_text()), "log": text, "log_path": log, "seconds": seconds}
+    return {"results": json.loads(handle["out"].read_text()), "log": text, "log_path": log, "seconds": seconds}
+
+
+def stop_driver(handle: dict) -> None:
+    """Kill a driver still running (the caller failed before :func:`finish_driver`)."""
+    if handle["proc"].poll() is None:
+        handle["proc"].kill()
+        handle["proc"].wait()
 
 
 def check_tokens(got: dict, want: List[List[int]], what: str) -> None:
