@@ -176,14 +176,14 @@ class _W8A8Mixin:
 
     def _quantizer(self, backend: str):
         """``x -> (xq, x_scale)``: ``triton`` (the kernel), ``torch`` (the reference arithmetic
-        without its value checks: no host sync, for GPUs without Triton) or ``reference``."""
+        without its value checks, in the fewest torch ops: ``cpu_ops.quantize_int8``, equal to
+        ``reference.activation_grid`` bit for bit; no host sync, for CPUs and GPUs without
+        Triton) or ``reference``."""
         smooth = self.smooth
         if backend == "torch":
-            def quantize(x: Tensor):
-                grid, scale = reference.activation_grid(x, smooth, self.x_scale)
-                return grid.to(torch.int8), scale
+            from ..cpu_ops import quantize_int8
 
-            return quantize
+            return lambda x: quantize_int8(x, smooth, self.x_scale)
         if self.x_scale is not None:
             op = _triton("quantize_per_tensor") if backend == "triton" else ops.quantize_per_tensor
             return None if op is None else (lambda x: (op(x, self.x_scale, smooth), self.x_scale))
