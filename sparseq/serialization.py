@@ -218,7 +218,10 @@ def _skeleton(path: Path, manifest: dict) -> nn.Module:
     return model
 
 
-def _put_layers(model: nn.Module, manifest: dict) -> None:
+def put_layers(model: nn.Module, manifest: dict) -> None:
+    """Replace each module named in ``manifest["layers"]`` with an empty sparseq layer of its
+    spec (buffers filled by a later state-dict load); used by ``load`` and transformers'
+    ``from_pretrained`` (sparseq.integrations.transformers)."""
     for name, spec in manifest["layers"].items():
         try:
             old = model.get_submodule(name)
@@ -323,7 +326,7 @@ def load(path_or_model: Union[str, Path, nn.Module], path: Optional[Union[str, P
     except (SafetensorError, FileNotFoundError, OSError) as e:
         raise ValueError(f"{root / WEIGHTS} is missing or corrupt: {e}") from e
     model = _skeleton(root, manifest) if target is None else _meta_copy(target)
-    _put_layers(model, manifest)
+    put_layers(model, manifest)
     _assign(model, tensors, manifest)
     model.eval()
     if torch.device(device).type == "cuda":

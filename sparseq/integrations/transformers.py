@@ -192,9 +192,9 @@ def _build_classes() -> Dict[str, type]:
 def _swap_empty_layers(model, layers: Dict[str, dict]) -> None:
     """Replace each manifest layer (an ``nn.Linear`` of the right shape) by an empty sparseq
     layer on the meta device."""
-    from ..serialization import _put_layers
+    from ..serialization import put_layers
 
-    _put_layers(model, {"layers": layers})
+    put_layers(model, {"layers": layers})
 
 
 def _check_keys(model, checkpoint_files) -> None:
