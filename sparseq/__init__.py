@@ -35,6 +35,9 @@ _LAZY = {
     "load": "sparseq.serialization",
     "compress_model": "sparseq.compress",
     "plan": "sparseq.compress",
+    "cpu_numerics": "sparseq.dispatch",
+    "set_cpu_numerics": "sparseq.dispatch",
+    "get_cpu_numerics": "sparseq.dispatch",
 }
 
 
@@ -79,4 +82,7 @@ __all__ = [
     "int8_weight_only_mm",
     "sparse24_mm",
     "sparse24_int8_mm",
+    "cpu_numerics",
+    "set_cpu_numerics",
+    "get_cpu_numerics",
 ]

@@ -87,11 +87,21 @@ def _onednn_status() -> BackendStatus:
     return BackendStatus(not why, why or "oneDNN int8 GEMM (torch.ops.onednn) for W8A8 layers on this CPU")
 
 
+def _fbgemm_status() -> BackendStatus:
+    from .cpu_fbgemm import reduce_range, unavailable_reason
+
+    why = unavailable_reason()
+    bits = "7-bit activations: no VNNI" if reduce_range() else "8-bit activations"
+    return BackendStatus(not why, why or f"fbgemm dynamic int8 linear (torch.ops.quantized) for W8A8 layers at "
+                                         f"small M under the 'fast' CPU numerics ({bits})")
+
+
 def kernels_available() -> Dict[str, BackendStatus]:
-    """Per backend (``reference``, ``triton``, ``cuda``, ``onednn``): whether it can run here and why not."""
+    """Per backend (``reference``, ``triton``, ``cuda``, ``onednn``, ``fbgemm``): whether it can run here and why not."""
     return {
         "reference": BackendStatus(True, f"pure PyTorch {torch.__version__}, any device"),
         "triton": _triton_status(),
         "cuda": _cuda_backend_status(),
         "onednn": _onednn_status(),
+        "fbgemm": _fbgemm_status(),
     }

@@ -3,10 +3,13 @@
 Resolution happens once per layer, device and M bucket (outside the hot path) and is cached
 by the layer; a tuned table written by ``sparseq tune`` overrides the shipped defaults.
 Backends: ``triton`` (sparseq.kernels), ``cutlass`` (sparseq._C*), ``onednn`` (PyTorch's CPU
-int8 GEMM, ``sparseq.cpu_ops``), ``dense`` (F.linear on a dense copy of the weight: the "never
+int8 GEMM, ``sparseq.cpu_ops``), ``fbgemm`` (PyTorch's dynamic int8 linear, ``sparseq.cpu_fbgemm``),
+``int8pack`` (PyTorch's int8 weight-only kernel), ``dense`` (F.linear on a dense copy of the weight: the "never
 slower than dense" fallback) and ``reference``. On the CPU the shipped table's ``cpu`` section
 applies (x86 has no sparse instructions: 2:4 runs dense; W8A8 runs oneDNN), then ``dense``, then
-the reference (``dense_fallback=False``). On a GPU
+the reference (``dense_fallback=False``); under the default ``"fast"`` CPU numerics
+(:func:`cpu_numerics`) the ``cpu_fast`` section, keyed by compute dtype, overrides it per op
+(fbgemm for W8A8 at small M; dense on the dequantized weight where no int8 kernel wins). On a GPU
 the list always ends with ``dense``, never the reference: the reference checks values (a host
 sync) and rebuilds the weight every call, which no GPU path may do.
 
@@ -20,7 +23,8 @@ import threading
 import warnings
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -30,6 +34,12 @@ BUCKET_NAMES = ("1", "2-16", "17-64", "65-256", "257-1024", ">1024")
 BUCKET_M = (1, 16, 64, 256, 1024, 4096)
 """A representative M per bucket (what ``sparseq tune`` measures)."""
 CACHE_ENV = "SPARSEQ_TUNE_CACHE"
+NUMERICS_ENV = "SPARSEQ_CPU_NUMERICS"
+CPU_NUMERICS = ("fast", "exact")
+"""``fast`` (default): on the CPU, W8A8 layers may round activations as PyTorch's fbgemm kernel
+does, or not quantize them where no int8 kernel beats the dense GEMM (bounded, tested:
+``sparseq.cpu_fbgemm.error_bound``). ``exact``: every CPU path equals the reference format bit
+for bit (as the GPU kernels do): the choice for accuracy evaluation."""
 
 _lock = threading.Lock()
 _tables: Dict[str, dict] = {}
@@ -41,6 +51,54 @@ def bucket_of(m: int) -> int:
         if m <= bound:
             return i
     return len(BUCKET_BOUNDS)
+
+
+def _initial_numerics() -> str:
+    mode = os.environ.get(NUMERICS_ENV, "fast").strip().lower() or "fast"
+    if mode not in CPU_NUMERICS:
+        warnings.warn(f"sparseq: ${NUMERICS_ENV}={mode!r} is not one of {CPU_NUMERICS}; using 'fast'")
+        mode = "fast"
+    return mode
+
+
+_numerics = _initial_numerics()
+_numerics_listeners: List[Callable[[], None]] = []
+
+
+def get_cpu_numerics() -> str:
+    """The CPU numerics in force: ``"fast"`` or ``"exact"`` (see :data:`CPU_NUMERICS`)."""
+    return _numerics
+
+
+def set_cpu_numerics(mode: str) -> str:
+    """Set the CPU numerics for the process (``"fast"`` or ``"exact"``); returns the previous
+    mode. Every sparseq layer forgets its resolved CPU kernels, so the next call re-resolves
+    (packed weights and dense copies are kept)."""
+    global _numerics
+    if mode not in CPU_NUMERICS:
+        raise ValueError(f"CPU numerics must be one of {CPU_NUMERICS}, got {mode!r}")
+    with _lock:
+        before, _numerics = _numerics, mode
+    if before != mode:
+        for listener in list(_numerics_listeners):
+            listener()
+    return before
+
+
+@contextmanager
+def cpu_numerics(mode: str) -> Iterator[None]:
+    """``with sparseq.cpu_numerics("exact"): ...`` runs the block with those CPU numerics and
+    restores the previous mode after (process-wide, not per thread)."""
+    before = set_cpu_numerics(mode)
+    try:
+        yield
+    finally:
+        set_cpu_numerics(before)
+
+
+def on_cpu_numerics_change(listener: Callable[[], None]) -> None:
+    """Call ``listener`` whenever the CPU numerics change (layers drop their CPU kernels)."""
+    _numerics_listeners.append(listener)
 
 
 def tuned_table_path() -> Path:
@@ -94,6 +152,11 @@ def preferences(op: str, n: int, k: int, dtype: torch.dtype, device: torch.devic
         bucket = BUCKET_NAMES[bucket_of(m)]
         min_nk = table.get("cpu_min_nk", {})  # a backend that loses to the dense bucket on small layers
         per_op = table.get("cpu", {}).get(op, {}).get(bucket, [])
+        sections = table.get("cpu_fast", {})
+        fast_table = sections.get(str(dtype).replace("torch.", ""), sections.get("default", {}))
+        if _numerics == "fast" and op in fast_table.get("ops", {}):
+            per_op = fast_table["ops"][op].get(bucket, [])
+            min_nk = fast_table.get("min_nk", {})
         fast = [b for b in per_op if n * k >= min_nk.get(b, {}).get(bucket, 0)]
         return list(dict.fromkeys(fast + ["dense", "reference"]))
     if device.type != "cuda":

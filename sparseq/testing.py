@@ -19,7 +19,10 @@ few fp32 roundings and the one output rounding remain:
 Layer vs the dense layer it replaces: ``F.linear(x, W, bias)`` with the layer's weight in
 fp32 (``q * s`` for int8 weights, never rounded to the layer dtype), within the float bound
 above. For W8A8 layers ``x`` is quantized and dequantized by the reference quantizer first:
-the format defines that rounding, and the kernel must match it bit for bit.
+the format defines that rounding, and the kernel must match it bit for bit. Exception: a CPU
+path under the ``"fast"`` numerics that rounds activations otherwise (``impl.approximate``:
+fbgemm, or the dense bucket without activation quantization) is held to that bound plus
+``sparseq.cpu_fbgemm.error_bound``.
 """
 from __future__ import annotations
 
@@ -75,11 +78,11 @@ def first_violation(out: Tensor, expected: Tensor, bound: Tensor) -> Optional[st
 def check_matmul_close(out: Tensor, expected: Tensor, x: Tensor, w: Tensor,
                        x_scale: Optional[Tensor] = None, w_scale: Optional[Tensor] = None,
                        bias: Optional[Tensor] = None, exact_accumulator: Optional[bool] = None,
-                       dense_fallback: bool = False) -> Optional[str]:
+                       dense_fallback: bool = False, extra_bound: Optional[Tensor] = None) -> Optional[str]:
     """:func:`first_violation` of a kernel output against the reference output ``expected`` of
     ``x @ w^T`` (scaled, biased); ``exact_accumulator`` defaults to ``x`` and ``w`` both int8;
     ``dense_fallback`` adds the dense bucket's ``eps(dtype) * magnitude`` (see
-    :func:`check_layer_close`). Computed on the tensors' device in blocks of rows, so a large
+    :func:`check_layer_close`); ``extra_bound`` (``[M, N]``) is added to the bound. Computed on the tensors' device in blocks of rows, so a large
     benchmark shape (16384 x 28672) needs no whole ``[M, N]`` fp64 temporaries; the message is
     :func:`first_violation`'s, row index counted from the top."""
     if out.dtype != expected.dtype or out.shape != expected.shape:
@@ -95,6 +98,8 @@ def check_matmul_close(out: Tensor, expected: Tensor, x: Tensor, w: Tensor,
         bound = matmul_bound(expected[rows], x.shape[-1], mag, exact_accumulator)
         if dense_fallback:
             bound = bound + torch.finfo(out.dtype).eps * mag
+        if extra_bound is not None:
+            bound = bound + extra_bound[rows].detach().to(mag.device).double()
         exp = expected[rows].detach().to(mag.device).double()
         got = out[rows].detach().to(mag.device).double()
         bad = ~(((got - exp).abs() <= bound) | (got == exp))  # equal infinities agree; NaN is bad
@@ -117,6 +122,15 @@ def assert_matmul_close(out: Tensor, expected: Tensor, x: Tensor, w: Tensor,
     msg = check_matmul_close(out, expected, x, w, x_scale, w_scale, bias, exact_accumulator)
     if msg is not None:
         raise AssertionError(msg)
+
+
+def _int8_weight(layer) -> Tensor:
+    """The layer's int8 weight ``[N, K]`` (2:4 decompressed)."""
+    from . import reference
+
+    if "weight_q" in layer._buffers:
+        return layer.weight_q
+    return reference.decompress_24(layer.values, layer.meta)
 
 
 def _fp32_weight(layer) -> Tensor:
@@ -159,21 +173,42 @@ def layer_expected(layer, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return expected.to(x.dtype), xf, w
 
 
-def check_layer_close(layer, x: Tensor, out: Optional[Tensor] = None, dense_fallback: bool = False) -> Optional[str]:
+def check_layer_close(layer, x: Tensor, out: Optional[Tensor] = None, dense_fallback: bool = False,
+                      approximate: Optional[bool] = None) -> Optional[str]:
     """:func:`check_matmul_close` of ``layer(x)`` (or a given ``out``) against the dense layer it
     replaces (:func:`layer_expected`), within the float-matmul bound of the module docstring.
 
     ``dense_fallback``: the output came from the layer's dense bucket (``F.linear`` on a dense
     copy in the compute dtype), whose operands are rounded once to that dtype (int8 ``q * s``
-    weights, dequantized W8A8 activations): the bound grows by ``eps(dtype) * magnitude``."""
+    weights, dequantized W8A8 activations): the bound grows by ``eps(dtype) * magnitude``.
+    ``approximate``: the output came from a CPU path that rounds activations otherwise (see the
+    module docstring); None: as the layer's resolved implementation for ``x`` says."""
     x2 = x.reshape(-1, x.shape[-1])
     if out is None:
         with torch.no_grad():
             out = layer(x2)
     out = out.reshape(-1, out.shape[-1])
+    if approximate is None:
+        approximate = is_approximate(layer, x2)
     expected, xf, w = layer_expected(layer, x2)
+    extra = None
+    if approximate:
+        from .cpu_fbgemm import error_bound
+
+        extra = error_bound(x2, _int8_weight(layer), layer.w_scale, layer.smooth, None)
+        extra = extra + torch.finfo(out.dtype).eps * expected.double().abs()  # y rounded from another value
+        dense_fallback = True  # the float-activation dense bucket rounds its weight copy to the dtype
     return check_matmul_close(out, expected, xf, w, bias=layer.bias, exact_accumulator=False,
-                              dense_fallback=dense_fallback)
+                              dense_fallback=dense_fallback, extra_bound=extra)
+
+
+def is_approximate(layer, x: Tensor) -> bool:
+    """Whether ``layer`` runs ``x`` (2-D) through an implementation marked ``approximate``."""
+    from . import dispatch
+
+    key = (x.device, dispatch.bucket_of(x.shape[0]), x.dtype)
+    impl = getattr(layer, "_impls", {}).get(key)
+    return bool(getattr(impl, "approximate", False))
 
 
 def assert_layer_close(layer, x: Tensor, out: Optional[Tensor] = None, dense_fallback: bool = False) -> None:

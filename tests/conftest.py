@@ -40,6 +40,15 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(line)
 
 
+@pytest.fixture
+def exact_cpu_numerics():
+    """Run the test under ``sparseq.cpu_numerics("exact")``: CPU layers bit-exact to the reference."""
+    import sparseq
+
+    with sparseq.cpu_numerics("exact"):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

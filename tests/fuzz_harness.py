@@ -468,7 +468,9 @@ def layers_case(rng: random.Random) -> str:
         x2, out2 = x2[~bad_rows], out2[~bad_rows]
     if x2.dtype != layer.dtype:  # the layer cast the input (autocast-free: only matching dtypes run)
         x2 = x2.to(out2.dtype)
-    problem = check_layer_close(layer, x2.contiguous(), out2, dense_fallback=True)
+    # the one implementation this case resolved: a "fast" CPU path that rounds activations otherwise?
+    approximate = any(getattr(impl, "approximate", False) for impl in layer._impls.values())
+    problem = check_layer_close(layer, x2.contiguous(), out2, dense_fallback=True, approximate=approximate)
     if problem:
         raise Problem(f"{fmt} {dtype} N={n} K={k} M={m} ({tuple(x.shape)}, {x.dtype}): {problem}")
     return f"{fmt}:ok"

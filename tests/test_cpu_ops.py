@@ -13,6 +13,7 @@ from sparseq import reference as ref
 from sparseq.nn import FORMATS
 from sparseq.testing import assert_layer_close, check_matmul_close
 
+pytestmark = pytest.mark.usefixtures("exact_cpu_numerics")  # the bit-exact CPU paths (fast ones: test_cpu_fbgemm.py)
 needs_onednn = pytest.mark.skipif(bool(cpu_ops.unavailable_reason()), reason=cpu_ops.unavailable_reason() or "ok")
 
 

@@ -16,7 +16,7 @@ def test_buckets(m, bucket):
     assert len(dispatch.BUCKET_NAMES) == len(dispatch.BUCKET_BOUNDS) + 1
 
 
-def test_cpu_preferences():
+def test_cpu_preferences(exact_cpu_numerics):
     """x86 has no sparse instructions: 2:4 and weight-only run dense; W8A8 oneDNN; the
     reference only for dense_fallback=False; other devices the reference."""
     cpu = torch.device("cpu")
@@ -32,6 +32,30 @@ def test_cpu_preferences():
         assert dispatch.preferences(op, 384, 384, torch.float32, cpu, 1) == ["dense", "reference"]
         assert dispatch.preferences(op, 2048, 2048, torch.float32, cpu, 1) == ["onednn", "dense", "reference"]
     assert dispatch.preferences("int8_mm", 64, 64, torch.float32, torch.device("meta"), 1) == ["reference"]
+
+
+def test_cpu_preferences_fast_numerics():
+    """The default "fast" numerics: W8A8 through fbgemm at small M (oneDNN after it, for static
+    scales), dense where no int8 path wins, oneDNN from M = 65; bf16 by its own section."""
+    import sparseq
+
+    cpu = torch.device("cpu")
+    with sparseq.cpu_numerics("fast"):
+        for op in ("int8_mm", "sparse24_int8_mm"):
+            pref = lambda n, k, m, dtype=torch.float32: dispatch.preferences(op, n, k, dtype, cpu, m)  # noqa: E731
+            assert pref(384, 384, 1) == ["dense", "reference"]
+            assert pref(1024, 1024, 1) == ["fbgemm", "onednn", "dense", "reference"]
+            assert pref(384, 384, 16) == ["fbgemm", "onednn", "dense", "reference"]
+            assert pref(64, 64, 16) == ["dense", "reference"]
+            assert pref(384, 384, 64) == ["fbgemm", "dense", "reference"]
+            assert pref(2048, 2048, 64) == ["onednn", "fbgemm", "dense", "reference"]
+            assert pref(64, 64, 256) == pref(4096, 4096, 4096) == ["onednn", "dense", "reference"]
+            assert pref(384, 384, 16, torch.bfloat16) == ["dense", "reference"]
+            assert pref(1024, 1024, 1, torch.bfloat16) == ["fbgemm", "dense", "reference"]
+            assert pref(4096, 4096, 16, torch.bfloat16) == ["fbgemm", "dense", "reference"]
+            assert pref(4096, 4096, 64, torch.bfloat16) == ["dense", "reference"]
+        # other ops keep the "cpu" section
+        assert dispatch.preferences("sparse24_mm", 64, 64, torch.float32, cpu, 1) == ["dense", "reference"]
 
 
 def test_default_table_covers_every_op_and_bucket():

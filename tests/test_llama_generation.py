@@ -59,7 +59,7 @@ def _generate(model, tokenizer, use_cache=True):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_greedy_tokens_match_kv_cache_and_dense_twin(llama, fmt):
+def test_greedy_tokens_match_kv_cache_and_dense_twin(llama, fmt, exact_cpu_numerics):
     base, tokenizer = llama
     model = copy.deepcopy(base)
     report = sparseq.swap(model, {"lm_head": "dense", "*": fmt}, prune="magnitude")
@@ -69,6 +69,32 @@ def test_greedy_tokens_match_kv_cache_and_dense_twin(llama, fmt):
     assert tokens.shape == (2, NEW)
     assert torch.equal(tokens, _generate(model, tokenizer, use_cache=False))  # the KV cache changes nothing
     assert torch.equal(tokens, _generate(_dense_twin(model), tokenizer))
+
+
+@pytest.mark.parametrize("fmt", ["w8a8", "2:4+w8a8"])
+def test_fast_cpu_numerics_stay_close_to_the_format(llama, fmt):
+    """The default "fast" CPU numerics (fbgemm's activation rounding, or none where the dense
+    GEMM wins) against the exact format: next-token logits of the prompts close in relative L2
+    (nearer the format than the format's own int8 rounding is to the float model) and the greedy
+    tokens equal up to the first near tie."""
+    base, tokenizer = llama
+    model = copy.deepcopy(base)
+    sparseq.swap(model, {"lm_head": "dense", "*": fmt}, prune="magnitude")
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        fast = model(**batch).logits[:, -1].float()
+        fast_tokens = _generate(model, tokenizer)
+        with sparseq.cpu_numerics("exact"):
+            exact = model(**batch).logits[:, -1].float()
+            exact_tokens = _generate(model, tokenizer)
+            fp = copy.deepcopy(base)
+            floating = fp(**batch).logits[:, -1].float()
+    format_error = float((exact - floating).norm() / floating.norm())
+    fast_error = float((fast - exact).norm() / exact.norm())
+    print(f"{fmt}: fast vs exact {fast_error:.2e}, exact vs float {format_error:.2e}")
+    assert 0 < fast_error < format_error  # nearer the format than the format is to the float model
+    agree = (fast_tokens == exact_tokens).float().cumprod(dim=1).sum(dim=1)
+    assert bool((agree >= 3).all()), (fast_tokens, exact_tokens)
 
 
 def test_tied_embeddings_stay_tied(llama):

@@ -46,7 +46,7 @@ def test_compile_fullgraph_fresh_model_across_buckets(monkeypatch):
 
 
 @pytest.mark.parametrize("prepared", [False, True], ids=["fresh", "prepared"])
-def test_compile_inductor_cpu(prepared):
+def test_compile_inductor_cpu(prepared, exact_cpu_numerics):
     """Compiled equals eager: fresh (the traced reference) within the formats' bounds; prepared
     (the CPU fast path: dense copies, oneDNN int8) the same kernels, so closely."""
     model = swapped()
@@ -73,7 +73,7 @@ def test_threads_share_one_model(race):
     assert all(torch.equal(results[i], expected[i]) for i in range(8))
 
 
-def test_prepare_resolves_every_bucket():
+def test_prepare_resolves_every_bucket(exact_cpu_numerics):
     model = swapped()
     chosen = sparseq.nn.prepare(model)
     assert set(chosen) == {"0", "2", "3"}
@@ -105,15 +105,19 @@ def _dense_linear(layer):
     return dense
 
 
+@pytest.mark.parametrize("numerics", ["exact", "fast"])
 @pytest.mark.parametrize("fmt", sorted(sparseq.nn.FORMATS))
-def test_dense_fallback_is_the_dense_linear(monkeypatch, fmt):
+def test_dense_fallback_is_the_dense_linear(monkeypatch, fmt, numerics):
     force_backends(monkeypatch, ["dense", "reference"])
+    monkeypatch.setattr(sparseq.dispatch, "_numerics", numerics)
     lin = nn.Linear(16, 8)
     layer = sparseq.nn.make_layer(lin, fmt, **({"prune": "magnitude"} if fmt.startswith("2:4") else {}))
     x = torch.randn(3, 16)
     y = layer(x)
     assert set(layer.backends.values()) == {"dense"}
-    if fmt.endswith("w8a8"):  # the format quantizes activations in every bucket, the dense one too
+    if fmt.endswith("w8a8") and numerics == "fast":  # CPU, fast: the dense GEMM without quantizing
+        assert torch.equal(y, _dense_linear(layer)(x))
+    elif fmt.endswith("w8a8"):  # the format quantizes activations in every bucket, the dense one too
         xq, xs = ref.quantize_per_token(x)  # no smoothing here: the weight is q * s as built above
         assert torch.equal(y, _dense_linear(layer)(xq.float() * xs[:, None]))
     else:

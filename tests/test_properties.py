@@ -228,10 +228,14 @@ LAYER_FORMATS = ["w8a8", "2:4+w8a8", "2:4", "int8_weight_only", "2:4+int8_weight
 @pytest.mark.parametrize("fmt", LAYER_FORMATS)
 def test_cpu_layer_paths(fmt):
     """oneDNN int8 (W8A8 formats) equals the reference op bit for bit; the dense path is within
-    the dense bucket's bound of the format (``check_layer_close(dense_fallback=True)``)."""
+    the dense bucket's bound of the format (``check_layer_close(dense_fallback=True)``) under the
+    exact CPU numerics, and under the fast ones (float activations for dynamic W8A8) within that
+    plus ``cpu_fbgemm.error_bound``, as is fbgemm."""
+    from sparseq import dispatch
     from sparseq.nn.swap import FORMATS
 
     onednn = sparseq.kernels_available().get("onednn") is True
+    fbgemm = sparseq.kernels_available().get("fbgemm") is True
     failures = []
     for seed in range(CASES // 4):
         c = Case(seed, 8)
@@ -249,10 +253,19 @@ def test_cpu_layer_paths(fmt):
         layer = cls.from_linear(linear, **kwargs)
         x = c.activations(torch.float32).cpu()
         reference_out = layer.backend_impl("reference", max(c.m, 1), torch.float32, torch.device("cpu"))(x)
-        dense = layer._dense_impl(torch.device("cpu"), torch.float32)(x)
-        problem = check_layer_close(layer, x, dense, dense_fallback=True)
-        if problem:
-            failures.append(f"{c} dense: {problem}")
+        for numerics in dispatch.CPU_NUMERICS:
+            with sparseq.cpu_numerics(numerics):
+                impl = layer._dense_impl(torch.device("cpu"), torch.float32)
+            approximate = numerics == "fast" and "w8a8" in fmt and layer.x_scale is None
+            assert getattr(impl, "approximate", False) == approximate
+            problem = check_layer_close(layer, x, impl(x), dense_fallback=True, approximate=approximate)
+            if problem:
+                failures.append(f"{c} dense ({numerics}): {problem}")
+        if fbgemm and "w8a8" in fmt and layer.x_scale is None:
+            out = layer.backend_impl("fbgemm", max(c.m, 1), torch.float32, torch.device("cpu"))(x)
+            problem = check_layer_close(layer, x, out, approximate=True)
+            if problem:
+                failures.append(f"{c} fbgemm: {problem}")
         if onednn and "w8a8" in fmt:
             out = layer.backend_impl("onednn", max(c.m, 1), torch.float32, torch.device("cpu"))(x)
             if not torch.equal(out, reference_out):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+import weakref
 from typing import Callable, Dict, Optional, Set, Tuple
 
 import torch
@@ -73,6 +74,18 @@ _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 costs 0.5 us). Without it (an older torch) the fast path is never taken."""
 
 
+_live_layers: "weakref.WeakSet[CompressedLinear]" = weakref.WeakSet()
+"""Every sparseq layer alive, so a change of CPU numerics reaches them all."""
+
+
+def _forget_cpu_kernels() -> None:
+    for layer in list(_live_layers):
+        layer.forget_kernels("cpu")
+
+
+dispatch.on_cpu_numerics_change(_forget_cpu_kernels)
+
+
 def takes_nd(impl: Impl) -> Impl:
     """Mark ``impl`` as taking inputs of any number of leading dims (``F.linear``), so the hot
     path hands it a 3-D activation without two reshapes."""
@@ -130,6 +143,7 @@ class CompressedLinear(nn.Module):
             self.bias = None
         self._resolve_lock = threading.RLock()
         self._reset_caches()
+        _live_layers.add(self)
 
     # ------------------------------------------------------------------ subclass hooks
     def dense_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -160,6 +174,15 @@ class CompressedLinear(nn.Module):
         """Forget resolved kernels and derived tensors (e.g. after ``sparseq tune``)."""
         with self._resolve_lock:
             self._reset_caches()
+
+    def forget_kernels(self, device_type: str) -> None:
+        """Forget the implementations resolved for ``device_type`` (derived tensors stay): the
+        next call re-resolves, e.g. after ``sparseq.set_cpu_numerics``. A compiled model keeps
+        what it was compiled with."""
+        with self._resolve_lock:
+            for key in [k for k in self._impls if k[0].type == device_type]:
+                del self._impls[key]
+                self.backends.pop(key, None)
 
     def _reset_caches(self) -> None:
         self._impls: Dict[Key, Impl] = {}
@@ -207,7 +230,10 @@ class CompressedLinear(nn.Module):
         device, bucket, dtype = key
         m = dispatch.BUCKET_M[bucket]
         name = f"{type(self).__name__}({self.out_features}x{self.in_features}, {self.FORMAT})"
-        prefs = dispatch.preferences(self.table_op, self.out_features, self.in_features, self.dtype, device, m)
+        # CPU tables are keyed by the compute dtype (bf16 dense on AMX beats int8 where fp32 does
+        # not); GPU tables by the layer dtype, as `sparseq tune` writes them
+        table_dtype = dtype if device.type == "cpu" else self.dtype
+        prefs = dispatch.preferences(self.table_op, self.out_features, self.in_features, table_dtype, device, m)
         failed = []
         for i, backend in enumerate(prefs):
             if backend == "dense":
@@ -394,6 +420,7 @@ class CompressedLinear(nn.Module):
     def __setstate__(self, state):
         super().__setstate__(state)
         self._resolve_lock = threading.RLock()
+        _live_layers.add(self)
 
     # ---------------------------------------------------------------------- reporting
     def options(self) -> dict:

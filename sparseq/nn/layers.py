@@ -194,7 +194,16 @@ class _W8A8Mixin:
         """The dense bucket of a W8A8 layer: activations quantized and dequantized exactly as
         the format defines (Triton quantizer on a GPU, else the reference arithmetic), then
         ``F.linear`` with ``q * s`` in the smoothed space, copied once in the compute dtype.
-        Without the quantization the output would change with the M bucket."""
+        Without the quantization the output would change with the M bucket. Exception: on a
+        CPU under the ``"fast"`` numerics, a dynamic-scale layer multiplies the dequantized
+        weight without quantizing activations (the table picks dense there because the
+        quantization alone costs more than the GEMM; the output is then within half a step of
+        the reference's activation rounding, inside ``cpu_fbgemm.error_bound``); a static
+        scale keeps its quantization (its clamp is part of the format)."""
+        if device.type == "cpu" and self.x_scale is None and dispatch.get_cpu_numerics() == "fast":
+            impl = CompressedLinear._dense_impl(self, device, dtype)
+            impl.approximate = True  # type: ignore[attr-defined]  (see sparseq.testing)
+            return impl
         quant = (self._quantizer("triton") if device.type == "cuda" else None) or self._quantizer("torch")
         w = self.derived(f"dense_smoothed:{dtype}", device,
                          lambda: self._int8_dense().to(device, dtype).contiguous())
@@ -218,6 +227,19 @@ class _W8A8Mixin:
             raise RuntimeError(why)
         packed = self.derived("onednn_packed", device, lambda: cpu_ops.prepack(self._int8_weight()))
         return cpu_ops.w8a8_impl(packed, self.w_scale, self.smooth, self.x_scale, self.bias)
+
+    def _fbgemm_impl(self, device: torch.device) -> Optional[Impl]:
+        """fbgemm's dynamic int8 linear (``sparseq.cpu_fbgemm``) on the int8 weight, packed once;
+        None for static activation scales (fbgemm picks its own) and off the CPU."""
+        if device.type != "cpu" or self.x_scale is not None:
+            return None
+        from .. import cpu_fbgemm
+
+        why = cpu_fbgemm.unavailable_reason()
+        if why:
+            raise RuntimeError(why)
+        weight = self.derived("fbgemm_packed", device, lambda: cpu_fbgemm.PackedWeight(self._int8_weight(), self.w_scale))
+        return cpu_fbgemm.w8a8_impl(weight, self.smooth, self.bias)
 
     def _activation_options(self) -> dict:
         return {"smooth": self.smooth is not None, "static": self.x_scale is not None}
@@ -273,6 +295,8 @@ class Int8Linear(_W8A8Mixin, CompressedLinear):
     def backend_impl(self, backend: str, m: int, dtype: torch.dtype, device: torch.device) -> Optional[Impl]:
         if backend == "onednn":
             return self._onednn_impl(device)
+        if backend == "fbgemm":
+            return self._fbgemm_impl(device)
         if backend not in ("triton", "reference"):
             return None
         mm = _triton(self.OP) if backend == "triton" else ops.int8_mm
@@ -374,6 +398,8 @@ class Sparse24Int8Linear(_W8A8Mixin, CompressedLinear):
     def backend_impl(self, backend: str, m: int, dtype: torch.dtype, device: torch.device) -> Optional[Impl]:
         if backend == "onednn":
             return self._onednn_impl(device) if self.mode == "w8a8" else None
+        if backend == "fbgemm":
+            return self._fbgemm_impl(device) if self.mode == "w8a8" else None
         if backend == "int8pack":  # CPU, weight-only: torch's int8 weight-only kernel on the expanded weight
             from .. import cpu_ops
 

@@ -1,0 +1,227 @@
+"""The ``fast`` CPU numerics: fbgemm's dynamic int8 linear for W8A8 layers (``sparseq.cpu_fbgemm``)
+and the float-activation dense bucket, held to ``cpu_fbgemm.error_bound``; ``exact`` numerics
+bit-identical to the reference; the dispatch choices of both modes."""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+import sparseq
+from sparseq import cpu_fbgemm, cpu_ops, dispatch, reference, testing
+from sparseq.nn import Int8Linear, Sparse24Int8Linear
+
+needs_fbgemm = pytest.mark.skipif(bool(cpu_fbgemm.unavailable_reason()),
+                                  reason=cpu_fbgemm.unavailable_reason() or "ok")
+CPU = torch.device("cpu")
+
+
+def _activations(m: int, k: int, seed: int) -> torch.Tensor:
+    """Rows of very different magnitudes (1e-3 .. 1e2) with a few outliers: per-tensor
+    quantization would fail these rows; per-token rounding must not."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-3, 2, m)[:, None]
+    x[:, :: max(1, k // 7)] *= 8.0
+    return x
+
+
+def _weight(n: int, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return reference.quantize_per_channel(torch.randn(n, k, generator=g) * 0.05)
+
+
+def _ref(x, wq, ws, smooth, bias):
+    xq, xs = reference.quantize_per_token(x, smooth)
+    return reference.int8_mm(xq, wq, xs, ws, bias, torch.float32)
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("m,n,k", [(1, 64, 48), (5, 96, 384), (16, 384, 384), (33, 130, 250), (64, 256, 1024)])
+@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fbgemm_within_its_bound_of_the_reference(m, n, k, smooth, bias):
+    x = _activations(m, k, seed=m + n)
+    wq, ws = _weight(n, k, seed=k)
+    s = torch.rand(k, generator=torch.Generator().manual_seed(1)) + 0.5 if smooth else None
+    b = torch.randn(n) if bias else None
+    y = cpu_fbgemm.run(x, cpu_fbgemm.prepack(wq, ws), s, b, torch.float32)
+    want = _ref(x, wq, ws, s, b)
+    err = (y - want).abs()
+    bound = cpu_fbgemm.error_bound(x, wq, ws, s, b)
+    assert (err <= bound).all(), float((err / bound).max())
+    assert err.max() > 0  # fbgemm really ran (it rounds otherwise than the reference)
+
+
+@needs_fbgemm
+def test_the_bound_rejects_per_tensor_quantization():
+    """Negative control: fbgemm on the raw activations (one scale for all rows, as
+    quantize_dynamic does) breaks the bound on rows of small magnitude."""
+    x = _activations(16, 384, seed=3)
+    wq, ws = _weight(256, 384, seed=4)
+    plain = torch.ops.quantized.linear_dynamic(x, cpu_fbgemm.prepack(wq, ws), cpu_fbgemm.reduce_range())
+    bad = (plain - _ref(x, wq, ws, None, None)).abs() > cpu_fbgemm.error_bound(x, wq, ws, None, None)
+    assert bad.any()
+
+
+@needs_fbgemm
+def test_non_finite_and_zero_rows():
+    x = _activations(6, 128, seed=5)
+    x[1, 3] = float("nan")
+    x[2, 7] = float("inf")
+    x[3, 0] = -float("inf")
+    x[4] = 0.0
+    wq, ws = _weight(64, 128, seed=6)
+    b = torch.randn(64)
+    y = cpu_fbgemm.run(x, cpu_fbgemm.prepack(wq, ws), None, b, torch.float32)  # fbgemm alone raises on NaN
+    assert not torch.isfinite(y[1:4]).any(dim=1).any()  # whole rows non-finite
+    assert torch.equal(y[4], b)
+    ok = [0, 5]
+    assert ((y[ok] - _ref(x[ok], wq, ws, None, b)).abs() <= cpu_fbgemm.error_bound(x[ok], wq, ws, None, b)).all()
+
+
+@needs_fbgemm
+def test_prepack_restores_the_quantized_engine():
+    engines = torch.backends.quantized.supported_engines
+    other = "qnnpack" if "qnnpack" in engines else engines[0]
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = other
+    try:
+        cpu_fbgemm.prepack(*_weight(8, 16, seed=0))
+        assert torch.backends.quantized.engine == other
+    finally:
+        torch.backends.quantized.engine = before
+
+
+def _layers(k=1024, n=1024):
+    lin = torch.nn.Linear(k, n)
+    smooth = torch.rand(k) + 0.5
+    return {
+        "w8a8": Int8Linear.from_linear(lin),
+        "w8a8-smooth": Int8Linear.from_linear(lin, smooth=smooth),
+        "w8a8-static": Int8Linear.from_linear(lin, act_amax=3.0),
+        "2:4+w8a8": Sparse24Int8Linear.from_linear(lin, prune="magnitude"),
+    }
+
+
+@needs_fbgemm
+def test_fast_numerics_dispatch_and_bounds():
+    with sparseq.cpu_numerics("fast"):
+        for name, layer in _layers().items():
+            for m in (1, 16, 64, 256):
+                xm = _activations(m, 1024, seed=m)
+                with torch.no_grad():
+                    y = layer(xm)
+                backend = layer.backends[(CPU, dispatch.bucket_of(m), torch.float32)]
+                static = name.endswith("static")
+                if m <= 16:
+                    assert backend == ("onednn" if static else "fbgemm"), (name, m)
+                if m == 256:
+                    assert backend == "onednn", (name, m)
+                assert testing.is_approximate(layer, xm) == (backend == "fbgemm"), (name, m, backend)
+                testing.assert_layer_close(layer, xm, y)
+
+
+@needs_fbgemm
+def test_exact_numerics_equal_the_reference_op():
+    layer = _layers()["w8a8-smooth"]
+    x = _activations(16, 1024, seed=9)
+    with sparseq.cpu_numerics("exact"), torch.no_grad():
+        y = layer(x)
+        assert layer.backends[(CPU, 1, torch.float32)] == ("dense" if cpu_ops.unavailable_reason() else "onednn")
+    want = layer.backend_impl("reference", 16, torch.float32, CPU)(x)
+    assert torch.equal(y, want)
+    assert not testing.is_approximate(layer, x)
+
+
+@needs_fbgemm
+def test_switching_numerics_re_resolves_and_the_context_restores():
+    layer = _layers()["w8a8"]
+    x = torch.randn(8, 1024)
+    assert sparseq.get_cpu_numerics() == "fast"
+    with torch.no_grad():
+        y_fast = layer(x)
+        assert layer.backends[(CPU, 1, torch.float32)] == "fbgemm"
+        with sparseq.cpu_numerics("exact"):
+            assert layer.backends == {}  # forgotten on the switch
+            y_exact = layer(x)
+            assert layer.backends[(CPU, 1, torch.float32)] != "fbgemm"
+        assert sparseq.get_cpu_numerics() == "fast"
+        assert torch.equal(layer(x), y_fast)
+    assert not torch.equal(y_fast, y_exact)
+    with pytest.raises(ValueError, match="one of"):
+        sparseq.set_cpu_numerics("quick")
+
+
+@needs_fbgemm
+def test_small_dynamic_layer_at_m1_runs_dense_without_quantizing():
+    """Below N*K = 2**18 at M = 1 no int8 path beats the dense GEMV: the fast dense bucket
+    multiplies the dequantized weight by the float activations (within the bound); a static
+    scale keeps its quantization, bit-exact."""
+    lin = torch.nn.Linear(384, 384)
+    dyn, static = Int8Linear.from_linear(lin), Int8Linear.from_linear(lin, act_amax=2.0)
+    x = torch.randn(1, 384) * 3
+    with torch.no_grad():
+        y = dyn(x)
+        ys = static(x)
+    assert dyn.backends[(CPU, 0, torch.float32)] == "dense"
+    assert testing.is_approximate(dyn, x) and not testing.is_approximate(static, x)
+    assert torch.allclose(y, torch.nn.functional.linear(x, dyn.dense_weight(), lin.bias.detach()), atol=1e-5)
+    testing.assert_layer_close(dyn, x, y)
+    assert static.backends[(CPU, 0, torch.float32)] == "dense"
+    testing.assert_layer_close(static, x, ys, dense_fallback=True)  # the format's quantization, F.linear's sum
+    # the static clamp is kept: an activation beyond 127 steps saturates, as the format says
+    big = x.clone()
+    big[0, 0] = 1e4
+    with torch.no_grad():
+        assert not torch.allclose(static(big), torch.nn.functional.linear(big, static.dense_weight(), lin.bias.detach()))
+
+
+@needs_fbgemm
+def test_bf16_layers_follow_the_bf16_table():
+    small = Int8Linear.from_linear(torch.nn.Linear(384, 384)).to(torch.bfloat16)
+    big = Int8Linear.from_linear(torch.nn.Linear(1024, 1024)).to(torch.bfloat16)
+    with torch.no_grad():
+        for layer, m, want in ((small, 16, "dense"), (small, 1, "dense"), (big, 1, "fbgemm"), (big, 16, "dense")):
+            x = torch.randn(m, layer.in_features, dtype=torch.bfloat16)
+            y = layer(x)
+            assert layer.backends[(CPU, dispatch.bucket_of(m), torch.bfloat16)] == want, (layer, m)
+            assert y.dtype == torch.bfloat16
+            testing.assert_layer_close(layer, x, y)
+
+
+@needs_fbgemm
+def test_compiled_fast_layer_matches_eager():
+    model = torch.nn.Sequential(_layers()["w8a8-smooth"]).eval()
+    x = torch.randn(8, 1024)
+    sparseq.nn.prepare(model)
+    torch._dynamo.reset()  # a fresh recompile budget (the other compile tests share the forward code)
+    try:
+        with torch.no_grad():
+            eager = model(x)
+            compiled = torch.compile(model, fullgraph=True)(x)
+    finally:
+        torch._dynamo.reset()
+    assert model[0].backends[(CPU, 1, torch.float32)] == "fbgemm"
+    assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@needs_fbgemm
+def test_packed_weights_are_freed_with_the_layer():
+    before = len(cpu_fbgemm._packs)
+    layer = _layers()["w8a8"]
+    with torch.no_grad():
+        layer(torch.randn(2, 1024))
+        layer(torch.randn(20, 1024))
+    assert len(cpu_fbgemm._packs) == before + 1  # one pack per layer and device, shared by buckets
+    del layer
+    gc.collect()
+    assert len(cpu_fbgemm._packs) == before
+
+
+def test_env_sets_the_initial_numerics(monkeypatch):
+    monkeypatch.setenv(dispatch.NUMERICS_ENV, "EXACT")
+    assert dispatch._initial_numerics() == "exact"
+    monkeypatch.setenv(dispatch.NUMERICS_ENV, "bogus")
+    with pytest.warns(UserWarning, match="not one of"):
+        assert dispatch._initial_numerics() == "fast"
