@@ -78,6 +78,10 @@ def test_non_finite_and_zero_rows():
     assert torch.equal(y[4], b)
     ok = [0, 5]
     assert ((y[ok] - _ref(x[ok], wq, ws, None, b)).abs() <= cpu_fbgemm.error_bound(x[ok], wq, ws, None, b)).all()
+    packed = cpu_fbgemm.prepack(wq, ws)
+    for i in (1, 2, 3):  # one row alone (the decode path hands a finite row to fbgemm as it is)
+        assert not torch.isfinite(cpu_fbgemm.run(x[i:i + 1], packed, None, b, torch.float32)).any()
+    assert torch.equal(cpu_fbgemm.run(x[4:5], packed, None, b, torch.float32)[0], b)
 
 
 @needs_fbgemm

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import evaluate, lm
+from ..dispatch import cpu_numerics
 
 
 class EmbeddingTask:
@@ -46,7 +47,8 @@ class EmbeddingTask:
         return evaluate.embed(model, batches, desc=desc)
 
     def score(self, model: nn.Module, batches, ref: torch.Tensor, desc: str = "score") -> evaluate.Scores:
-        return evaluate.compare(ref, evaluate.embed(model, batches, desc=desc))
+        with cpu_numerics("exact"):  # the format as defined (what the GPU kernels compute)
+            return evaluate.compare(ref, evaluate.embed(model, batches, desc=desc))
 
     def loss(self, scores: evaluate.Scores) -> float:
         """Budget metric: 1 - mean cosine (0 = as good as dense)."""
@@ -117,7 +119,8 @@ class CausalLMTask:
         return lm.lm_reference(model, batches, desc)
 
     def score(self, model: nn.Module, batches, ref: lm.LMReference, desc: str = "score") -> lm.LMScores:
-        return lm.lm_compare(model, batches, ref, desc)
+        with cpu_numerics("exact"):  # the format as defined (what the GPU kernels compute)
+            return lm.lm_compare(model, batches, ref, desc)
 
     def loss(self, scores: lm.LMScores) -> float:
         """Budget metric: perplexity ratio - 1 (0 = as good as dense)."""
