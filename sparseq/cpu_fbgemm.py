@@ -9,7 +9,7 @@ format's exact path (:mod:`sparseq.cpu_ops`: per-token quantization in torch ops
 
 fbgemm quantizes per *tensor*, asymmetric uint8 over ``[min(x, 0), max(x, 0)]``; the format
 quantizes per *token*, symmetric int8 (``amax / 127``). So each row is first divided by its own
-``max |x|`` (NaN/Inf zeroed, all-zero rows kept zero): every row then lies in ``[-1, 1]`` and
+``max |x|`` (NaN/Inf and the 0/0 of all-zero rows zeroed): every row then lies in ``[-1, 1]`` and
 fbgemm's one step ``(hi - lo) / 255 <= 2 / 255`` is, in the row's own units, at most the format's
 per-token step ``amax / 127``. The output rows are multiplied back by ``amax`` and the bias is
 added last. A single finite row (decode) goes to fbgemm as it is: its tensor is its token
@@ -22,6 +22,7 @@ raises on NaN: they are zeroed before it and the row's NaN/Inf ``amax`` restores
 """
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 import weakref
@@ -32,9 +33,6 @@ from torch import Tensor
 
 _available: Optional[str] = None
 _engine_lock = threading.Lock()
-
-TINY = torch.finfo(torch.float32).tiny
-"""Divisor floor for all-zero rows (their output is the bias, as in the reference)."""
 
 
 def unavailable_reason() -> str:
@@ -105,18 +103,30 @@ def run(x: Tensor, packed: object, smooth: Optional[Tensor], bias: Optional[Tens
         out_dtype: torch.dtype) -> Tensor:
     """``x[M, K] -> [M, N]`` in ``out_dtype``: per-row normalised activations through fbgemm."""
     xs = x.float() if smooth is None else x.float() / smooth
-    if xs.shape[0] == 1 and bool(torch.isfinite(xs).all()):  # one row: per tensor is per token already
-        y = torch.ops.quantized.linear_dynamic(xs, packed, reduce_range())
-        if bias is not None:
-            y = y.add_(bias)
+    linear = _linear_dynamic()
+    if xs.shape[0] == 1 and math.isfinite(float(xs.sum())):  # one finite row: its tensor is its token
+        y = linear(xs, packed, reduce_range())  # (a sum that overflows takes the path below: still right)
+        y = y if bias is None else y.add_(bias)
         return y if out_dtype == torch.float32 else y.to(out_dtype)
     amax = xs.abs().amax(dim=1, keepdim=True) if xs.shape[1] else xs.new_zeros(xs.shape[0], 1)
-    amax = amax.clamp_min_(TINY)  # NaN stays NaN
+    # 0/0 (all-zero rows) and x/inf, NaN rows -> 0 for fbgemm, which raises on NaN; the amax of
+    # such rows (0, inf, NaN) then gives them the reference's outputs: the bias, or not finite
     u = torch.nan_to_num_(xs / amax, 0.0, 0.0, 0.0)
-    y = torch.ops.quantized.linear_dynamic(u, packed, reduce_range()).mul_(amax)
-    if bias is not None:
-        y = y.add_(bias)
+    y = linear(u, packed, reduce_range())
+    y = y.mul_(amax) if bias is None else torch.addcmul(bias, y, amax)
     return y if out_dtype == torch.float32 else y.to(out_dtype)
+
+
+_linear_dynamic_op = None
+
+
+def _linear_dynamic():
+    """``torch.ops.quantized.linear_dynamic.default``: the overload itself skips the packet's
+    per-call Python check for fake script objects (~2 us)."""
+    global _linear_dynamic_op
+    if _linear_dynamic_op is None:
+        _linear_dynamic_op = torch.ops.quantized.linear_dynamic.default
+    return _linear_dynamic_op
 
 
 def error_bound(x: Tensor, wq: Tensor, w_scale: Tensor, smooth: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:

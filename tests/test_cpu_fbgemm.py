@@ -229,3 +229,36 @@ def test_env_sets_the_initial_numerics(monkeypatch):
     monkeypatch.setenv(dispatch.NUMERICS_ENV, "bogus")
     with pytest.warns(UserWarning, match="not one of"):
         assert dispatch._initial_numerics() == "fast"
+
+
+@needs_fbgemm
+def test_threads_and_thread_counts_give_the_same_outputs(race):
+    """Concurrent callers on one fresh layer (racing on the first resolution and the pack) and
+    1 vs 2 intra-op threads: fbgemm's int32 accumulation is exact, so the outputs are equal."""
+    import copy
+
+    base = _layers()["w8a8-smooth"]
+    inputs = [_activations(m, 1024, seed=m) for m in (1, 3, 16, 40, 1, 16, 7, 64)]
+    with torch.no_grad():
+        expected = [base(x) for x in inputs]
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            single = [base(x) for x in inputs]
+            torch.set_num_threads(2)
+            double = [base(x) for x in inputs]
+        finally:
+            torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(expected, single, double))
+    fresh = copy.deepcopy(base)
+    fresh.reset()
+    results = {}
+
+    def work(i):
+        with torch.no_grad():
+            for _ in range(3):
+                results[i] = fresh(inputs[i])
+
+    assert not race(work, len(inputs))
+    assert all(torch.equal(results[i], expected[i]) for i in range(len(inputs)))
+    assert "fbgemm" in set(fresh.backends.values())

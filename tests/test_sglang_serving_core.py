@@ -223,3 +223,11 @@ def test_setup_declares_the_sglang_and_vllm_plugin_entry_points():
         mod, func = target.split(":")
         assert name == "sparseq" and mod == module
         assert callable(getattr(importlib.import_module(mod), func))
+
+
+def test_embedding_refusal_names_the_layer_the_engine_and_the_fix():
+    from sparseq.integrations.serving import embedding_refusal
+
+    e = embedding_refusal("lm_head", "SGLang")
+    assert isinstance(e, ValueError)
+    assert "'lm_head'" in str(e) and "SGLang runs it as an embedding" in str(e) and "'lm_head': 'dense'" in str(e)

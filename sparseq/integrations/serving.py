@@ -131,6 +131,14 @@ def rename_layers(layers: Mapping[str, dict], rename) -> Dict[str, dict]:
     return out
 
 
+def embedding_refusal(prefix: str, engine: str) -> ValueError:
+    """The error for a manifest that compresses a layer the engine runs as an embedding or LM
+    head (``VocabParallelEmbedding``): the plugins compress Linear layers only."""
+    return ValueError(f"sparseq: {prefix!r} is compressed in sparseq.json, but {engine} runs it as an embedding / "
+                      "LM head, which the sparseq plugin does not compress; keep it dense "
+                      "(recipe {'lm_head': 'dense', ...})")
+
+
 def check_dtype(dtype: torch.dtype) -> None:
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"sparseq layers run in float32, float16 or bfloat16, not {dtype}")

@@ -42,6 +42,7 @@ from ..serving import (
     attach_runner,
     declare_weights,
     describe_layers,
+    embedding_refusal,
     parse_manifest,
     rename_layers,
     resolve,
@@ -124,9 +125,7 @@ class SparseqConfig(QuantizationConfig):
             spec = resolve(self.layers, prefix, self.packed_modules_mapping, engine=ENGINE)
             return UnquantizedLinearMethod() if spec is None else SparseqLinearMethod(spec)
         if isinstance(layer, VocabParallelEmbedding) and prefix in self.layers:
-            raise ValueError(f"sparseq: {prefix!r} is compressed in {MANIFEST}, but SGLang runs it as an "
-                             "embedding / LM head, which the sparseq plugin does not compress; keep it dense "
-                             "(recipe {'lm_head': 'dense', ...})")
+            raise embedding_refusal(prefix, "SGLang")
         return None
 
     def get_scaled_act_names(self) -> List[str]:

@@ -45,6 +45,7 @@ from ..serving import (
     attach_runner,
     declare_weights,
     describe_layers,
+    embedding_refusal,
     parse_manifest,
     rename_layers,
     resolve,
@@ -160,9 +161,7 @@ class SparseqConfig(QuantizationConfig):
             logger.debug("sparseq: %s -> %s (%s)", prefix, spec.format, ", ".join(spec.parts))
             return SparseqLinearMethod(spec)
         if isinstance(layer, VocabParallelEmbedding) and prefix in self.layers:
-            raise ValueError(f"sparseq: {prefix!r} is compressed in sparseq.json, but vLLM runs it as an "
-                             "embedding / LM head, which the sparseq plugin does not compress; keep it dense "
-                             "(recipe {'lm_head': 'dense', ...})")
+            raise embedding_refusal(prefix, "vLLM")
         return None
 
 
