@@ -22,6 +22,7 @@ raises on NaN: they are zeroed before it and the row's NaN/Inf ``amax`` restores
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import warnings
@@ -31,16 +32,13 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import Tensor
 
-_available: Optional[str] = None
 _engine_lock = threading.Lock()
 
 
+@functools.lru_cache(maxsize=None)
 def unavailable_reason() -> str:
     """"" where fbgemm's dynamic int8 linear runs on this machine, else why not (checked once)."""
-    global _available
-    if _available is None:
-        _available = _probe()
-    return _available
+    return _probe()
 
 
 def _probe() -> str:

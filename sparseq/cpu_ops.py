@@ -16,6 +16,7 @@ The packed weight is built once per layer (a derived tensor, never saved).
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -23,15 +24,10 @@ from torch import Tensor
 
 from . import reference
 
-_available: Optional[str] = None
-
-
+@functools.lru_cache(maxsize=None)
 def unavailable_reason() -> str:
     """"" where the oneDNN int8 kernels run on this machine, else why not (checked once)."""
-    global _available
-    if _available is None:
-        _available = _probe()
-    return _available
+    return _probe()
 
 
 def _probe() -> str:
