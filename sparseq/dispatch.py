@@ -145,8 +145,12 @@ def tuned_key(op: str, n: int, k: int, dtype: torch.dtype, capability: Tuple[int
     return f"{op}|{n}|{k}|{str(dtype).replace('torch.', '')}|sm{capability[0]}{capability[1]}"
 
 
-def preferences(op: str, n: int, k: int, dtype: torch.dtype, device: torch.device, m: int) -> List[str]:
-    """Backends to try, best first, for this op and shape on ``device`` at batch ``m``."""
+def preferences(op: str, n: int, k: int, dtype: torch.dtype, device: torch.device, m: int,
+                one_thread: bool = False) -> List[str]:
+    """Backends to try, best first, for this op and shape on ``device`` at batch ``m``
+    (``one_thread``: for a CPU running torch with one intra-op thread, where the ``cpu_fast``
+    section's ``min_nk_one_thread`` lowers thresholds: a dense GEMV gains more from a second
+    core than fbgemm's does)."""
     if device.type == "cpu":
         table = _load("default")
         bucket = BUCKET_NAMES[bucket_of(m)]
@@ -157,6 +161,9 @@ def preferences(op: str, n: int, k: int, dtype: torch.dtype, device: torch.devic
         if _numerics == "fast" and op in fast_table.get("ops", {}):
             per_op = fast_table["ops"][op].get(bucket, [])
             min_nk = fast_table.get("min_nk", {})
+            if one_thread:
+                lower = fast_table.get("min_nk_one_thread", {})
+                min_nk = {b: {**min_nk.get(b, {}), **lower.get(b, {})} for b in {*min_nk, *lower}}
         fast = [b for b in per_op if n * k >= min_nk.get(b, {}).get(bucket, 0)]
         return list(dict.fromkeys(fast + ["dense", "reference"]))
     if device.type != "cuda":

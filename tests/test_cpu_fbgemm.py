@@ -262,3 +262,29 @@ def test_threads_and_thread_counts_give_the_same_outputs(race):
     assert not race(work, len(inputs))
     assert all(torch.equal(results[i], expected[i]) for i in range(len(inputs)))
     assert "fbgemm" in set(fresh.backends.values())
+
+
+@needs_fbgemm
+def test_m1_backend_follows_the_thread_count():
+    """1536x384 at M = 1: fbgemm with one intra-op thread (2.5x dense measured), the dense GEMV
+    with more (at 2 threads its weight fits the cores' L2 halves: fbgemm was 0.66x of it); the
+    layer switches per call, both within the bound."""
+    layer = Int8Linear.from_linear(torch.nn.Linear(384, 1536))
+    x = _activations(1, 384, seed=2)
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        try:
+            torch.set_num_threads(1)
+            one = layer(x)
+            torch.set_num_threads(2)
+            two = layer(x)
+        finally:
+            torch.set_num_threads(threads)
+    assert layer.backends[(CPU, 0, torch.float32)] == "fbgemm (1 thread) / dense"
+    assert torch.equal(two, torch.nn.functional.linear(x, layer.dense_copy(CPU, torch.float32), layer.bias))
+    assert not torch.equal(one, two)  # fbgemm rounded the activations
+    testing.assert_layer_close(layer, x, one)
+    testing.assert_layer_close(layer, x, two)
+    pref = dispatch.preferences("int8_mm", 1536, 384, torch.float32, CPU, 1, one_thread=True)
+    assert pref == ["fbgemm", "dense", "reference"]
+    assert dispatch.preferences("int8_mm", 1536, 384, torch.float32, CPU, 1) == ["dense", "reference"]

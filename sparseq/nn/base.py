@@ -86,6 +86,19 @@ def _forget_cpu_kernels() -> None:
 dispatch.on_cpu_numerics_change(_forget_cpu_kernels)
 
 
+def by_threads(one: Impl, many: Impl) -> Impl:
+    """``one`` while torch runs one intra-op thread, else ``many`` (checked per call: 0.1 us);
+    ``many`` under torch.compile, which should not trace a thread-count query."""
+
+    def run(x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling() or torch.get_num_threads() != 1:
+            return many(x)
+        return one(x)
+
+    run.approximate = getattr(one, "approximate", False) or getattr(many, "approximate", False)  # type: ignore[attr-defined]
+    return run
+
+
 def takes_nd(impl: Impl) -> Impl:
     """Mark ``impl`` as taking inputs of any number of leading dims (``F.linear``), so the hot
     path hands it a 3-D activation without two reshapes."""
@@ -234,6 +247,21 @@ class CompressedLinear(nn.Module):
         # not); GPU tables by the layer dtype, as `sparseq tune` writes them
         table_dtype = dtype if device.type == "cpu" else self.dtype
         prefs = dispatch.preferences(self.table_op, self.out_features, self.in_features, table_dtype, device, m)
+        if device.type == "cpu":  # the best backend may depend on torch's intra-op thread count
+            one = dispatch.preferences(self.table_op, self.out_features, self.in_features, table_dtype, device, m,
+                                       True)  # positional: one_thread
+            if one != prefs:
+                b1, impl1 = self._first_impl(one, key, name)
+                bn, impln = self._first_impl(prefs, key, name)
+                if b1 != bn:
+                    return f"{b1} (1 thread) / {bn}", by_threads(impl1, impln)
+                return bn, impln
+        return self._first_impl(prefs, key, name)
+
+    def _first_impl(self, prefs, key: Key, name: str) -> Tuple[str, Impl]:
+        """The first backend of ``prefs`` that runs this layer, and its implementation."""
+        device, bucket, dtype = key
+        m = dispatch.BUCKET_M[bucket]
         failed = []
         for i, backend in enumerate(prefs):
             if backend == "dense":
