@@ -63,19 +63,14 @@ def reduce_range() -> bool:
     return not _cpu_has_vnni()
 
 
-_vnni: Optional[bool] = None
-
-
+@functools.lru_cache(maxsize=None)
 def _cpu_has_vnni() -> bool:
-    global _vnni
-    if _vnni is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = f.read()
-            _vnni = any(flag in flags for flag in (" avx512_vnni", " avx_vnni", " amx_int8"))
-        except OSError:
-            _vnni = False
-    return _vnni
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in (" avx512_vnni", " avx_vnni", " amx_int8"))
 
 
 def prepack(wq: Tensor, w_scale: Tensor) -> object:
@@ -115,16 +110,11 @@ def run(x: Tensor, packed: object, smooth: Optional[Tensor], bias: Optional[Tens
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 
-_linear_dynamic_op = None
-
-
+@functools.lru_cache(maxsize=None)
 def _linear_dynamic():
     """``torch.ops.quantized.linear_dynamic.default``: the overload itself skips the packet's
     per-call Python check for fake script objects (~2 us)."""
-    global _linear_dynamic_op
-    if _linear_dynamic_op is None:
-        _linear_dynamic_op = torch.ops.quantized.linear_dynamic.default
-    return _linear_dynamic_op
+    return torch.ops.quantized.linear_dynamic.default
 
 
 def error_bound(x: Tensor, wq: Tensor, w_scale: Tensor, smooth: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:

@@ -124,8 +124,9 @@ def assert_matmul_close(out: Tensor, expected: Tensor, x: Tensor, w: Tensor,
         raise AssertionError(msg)
 
 
-def _int8_weight(layer) -> Tensor:
-    """The layer's int8 weight ``[N, K]`` (2:4 decompressed)."""
+def _stored_weight(layer) -> Tensor:
+    """The layer's stored weight as dense ``[N, K]``: ``weight_q``, or the 2:4 ``values``
+    decompressed (int8 for the int8 formats, float for 2:4), unscaled."""
     from . import reference
 
     if "weight_q" in layer._buffers:
@@ -136,12 +137,7 @@ def _int8_weight(layer) -> Tensor:
 def _fp32_weight(layer) -> Tensor:
     """The layer's weight in fp32 without rounding to the layer dtype (int8 formats: ``q * s``
     in the smoothed space; the SmoothQuant factors are applied to the activations instead)."""
-    from . import reference
-
-    q = layer.weight_q if "weight_q" in layer._buffers else None
-    if q is None:
-        q = reference.decompress_24(layer.values, layer.meta)
-    w = q.float()
+    w = _stored_weight(layer).float()
     if "w_scale" in layer._buffers:
         w = w * layer.w_scale.float()[:, None]
     return w
@@ -195,7 +191,7 @@ def check_layer_close(layer, x: Tensor, out: Optional[Tensor] = None, dense_fall
     if approximate:
         from .cpu_fbgemm import error_bound
 
-        extra = error_bound(x2, _int8_weight(layer), layer.w_scale, layer.smooth, None)
+        extra = error_bound(x2, _stored_weight(layer), layer.w_scale, layer.smooth, None)
         extra = extra + torch.finfo(out.dtype).eps * expected.double().abs()  # y rounded from another value
         dense_fallback = True  # the float-activation dense bucket rounds its weight copy to the dtype
     return check_matmul_close(out, expected, xf, w, bias=layer.bias, exact_accumulator=False,
