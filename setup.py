@@ -1,9 +1,10 @@
-"""Build sparseq: the Python package (with ``kernels/`` as ``sparseq.kernels``) and, where
-torch has CUDA and nvcc exists, the CUDA extensions ``sparseq._C`` (sm80) and
-``sparseq._C_sm90a`` (sm90a).
+"""Build sparseq: the Python package (with ``kernels/`` as ``sparseq.kernels``), the CPU
+extension ``sparseq._C_cpu`` (a C++ compiler and torch's headers suffice) and, where torch has
+CUDA and nvcc exists, the CUDA extensions ``sparseq._C`` (sm80) and ``sparseq._C_sm90a`` (sm90a).
 
 Environment:
-  SPARSEQ_SKIP_CUDA_BUILD=1   never build the extensions
+  SPARSEQ_SKIP_CUDA_BUILD=1   never build the CUDA extensions
+  SPARSEQ_SKIP_CPU_BUILD=1    never build the CPU extension (sparseq then runs its CPU int8 path in torch ops)
   SPARSEQ_CUDA_ARCHS="80;90a" which extensions/targets to build (default both)
   CUDA_HOME                   CUDA toolkit (default /usr/local/cuda when nvcc lives there)
   CUTLASS_PATH                CUTLASS checkout (default: headers of the nvidia-cutlass wheel)
@@ -130,6 +131,34 @@ def cuda_extensions():
     return exts
 
 
+CPU_EXTENSION = ("sparseq._C_cpu", "cpu")
+"""The CPU extension module and its source folder under csrc/."""
+
+
+def cpu_extensions():
+    """The CPU extension (the W8A8 activation quantization and epilogue around PyTorch's int8
+    GEMMs), or [] with one line saying why not."""
+    if os.environ.get("SPARSEQ_SKIP_CPU_BUILD") == "1":
+        _say("SPARSEQ_SKIP_CPU_BUILD=1: skipping the CPU extension")
+        return []
+    try:
+        from torch.utils import cpp_extension
+    except ImportError:
+        _say("torch is not importable in the build environment: skipping the CPU extension "
+             "(use `pip install --no-build-isolation` to build it)")
+        return []
+    module, folder = CPU_EXTENSION
+    return [cpp_extension.CppExtension(
+        name=module,
+        sources=sorted(glob.glob(os.path.join("csrc", folder, "*.cpp"))),
+        # -ffp-contract=off: no FMA contraction, so the fp32 arithmetic equals the reference's;
+        # -fno-trapping-math lets the clamps vectorize (same results); -fopenmp-simd: the loops' simd
+        # pragmas only (no OpenMP runtime)
+        extra_compile_args=["-O3", "-std=c++17", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp-simd", f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}"],
+        py_limited_api=True,
+    )]
+
+
 def _cmdclass(exts):
     if not exts:
         return {}
@@ -151,7 +180,7 @@ kernel_packages = ["sparseq.kernels" + p[len("kernels"):] for p in find_packages
 PREBUILT = os.environ.get("SPARSEQ_PREBUILT_EXTENSIONS") == "1"
 if PREBUILT and not glob.glob(os.path.join(ROOT, "sparseq", "_C*.abi3.so")):
     raise SystemExit("SPARSEQ_PREBUILT_EXTENSIONS=1 but there is no sparseq/_C*.abi3.so")
-ext_modules = [] if PREBUILT else cuda_extensions()
+ext_modules = [] if PREBUILT else cpu_extensions() + cuda_extensions()
 binary = PREBUILT or bool(ext_modules)
 
 setup(

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# CI: build the CUDA extensions (sparseq._C for sm_80, sparseq._C_sm90a for sm_90a) on a
-# CPU-only machine, load them, and check that every CUDA op is registered. Nothing runs on a
+# CI: build the CUDA extensions (sparseq._C for sm_80, sparseq._C_sm90a for sm_90a) and the CPU
+# one (sparseq._C_cpu) on a CPU-only machine, load them, and check that every CUDA op is registered. Nothing runs on a
 # GPU here. Inputs: VENV (a venv with torch 2.14.1 + nvidia-cutlass), CUDA_HOME (default the
 # CUDA 13 toolkit; the nvcc on PATH may be a wrapper), MAX_JOBS (default: all cores).
 set -euo pipefail
@@ -45,7 +45,7 @@ echo "build_cuda: $wheel"
 import sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as whl:
     libs = [n for n in whl.namelist() if n.startswith("sparseq/_C") and n.endswith(".so")]
-    assert sorted(libs) == ["sparseq/_C.abi3.so", "sparseq/_C_sm90a.abi3.so"], libs
+    assert sorted(libs) == ["sparseq/_C.abi3.so", "sparseq/_C_cpu.abi3.so", "sparseq/_C_sm90a.abi3.so"], libs
     assert any(n.startswith("sparseq/kernels/") for n in whl.namelist()), "no Triton kernels in the wheel"
     whl.extractall(".", libs)
 print(f"build_cuda: extensions {libs} taken from the wheel")
@@ -53,7 +53,7 @@ PY
 if [ "$CACHE_ROOT" != off ] && ! ls "$cache"/_C*.abi3.so >/dev/null 2>&1; then
   mkdir -p "$cache" && cp sparseq/_C*.abi3.so "$cache"/ && echo "build_cuda: cached in $cache"
 fi
-SPARSEQ_SKIP_CUDA_BUILD=1 "$VENV/bin/pip" install --disable-pip-version-check -q --no-build-isolation --no-deps -e .
+SPARSEQ_SKIP_CUDA_BUILD=1 SPARSEQ_SKIP_CPU_BUILD=1 "$VENV/bin/pip" install --disable-pip-version-check -q --no-build-isolation --no-deps -e .
 
 "$VENV/bin/python" - <<'PY'
 import importlib

@@ -38,7 +38,7 @@ from sparseq.backends import load_cuda_extensions
 where = pathlib.Path(sparseq.__file__).parent
 assert "site-packages" in str(where), f"sparseq imported from {where}, not from the wheel"
 libs = machine_code.extension_files()
-assert sorted(p.name for p in libs) == ["_C.abi3.so", "_C_sm90a.abi3.so"], libs
+assert sorted(p.name for p in libs) == ["_C.abi3.so", "_C_cpu.abi3.so", "_C_sm90a.abi3.so"], libs
 problems = [line for so in libs for line in abi_audit.problems(so)]
 assert not problems, problems
 assert (where / "kernels").is_dir(), "the Triton kernels are not in the wheel"
@@ -62,11 +62,21 @@ for arch, s in status.items():
     else:
         assert s, s.reason
 
+from sparseq import cpu_kernels, cpu_ops, reference
 from sparseq.nn import Int8Linear
 
-layer = Int8Linear.from_linear(torch.nn.Linear(256, 128))
+# the CPU extension loads under this other torch (a CPU build) and equals the reference
+assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
 x = torch.randn(4, 256)
+layer = Int8Linear.from_linear(torch.nn.Linear(256, 128))
 assert layer(x).shape == (4, 128)
+xq, scale = cpu_kernels.quantize_int8(x, None, None)
+want_q, want_scale = reference.quantize_per_token(x)
+assert torch.equal(xq, want_q) and torch.equal(scale, want_scale)
+y = cpu_ops.run_w8a8(x, cpu_ops.prepack(layer.weight_q), layer.w_scale, None, None, layer.bias, torch.float32)
+want = reference.int8_mm(want_q, layer.weight_q, want_scale, layer.w_scale, layer.bias, torch.float32)
+assert torch.equal(y, want), (y - want).abs().max()
+print("check_wheel: sparseq._C_cpu loads and equals the reference")
 print(f"check_wheel: sparseq {sparseq.__version__} from the wheel works under torch {torch.__version__}")
 PY
 echo "check_wheel: done in $(( $(date +%s) - start )) s"

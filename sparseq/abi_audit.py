@@ -109,7 +109,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     paths = [Path(x) for x in args.paths] or extension_files()
     if not paths:
-        print("no CUDA extension built (sparseq/_C*.so): nothing to audit", file=sys.stderr)
+        print("no extension built (sparseq/_C*.so): nothing to audit", file=sys.stderr)
         return 2
     bad = []
     for so in paths:

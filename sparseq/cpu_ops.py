@@ -22,7 +22,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import reference
+from . import cpu_kernels, reference
 
 @functools.lru_cache(maxsize=None)
 def unavailable_reason() -> str:
@@ -75,8 +75,14 @@ def onednn_prepack(wq: Tensor) -> Tensor:
 def int32_product(xq: Tensor, packed: Tensor, n: int) -> Tensor:
     """``fp32(xq @ wq^T)``, the exact int32 accumulator converted once, from either form of
     :func:`prepack`. oneDNN is given weight scales of 1 and returns exactly that."""
+    acc = _accumulator(xq, packed, n)
+    return acc if acc.dtype == torch.float32 else acc.float()
+
+
+def _accumulator(xq: Tensor, packed: Tensor, n: int) -> Tensor:
+    """The exact accumulator: int32 from ``torch._int_mm``, ``fp32(acc)`` from oneDNN."""
     if not packed.is_mkldnn:
-        return torch._int_mm(xq, packed.t()).float()
+        return torch._int_mm(xq, packed.t())
     return torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, packed, _constant(n, 1.0, torch.float32),
                                               _constant(n, 0, torch.long), None, 1.0, 0, torch.float32, "none",
                                               [], "")
@@ -85,17 +91,22 @@ def int32_product(xq: Tensor, packed: Tensor, n: int) -> Tensor:
 def run_w8a8(x: Tensor, packed: Tensor, w_scale: Tensor, smooth: Optional[Tensor], x_scale: Optional[Tensor],
              bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
     """W8A8 ``x[M, K] -> [M, N]`` in ``out_dtype``: the format's activation quantization (dynamic
-    per token, or the static ``x_scale``; ``smooth`` divided out) and the int8 GEMM in oneDNN."""
+    per token, or the static ``x_scale``; ``smooth`` divided out) and the int8 GEMM in oneDNN.
+    The quantization and the epilogue run in ``sparseq._C_cpu`` where it is built (one pass
+    each), else in torch ops; both equal the reference bit for bit."""
     n = w_scale.shape[0]
     if x.shape[0] == 0:
         return x.new_empty((0, n), dtype=out_dtype)
     xq, scale = quantize_int8(x, smooth, x_scale)
-    # fp32(acc): the same int32 -> fp32 rounding as the reference; the epilogue then runs here
-    # in the reference's order, so the result is bit-exact
-    y = int32_product(xq, packed, n)
-    y = y.mul_(scale[:, None]).mul_(w_scale[None, :])  # per-row scales, static ones too
-    if bias is not None:
-        y = y.add_(bias.float())
+    acc = _accumulator(xq, packed, n)
+    y = cpu_kernels.epilogue(acc, scale, w_scale, bias)
+    if y is None:
+        # fp32(acc): the same int32 -> fp32 rounding as the reference; the epilogue then runs
+        # here in the reference's order, so the result is bit-exact
+        y = acc if acc.dtype == torch.float32 else acc.float()
+        y = y.mul_(scale[:, None]).mul_(w_scale[None, :])  # per-row scales, static ones too
+        if bias is not None:
+            y = y.add_(bias.float())
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 
@@ -107,7 +118,10 @@ def quantize_int8(x: Tensor, smooth: Optional[Tensor], x_scale: Optional[Tensor]
     ``x / scale``, round half to even, clamp to +-127), but rounded and clamped in place and
     cast to int8 directly: the reference's grid plus 128 cast to uint8 took three more passes,
     and float -> uint8 is the one cast torch does not vectorize on x86 (measured 26 us vs 4.7 us
-    for int8 at 128 x 384)."""
+    for int8 at 128 x 384). One C++ pass (``sparseq._C_cpu``) where it is built."""
+    fused = cpu_kernels.quantize_int8(x, smooth, x_scale)
+    if fused is not None:
+        return fused
     xs = x.float() if smooth is None else x.float() / smooth
     if x_scale is None:
         amax = reference.row_absmax(xs)
@@ -150,6 +164,11 @@ def w8a8_impl(packed: Tensor, w_scale: Tensor, smooth: Optional[Tensor], x_scale
     """``x -> y`` for a layer, the prepacked weight and scales bound once; eager calls run
     directly, traced ones through the opaque op."""
     w_scale = w_scale.float().contiguous()
+    # fp32 and contiguous once, as the C++ ops read them (the same values: x.float() / smooth
+    # and + bias.float() promote them to fp32 exactly)
+    smooth = None if smooth is None else smooth.float().contiguous()
+    x_scale = None if x_scale is None else x_scale.float().contiguous()
+    bias = None if bias is None else bias.float().contiguous()
 
     def call(x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():

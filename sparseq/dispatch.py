@@ -145,26 +145,62 @@ def tuned_key(op: str, n: int, k: int, dtype: torch.dtype, capability: Tuple[int
     return f"{op}|{n}|{k}|{str(dtype).replace('torch.', '')}|sm{capability[0]}{capability[1]}"
 
 
+def cpu_table() -> dict:
+    """The shipped table's CPU sections in force here: as measured with ``sparseq._C_cpu`` (the
+    one-pass W8A8 quantization and epilogue), or, where that extension is not built, its
+    ``cpu_torch_ops`` overrides (the same arithmetic in torch ops costs more per call, so int8
+    kernels start at larger layers)."""
+    from . import cpu_kernels
+
+    table = _load("default")
+    if cpu_kernels.available():
+        return table
+    return {**table, **table.get("cpu_torch_ops", {})}
+
+
+def cpu_split(bucket: str) -> Optional[int]:
+    """The M at which the CPU tables split ``bucket`` in two (``"2-16"`` at 8: lists and
+    thresholds keyed ``"2-7"`` and ``"8-16"``), or None. A dense GEMV of a small layer beats an
+    int8 GEMM's fixed cost at M = 2 but not at M = 16; the layer then switches per call on M."""
+    return cpu_table().get("cpu_split", {}).get(bucket)
+
+
+def cpu_part(bucket: str, m: int) -> str:
+    """The key of M ``m``'s part of ``bucket`` in the CPU tables (the bucket's own name unless
+    :func:`cpu_split` splits it)."""
+    split = cpu_split(bucket)
+    if split is None:
+        return bucket
+    lo, _, hi = bucket.partition("-")
+    return f"{lo}-{split - 1}" if m < split else f"{split}-{hi}"
+
+
 def preferences(op: str, n: int, k: int, dtype: torch.dtype, device: torch.device, m: int,
                 one_thread: bool = False) -> List[str]:
     """Backends to try, best first, for this op and shape on ``device`` at batch ``m``
     (``one_thread``: for a CPU running torch with one intra-op thread, where the ``cpu_fast``
     section's ``min_nk_one_thread`` lowers thresholds: a dense GEMV gains more from a second
-    core than fbgemm's does)."""
+    core than an int8 kernel does). CPU lists and thresholds are keyed by the part of the M
+    bucket ``m`` falls in (:func:`cpu_part`), falling back to the bucket's name."""
     if device.type == "cpu":
-        table = _load("default")
+        table = cpu_table()
         bucket = BUCKET_NAMES[bucket_of(m)]
+        part = cpu_part(bucket, m)
+
+        def by_part(d: dict, default):
+            return d.get(part, d.get(bucket, default))
+
         min_nk = table.get("cpu_min_nk", {})  # a backend that loses to the dense bucket on small layers
-        per_op = table.get("cpu", {}).get(op, {}).get(bucket, [])
+        per_op = by_part(table.get("cpu", {}).get(op, {}), [])
         sections = table.get("cpu_fast", {})
         fast_table = sections.get(str(dtype).replace("torch.", ""), sections.get("default", {}))
         if _numerics == "fast" and op in fast_table.get("ops", {}):
-            per_op = fast_table["ops"][op].get(bucket, [])
+            per_op = by_part(fast_table["ops"][op], [])
             min_nk = fast_table.get("min_nk", {})
             if one_thread:
                 lower = fast_table.get("min_nk_one_thread", {})
                 min_nk = {b: {**min_nk.get(b, {}), **lower.get(b, {})} for b in {*min_nk, *lower}}
-        fast = [b for b in per_op if n * k >= min_nk.get(b, {}).get(bucket, 0)]
+        fast = [b for b in per_op if n * k >= by_part(min_nk.get(b, {}), 0)]
         return list(dict.fromkeys(fast + ["dense", "reference"]))
     if device.type != "cuda":
         return ["reference"]

@@ -87,9 +87,14 @@ def kernels(so: Path, tool: str) -> List[Kernel]:
 
 
 def extension_files() -> List[Path]:
-    """The built extension libraries next to the installed ``sparseq`` package."""
+    """The built extension libraries next to the installed ``sparseq`` package (CUDA and CPU)."""
     root = Path(__file__).resolve().parent
     return sorted(p for p in root.glob("_C*.so") if p.is_file())
+
+
+def cuda_extension_files() -> List[Path]:
+    """The built CUDA extension libraries (``sparseq._C``, ``sparseq._C_sm90a``; not the CPU one)."""
+    return [p for p in extension_files() if not p.name.startswith("_C_cpu")]
 
 
 def audit(found: Dict[Path, List[Kernel]]) -> List[str]:
@@ -120,9 +125,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("paths", nargs="*", help="extension .so files (default: the installed sparseq._C*)")
     p.add_argument("--verbose", action="store_true", help="a line per kernel")
     args = p.parse_args(argv)
-    paths = [Path(x) for x in args.paths] or extension_files()
+    paths = [Path(x) for x in args.paths] or cuda_extension_files()
     if not paths:
-        print("no CUDA extension built (sparseq/_C*.so): nothing to audit", file=sys.stderr)
+        print("no CUDA extension built (sparseq/_C.abi3.so, _C_sm90a): nothing to audit", file=sys.stderr)
         return 2
     tool = cuobjdump()
     if tool is None:

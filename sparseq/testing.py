@@ -204,6 +204,8 @@ def is_approximate(layer, x: Tensor) -> bool:
 
     key = (x.device, dispatch.bucket_of(x.shape[0]), x.dtype)
     impl = getattr(layer, "_impls", {}).get(key)
+    while hasattr(impl, "chosen_for"):  # a per-call switch (thread count, M): the impl that runs x
+        impl = impl.chosen_for(x)
     return bool(getattr(impl, "approximate", False))
 
 

@@ -67,16 +67,20 @@ def test_a_libpython_link_fails(tmp_path):
 
 
 def test_built_extensions_use_only_the_stable_abis():
-    files = machine_code.extension_files()
+    files, cuda = machine_code.extension_files(), machine_code.cuda_extension_files()
+    if not cuda and os.environ.get("SPARSEQ_REQUIRE_CUDA_EXTENSIONS") == "1":
+        pytest.fail("SPARSEQ_REQUIRE_CUDA_EXTENSIONS=1 but no sparseq/_C.abi3.so is built")
     if not files:
-        if os.environ.get("SPARSEQ_REQUIRE_CUDA_EXTENSIONS") == "1":
-            pytest.fail("SPARSEQ_REQUIRE_CUDA_EXTENSIONS=1 but no sparseq/_C*.so is built")
-        pytest.skip("the CUDA extensions are not built here (SPARSEQ_BUILD_CUDA=0)")
+        pytest.skip("no extension is built here (SPARSEQ_SKIP_CPU_BUILD=1 and SPARSEQ_BUILD_CUDA=0)")
     problems = [line for so in files for line in abi_audit.problems(so)]
     assert not problems, "\n".join(problems)
-    assert {so.name for so in files} == {"_C.abi3.so", "_C_sm90a.abi3.so"}
-    for so in files:  # the CUDA stream comes from torch's C shim, so the shim is really used
+    if cuda:
+        assert {so.name for so in cuda} == {"_C.abi3.so", "_C_sm90a.abi3.so"}
+    for so in cuda:  # the CUDA stream comes from torch's C shim, so the shim is really used
         assert "aoti_torch_get_current_cuda_stream" in abi_audit.torch_imports(so), so.name
+    for so in set(files) - set(cuda):  # sparseq._C_cpu: threads through torch's stable parallel_for
+        assert so.name == "_C_cpu.abi3.so"
+        assert "torch_parallel_for" in abi_audit.torch_imports(so), so.name
 
 
 @needs_toolchain

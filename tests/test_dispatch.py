@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from sparseq import dispatch
+from sparseq import cpu_kernels, dispatch
 
 
 @pytest.mark.parametrize("m, bucket", [(1, 0), (2, 1), (16, 1), (17, 2), (64, 2), (65, 3), (256, 3),
@@ -34,31 +34,79 @@ def test_cpu_preferences(exact_cpu_numerics):
     assert dispatch.preferences("int8_mm", 64, 64, torch.float32, torch.device("meta"), 1) == ["reference"]
 
 
+def _cpu_pref(op):
+    return lambda n, k, m, dtype=torch.float32, one_thread=False: dispatch.preferences(  # noqa: E731
+        op, n, k, dtype, torch.device("cpu"), m, one_thread)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason=cpu_kernels.unavailable_reason() or "ok")
 def test_cpu_preferences_fast_numerics():
-    """The default "fast" numerics: W8A8 through fbgemm at small M (oneDNN after it, for static
-    scales), dense where no int8 path wins, oneDNN from M = 65; bf16 by its own section."""
+    """The default "fast" numerics with sparseq._C_cpu: fbgemm at M = 1 and below M = 8 on mid-size
+    layers, the exact oneDNN path from M = 8, dense where no int8 path wins; bf16 by its own
+    section; thresholds lower with one intra-op thread."""
     import sparseq
 
-    cpu = torch.device("cpu")
     with sparseq.cpu_numerics("fast"):
         for op in ("int8_mm", "sparse24_int8_mm"):
-            pref = lambda n, k, m, dtype=torch.float32: dispatch.preferences(op, n, k, dtype, cpu, m)  # noqa: E731
-            assert pref(384, 384, 1) == ["dense", "reference"]
-            assert pref(1536, 384, 1) == ["dense", "reference"]
+            pref = _cpu_pref(op)
+            assert pref(384, 384, 1) == pref(1536, 384, 1) == ["dense", "reference"]
+            assert pref(1536, 384, 1, one_thread=True) == ["fbgemm", "onednn", "dense", "reference"]
+            assert pref(2048, 1024, 1) == pref(2048, 1024, 7) == ["fbgemm", "onednn", "dense", "reference"]
+            assert pref(1536, 384, 7) == ["dense", "reference"]
+            assert pref(1536, 384, 8) == pref(1536, 384, 16) == ["onednn", "fbgemm", "dense", "reference"]
+            assert pref(384, 384, 16) == pref(64, 64, 16) == ["dense", "reference"]
+            assert pref(384, 384, 17) == pref(384, 384, 64) == ["onednn", "dense", "reference"]
+            assert pref(64, 64, 64) == ["dense", "reference"]
+            assert pref(64, 64, 256) == pref(4096, 4096, 4096) == ["onednn", "dense", "reference"]
+            assert pref(384, 384, 1, torch.bfloat16) == ["fbgemm", "onednn", "dense", "reference"]
+            assert pref(384, 384, 4, torch.bfloat16) == ["onednn", "dense", "reference"]
+            assert pref(384, 384, 16, torch.bfloat16) == ["dense", "reference"]
+            assert pref(384, 384, 16, torch.bfloat16, True) == ["onednn", "dense", "reference"]
+            assert pref(1024, 1024, 64, torch.bfloat16) == ["onednn", "dense", "reference"]
+            assert pref(1024, 1024, 256, torch.bfloat16) == ["dense", "reference"]
+            assert pref(2048, 2048, 256, torch.bfloat16) == ["onednn", "dense", "reference"]
+        # other ops keep the "cpu" section
+        assert dispatch.preferences("sparse24_mm", 64, 64, torch.float32, torch.device("cpu"), 1) == ["dense", "reference"]
+
+
+def test_cpu_preferences_without_the_cpu_extension(monkeypatch):
+    """Where sparseq._C_cpu is not built, the cpu_torch_ops table: fbgemm to M = 64, no M split."""
+    import sparseq
+
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    assert dispatch.cpu_split("2-16") is None and dispatch.cpu_part("2-16", 3) == "2-16"
+    with sparseq.cpu_numerics("fast"):
+        for op in ("int8_mm", "sparse24_int8_mm"):
+            pref = _cpu_pref(op)
+            assert pref(384, 384, 1) == pref(1536, 384, 1) == ["dense", "reference"]
             assert pref(2048, 1024, 1) == ["fbgemm", "onednn", "dense", "reference"]
             assert pref(384, 384, 16) == ["dense", "reference"]
             assert pref(1536, 384, 16) == ["fbgemm", "onednn", "dense", "reference"]
-            assert pref(64, 64, 16) == ["dense", "reference"]
-            assert pref(384, 384, 64) == ["dense", "reference"]
             assert pref(1536, 384, 64) == ["fbgemm", "dense", "reference"]
             assert pref(2048, 2048, 64) == ["onednn", "fbgemm", "dense", "reference"]
             assert pref(64, 64, 256) == pref(4096, 4096, 4096) == ["onednn", "dense", "reference"]
-            assert pref(384, 384, 16, torch.bfloat16) == ["dense", "reference"]
             assert pref(1024, 1024, 1, torch.bfloat16) == ["fbgemm", "dense", "reference"]
-            assert pref(4096, 4096, 16, torch.bfloat16) == ["fbgemm", "dense", "reference"]
             assert pref(4096, 4096, 64, torch.bfloat16) == ["dense", "reference"]
-        # other ops keep the "cpu" section
-        assert dispatch.preferences("sparse24_mm", 64, 64, torch.float32, cpu, 1) == ["dense", "reference"]
+
+
+def test_cpu_tables_cover_every_part_of_every_bucket():
+    """Each CPU list is keyed by a bucket or by both parts of a split bucket, never by half."""
+    table = dispatch._load("default")
+    for variant in (table, {**table, **table["cpu_torch_ops"]}):
+        splits = variant.get("cpu_split", {})
+        keys = set()
+        for b in dispatch.BUCKET_NAMES:
+            if b in splits:
+                lo, _, hi = b.partition("-")
+                keys |= {f"{lo}-{splits[b] - 1}", f"{splits[b]}-{hi}"}
+            else:
+                keys.add(b)
+        for dtype, section in variant["cpu_fast"].items():
+            for op, lists in section["ops"].items():
+                assert set(lists) == keys, (dtype, op)
+            for rule in ("min_nk", "min_nk_one_thread"):
+                for backend, by_key in section.get(rule, {}).items():
+                    assert set(by_key) <= keys, (dtype, rule, backend)
 
 
 def test_default_table_covers_every_op_and_bucket():

@@ -41,7 +41,7 @@ def test_non_gemm_kernels_only_need_no_spills():
 
 
 def test_built_extensions_issue_sparse_mma_without_spills():
-    files = mc.extension_files()
+    files = mc.cuda_extension_files()
     if not files:
         if os.environ.get("SPARSEQ_REQUIRE_CUDA_EXTENSIONS") == "1":
             pytest.fail("SPARSEQ_REQUIRE_CUDA_EXTENSIONS=1 but no sparseq/_C*.so is built")

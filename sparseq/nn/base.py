@@ -90,12 +90,34 @@ def by_threads(one: Impl, many: Impl) -> Impl:
     """``one`` while torch runs one intra-op thread, else ``many`` (checked per call: 0.1 us);
     ``many`` under torch.compile, which should not trace a thread-count query."""
 
+    def chosen_for(x: Tensor) -> Impl:
+        return many if torch.compiler.is_compiling() or torch.get_num_threads() != 1 else one
+
     def run(x: Tensor) -> Tensor:
         if torch.compiler.is_compiling() or torch.get_num_threads() != 1:
             return many(x)
         return one(x)
 
+    run.chosen_for = chosen_for  # type: ignore[attr-defined]  (which impl runs x: sparseq.testing)
     run.approximate = getattr(one, "approximate", False) or getattr(many, "approximate", False)  # type: ignore[attr-defined]
+    return run
+
+
+def by_rows(split: int, below: Impl, above: Impl) -> Impl:
+    """``below`` for inputs of fewer than ``split`` rows, else ``above`` (the CPU tables split an
+    M bucket where a small layer's dense GEMV wins at its low end and an int8 GEMM at its top)."""
+
+    def chosen_for(x: Tensor) -> Impl:
+        m = x.shape[0] if x.dim() == 2 else x.numel() // max(x.shape[-1], 1)
+        return below if m < split else above
+
+    def run(x: Tensor) -> Tensor:
+        return chosen_for(x)(x)
+
+    run.chosen_for = chosen_for  # type: ignore[attr-defined]  (which impl runs x: sparseq.testing)
+    run.approximate = getattr(below, "approximate", False) or getattr(above, "approximate", False)  # type: ignore[attr-defined]
+    if getattr(below, "takes_nd", False) and getattr(above, "takes_nd", False):
+        takes_nd(run)
     return run
 
 
@@ -243,25 +265,36 @@ class CompressedLinear(nn.Module):
         device, bucket, dtype = key
         m = dispatch.BUCKET_M[bucket]
         name = f"{type(self).__name__}({self.out_features}x{self.in_features}, {self.FORMAT})"
-        # CPU tables are keyed by the compute dtype (bf16 dense on AMX beats int8 where fp32 does
-        # not); GPU tables by the layer dtype, as `sparseq tune` writes them
-        table_dtype = dtype if device.type == "cpu" else self.dtype
-        prefs = dispatch.preferences(self.table_op, self.out_features, self.in_features, table_dtype, device, m)
-        if device.type == "cpu":  # the best backend may depend on torch's intra-op thread count
-            one = dispatch.preferences(self.table_op, self.out_features, self.in_features, table_dtype, device, m,
-                                       True)  # positional: one_thread
-            if one != prefs:
-                b1, impl1 = self._first_impl(one, key, name)
-                bn, impln = self._first_impl(prefs, key, name)
-                if b1 != bn:
-                    return f"{b1} (1 thread) / {bn}", by_threads(impl1, impln)
-                return bn, impln
-        return self._first_impl(prefs, key, name)
+        if device.type != "cpu":  # GPU tables are keyed by the layer dtype, as `sparseq tune` writes them
+            prefs = dispatch.preferences(self.table_op, self.out_features, self.in_features, self.dtype, device, m)
+            return self._first_impl(prefs, key, name, m)
+        split = dispatch.cpu_split(dispatch.BUCKET_NAMES[bucket])
+        high, high_impl = self._cpu_choice(key, m, name)
+        if split is None:
+            return high, high_impl
+        low, low_impl = self._cpu_choice(key, split - 1, name)
+        if low == high:
+            return high, high_impl
+        return f"M<{split}: {low}; M>={split}: {high}", by_rows(split, low_impl, high_impl)
 
-    def _first_impl(self, prefs, key: Key, name: str) -> Tuple[str, Impl]:
-        """The first backend of ``prefs`` that runs this layer, and its implementation."""
+    def _cpu_choice(self, key: Key, m: int, name: str) -> Tuple[str, Impl]:
+        """The CPU backend for batch ``m`` (tables keyed by the compute dtype: bf16 dense on AMX
+        beats int8 where fp32 does not), switching per call on the intra-op thread count where
+        the best backend depends on it."""
+        _, _, dtype = key
+        n, k = self.out_features, self.in_features
+        prefs = dispatch.preferences(self.table_op, n, k, dtype, key[0], m)
+        one = dispatch.preferences(self.table_op, n, k, dtype, key[0], m, True)  # positional: one_thread
+        bn, impln = self._first_impl(prefs, key, name, m)
+        if one != prefs:
+            b1, impl1 = self._first_impl(one, key, name, m)
+            if b1 != bn:
+                return f"{b1} (1 thread) / {bn}", by_threads(impl1, impln)
+        return bn, impln
+
+    def _first_impl(self, prefs, key: Key, name: str, m: int) -> Tuple[str, Impl]:
+        """The first backend of ``prefs`` that runs this layer at batch ``m``, and its implementation."""
         device, bucket, dtype = key
-        m = dispatch.BUCKET_M[bucket]
         failed = []
         for i, backend in enumerate(prefs):
             if backend == "dense":
