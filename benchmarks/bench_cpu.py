@@ -4,12 +4,13 @@ What it measures (issue 15: every sparseq layer at least as fast as dense on CPU
 as PyTorch's own dynamic quantization or faster), in one run:
 
 - per shape ``N x K`` (2048x2048, 1536x384 MiniLM MLP in, 384x1536 MiniLM MLP out, 384x384,
-  4096x4096) and ``M`` in the dispatch buckets' representatives (1, 16, 64, 256, 1024): fp32
+  4096x4096) and ``M`` in the dispatch buckets' representatives (1, 4, 16, 64, 256, 1024): fp32
   ``nn.Linear`` (the 1.0x baseline), ``torch.ao.quantization.quantize_dynamic`` of the same
   Linear (the peer row) and each ``sparseq.nn.FORMATS`` layer built by ``make_layer`` (2:4
   formats prune by magnitude; their baseline is still the unpruned dense Linear the user had),
   prepared once (``layer.prepare()``), called as dispatch resolves it; the backend that ran is
-  recorded. A bf16 run (bf16 ``nn.Linear`` vs layers built from it) for ``--bf16-shapes``.
+  recorded. A bf16 run (bf16 ``nn.Linear`` vs layers built from it) for ``--bf16-shapes``
+  (default all but 4096x4096).
   Cells whose dense time exceeds ``--max-dense-s`` (0.3 s) per call are skipped (listed).
 - every sparseq output is checked against the dense layer it replaces with
   ``sparseq.testing.check_layer_close`` (dense bound when the ``dense`` backend ran); a failing
@@ -60,7 +61,8 @@ COLUMNS = ["device", "cpu", "threads", "torch", "git_sha", "format", "backend", 
            "time_us", "dense_us", "speedup", "checked"]
 SHAPES = {(2048, 2048): "square", (1536, 384): "MiniLM MLP in", (384, 1536): "MiniLM MLP out",
           (384, 384): "MiniLM attention", (4096, 4096): "square"}
-M_FULL = list(dispatch.BUCKET_M[:5])  # 1, 16, 64, 256, 1024
+M_FULL = [1, 4, 16, 64, 256, 1024]  # the buckets' representatives; 4 for the CPU tables' 2-7 part of 2-16
+BF16_SHAPES = [(2048, 2048), (1536, 384), (384, 1536), (384, 384)]
 QUICK_SHAPES = [(384, 384), (1536, 384)]
 M_QUICK = [1, 64]
 QD_REL_L2 = 5e-2  # quantize_dynamic vs fp32 (relative L2), as torchao rows of the GPU sweep
@@ -434,8 +436,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/cpu-<cpu>/)")
     p.add_argument("--quick", action="store_true", help="2 small shapes, M 1 and 64, tiny budget (tests)")
     p.add_argument("--shapes", default=None, help="NxK list, e.g. 2048x2048,1536x384")
-    p.add_argument("--bf16-shapes", default=None, help="shapes also run in bf16 (default 2048x2048)")
-    p.add_argument("--m", default=None, help="M list (default 1,16,64,256,1024)")
+    p.add_argument("--bf16-shapes", default=None, help="shapes also run in bf16 (default all but 4096x4096)")
+    p.add_argument("--m", default=None, help="M list (default 1,4,16,64,256,1024)")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--formats", default=",".join(snn.FORMATS))
     p.add_argument("--budget", type=float, default=None, help="seconds per contender and cell (default 0.6)")
@@ -447,7 +449,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     a = p.parse_args(argv)
     shapes = lambda s: [bm.parse_shape(x) for x in s.split(",") if x]  # noqa: E731
     a.shapes = shapes(a.shapes) if a.shapes else (QUICK_SHAPES if a.quick else list(SHAPES))
-    a.bf16_shapes = shapes(a.bf16_shapes) if a.bf16_shapes is not None else [a.shapes[0] if a.quick else (2048, 2048)]
+    a.bf16_shapes = shapes(a.bf16_shapes) if a.bf16_shapes is not None else ([a.shapes[0]] if a.quick else BF16_SHAPES)
     a.m = [int(x) for x in a.m.split(",")] if a.m else (M_QUICK if a.quick else M_FULL)
     a.threads = [int(x) for x in a.threads.split(",")]
     a.formats = [f for f in a.formats.split(",") if f]

@@ -96,12 +96,22 @@ def _fbgemm_status() -> BackendStatus:
                                          f"small M under the 'fast' CPU numerics ({bits})")
 
 
+def _cpu_extension_status() -> BackendStatus:
+    from .cpu_kernels import unavailable_reason
+
+    why = unavailable_reason()
+    return BackendStatus(not why, why or "sparseq._C_cpu: the W8A8 per-token quantization and epilogue of the "
+                                        "oneDNN path in C++ (one pass each)")
+
+
 def kernels_available() -> Dict[str, BackendStatus]:
-    """Per backend (``reference``, ``triton``, ``cuda``, ``onednn``, ``fbgemm``): whether it can run here and why not."""
+    """Per backend (``reference``, ``triton``, ``cuda``, ``onednn``, ``fbgemm``, ``cpu_extension``):
+    whether it can run here and why not."""
     return {
         "reference": BackendStatus(True, f"pure PyTorch {torch.__version__}, any device"),
         "triton": _triton_status(),
         "cuda": _cuda_backend_status(),
         "onednn": _onednn_status(),
         "fbgemm": _fbgemm_status(),
+        "cpu_extension": _cpu_extension_status(),
     }

@@ -51,7 +51,7 @@ def run_info(args: argparse.Namespace) -> int:
         print("gpu       none")
     for name, status in sparseq.kernels_available().items():
         mark = "yes" if status.available else "no "
-        print(f"backend   {name:<9} {mark}  {status.reason}")
+        print(f"backend   {name:<13} {mark}  {status.reason}")
     return 0
 
 

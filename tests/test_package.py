@@ -33,7 +33,7 @@ def test_kernels_is_a_subpackage_not_top_level(tmp_path):
 
 def test_kernels_available_reports_every_backend():
     status = sparseq.kernels_available()
-    assert set(status) == {"reference", "triton", "cuda", "onednn", "fbgemm"}
+    assert set(status) == {"reference", "triton", "cuda", "onednn", "fbgemm", "cpu_extension"}
     assert status["reference"].available
     for s in status.values():
         assert isinstance(s.available, bool) and s.reason

@@ -1,0 +1,111 @@
+"""CPU W8A8 kernel candidates, alone, per shape, dtype, M and thread count: the numbers behind the
+``cpu_fast`` thresholds of ``sparseq/data/dispatch_default.json``.
+
+Contenders (bias included, no layer or dispatch overhead):
+
+- ``dense``: ``F.linear`` on the dequantized weight in the compute dtype (the dense bucket);
+- ``fbgemm``: ``sparseq.cpu_fbgemm`` (fast numerics: fbgemm's dynamic int8 linear on per-row
+  normalised activations), checked within ``cpu_fbgemm.error_bound`` of the reference;
+- ``exact``: ``sparseq.cpu_ops`` (the W8A8 format bit for bit: per-token quantization and
+  epilogue in ``sparseq._C_cpu`` where built, oneDNN's int8 GEMM or ``torch._int_mm``),
+  checked equal to the reference.
+
+An output that fails its check stops the run (exit 1). Timing: contenders interleaved in 7
+rounds of repeated calls within ``--budget`` seconds each; the median per-call time in us.
+Run: ``python benchmarks/bench_cpu_kernels.py --m 1,2,16,64,256 --out FILE.csv`` (~3 min on
+2 cores for the default shapes at 1 and 2 threads).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+
+from sparseq import cpu_fbgemm, cpu_kernels, cpu_ops
+from sparseq import reference as ref
+
+SHAPES = "384x384,1536x384,384x1536,1024x1024,2048x2048,4096x4096"
+COLUMNS = ["threads", "dtype", "N", "K", "M", "dense", "fbgemm", "exact"]
+
+
+def median_us(fs: Dict[str, Callable[[], object]], budget: float, rounds: int = 7) -> Dict[str, float]:
+    """Median per-call time of each contender, interleaved round by round."""
+    reps = {}
+    for name, f in fs.items():
+        f(), f()
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < 0.02:
+            f()
+            n += 1
+        per_call = (time.perf_counter() - t0) / n
+        reps[name] = max(3, min(200, int(budget / rounds / per_call)))
+    times: Dict[str, list] = {name: [] for name in fs}
+    for _ in range(rounds):
+        for name, f in fs.items():
+            t = time.perf_counter()
+            for _ in range(reps[name]):
+                f()
+            times[name].append((time.perf_counter() - t) / reps[name] * 1e6)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def check(x, wq, ws, bias, y_fbgemm, y_exact) -> None:
+    xq, scale = ref.quantize_per_token(x)
+    want = ref.int8_mm(xq, wq, scale, ws, bias, torch.float32)
+    if not torch.equal(y_exact.float(), want.to(x.dtype).float()):
+        raise SystemExit(f"exact path differs from the reference (max {(y_exact.float() - want).abs().max():.3g})")
+    bound = cpu_fbgemm.error_bound(x, wq, ws, None, bias) + (want.abs() * 2**-7 if x.dtype == torch.bfloat16 else 0)
+    if not ((y_fbgemm.float() - want).abs() <= bound).all():
+        raise SystemExit("fbgemm path outside cpu_fbgemm.error_bound")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default=SHAPES)
+    p.add_argument("--m", default="1,2,16,64,256")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--budget", type=float, default=0.3, help="seconds per contender and cell")
+    p.add_argument("--out", type=Path, default=None, help="CSV file (default: stdout only)")
+    args = p.parse_args(argv)
+    warnings.simplefilter("ignore")  # torch's deprecation notes on quantized tensors
+    if not cpu_kernels.available():
+        print(f"note: {cpu_kernels.unavailable_reason()}", file=sys.stderr)
+    rows = []
+    print(",".join(COLUMNS), flush=True)
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        for shape in args.shapes.split(","):
+            n, k = (int(v) for v in shape.split("x"))
+            torch.manual_seed(n + k)
+            wq, ws = ref.quantize_per_channel(torch.randn(n, k))
+            bias = torch.randn(n)
+            fbgemm = cpu_fbgemm.w8a8_impl(cpu_fbgemm.PackedWeight(wq, ws), None, bias)
+            exact = cpu_ops.w8a8_impl(cpu_ops.prepack(wq), ws, None, None, bias)
+            for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
+                w, b = (wq.float() * ws[:, None]).to(dtype), bias.to(dtype)
+                for m in (int(v) for v in args.m.split(",")):
+                    x = torch.randn(m, k).to(dtype)
+                    check(x, wq, ws, bias, fbgemm(x), exact(x))
+                    t = median_us({"dense": lambda: F.linear(x, w, b), "fbgemm": lambda: fbgemm(x),
+                                   "exact": lambda: exact(x)}, args.budget)
+                    row = [threads, str(dtype).replace("torch.", ""), n, k, m] + [f"{t[c]:.1f}" for c in COLUMNS[5:]]
+                    rows.append(row)
+                    print(",".join(map(str, row)), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w", newline="") as f:
+            csv.writer(f).writerows([COLUMNS] + rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
