@@ -1,5 +1,6 @@
-"""The C++ CPU ops of ``sparseq._C_cpu`` around PyTorch's int8 GEMMs (schemas here, kernels in
-``csrc/cpu/``): the W8A8 activation quantization and epilogue in one pass each.
+"""The C++ CPU ops of ``sparseq._C_cpu`` (schemas here, kernels in ``csrc/cpu/``): the W8A8
+activation quantization and epilogue around PyTorch's int8 GEMMs, one pass each, and the int8
+weight-only GEMM (``int8_weight_only_cpu``, for which PyTorch has no fast CPU kernel).
 
 On a 2-core Xeon at M <= 64 the torch ops that quantize a batch per token (``x / smooth``,
 ``abs``, ``amax``, the scale, ``x / scale``, ``round``, ``clamp``, the int8 cast) and scale the
@@ -21,9 +22,19 @@ from torch import Tensor
 _lib = torch.library.Library("sparseq", "FRAGMENT")
 _lib.define("quantize_int8_cpu(Tensor x, Tensor? smooth, Tensor? x_scale) -> (Tensor, Tensor)")
 _lib.define("w8a8_epilogue_cpu(Tensor acc, Tensor x_scale, Tensor w_scale, Tensor? bias) -> Tensor")
+_lib.define("int8_weight_only_cpu(Tensor x, Tensor wq, Tensor w_scale, Tensor? bias) -> Tensor")
+
+
+@torch.library.register_fake("sparseq::int8_weight_only_cpu", lib=_lib)
+def _int8_weight_only_fake(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return x.new_empty((x.shape[0], wq.shape[0]))  # torch.compile traces the op through this
 
 QUANTIZE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-"""Activation dtypes the C++ quantization reads."""
+"""Activation dtypes the C++ quantization and the weight-only GEMM read."""
+
+WEIGHT_ONLY_CAPABILITIES = ("AVX512",)
+"""``torch.backends.cpu.get_cpu_capability()`` values where ``int8_weight_only_cpu`` runs its
+AVX-512 kernel; other CPUs get a plain loop (right, not fast), so the dispatch does not offer it."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,8 +54,20 @@ def available() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _ops() -> Tuple[object, object]:
-    return torch.ops.sparseq.quantize_int8_cpu.default, torch.ops.sparseq.w8a8_epilogue_cpu.default
+def weight_only_unavailable_reason() -> str:
+    """"" where ``int8_weight_only_cpu`` runs its AVX-512 kernel here, else why not."""
+    if not available():
+        return unavailable_reason()
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in WEIGHT_ONLY_CAPABILITIES:
+        return f"the int8 weight-only CPU kernel needs AVX-512 (torch reports {capability})"
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
+def _ops() -> Tuple[object, object, object]:
+    ops = torch.ops.sparseq
+    return ops.quantize_int8_cpu.default, ops.w8a8_epilogue_cpu.default, ops.int8_weight_only_cpu.default
 
 
 def quantize_int8(x: Tensor, smooth: Optional[Tensor], x_scale: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
@@ -66,3 +89,15 @@ def epilogue(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Optional[Tenso
             or w_scale.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32)):
         return None
     return _ops()[1](acc, x_scale, w_scale, bias)
+
+
+def int8_weight_only(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
+    """``(fp32(x @ wq^T) * w_scale + bias)`` in ``x.dtype`` (``reference.int8_weight_only_mm``,
+    within its tolerance: the sums run in another order), from the int8 weight as stored; None
+    where the AVX-512 kernel does not run here or these inputs are not supported. ``wq``,
+    ``w_scale`` and ``bias`` must be contiguous, the scales and bias fp32 (layers keep them so)."""
+    if (weight_only_unavailable_reason() or x.dtype not in QUANTIZE_DTYPES or x.dim() != 2
+            or wq.dtype != torch.int8 or not wq.is_contiguous() or w_scale.dtype != torch.float32
+            or (bias is not None and bias.dtype != torch.float32)):
+        return None
+    return _ops()[2](x.contiguous(), wq, w_scale, bias)

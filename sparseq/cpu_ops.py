@@ -212,3 +212,33 @@ def weight_only_impl(wq: Tensor, w_scale: Tensor, bias: Optional[Tensor],
         return torch._weight_int8pack_mm(x.contiguous(), wq, ones).float().mul_(scale).to(dtype)
 
     return run
+
+
+def woq_runs(dtype: torch.dtype) -> bool:
+    """Whether sparseq's int8 weight-only CPU kernel runs here for ``dtype`` activations."""
+    return not cpu_kernels.weight_only_unavailable_reason() and dtype in cpu_kernels.QUANTIZE_DTYPES
+
+
+def woq_impl(wq: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+             dtype: torch.dtype) -> Optional[Callable[[Tensor], Tensor]]:
+    """``x -> y`` of an int8 weight-only layer through sparseq's own AVX-512 kernel
+    (``cpu_woq`` dispatch backend: ``sparseq._C_cpu``'s ``int8_weight_only_cpu``, which reads the
+    int8 weight as stored and widens it in registers), or None where that kernel does not run
+    here (:func:`sparseq.cpu_kernels.weight_only_unavailable_reason`) or not for ``dtype``."""
+    if not woq_runs(dtype):
+        return None
+    wq = wq.contiguous()
+    scale = w_scale.float().contiguous()
+    bias32 = None if bias is None else bias.float().contiguous()
+
+    def run(x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():  # the op itself (checked once, above; x is 2-D of dtype)
+            return torch.ops.sparseq.int8_weight_only_cpu(x.contiguous(), wq, scale, bias32)
+        y = cpu_kernels.int8_weight_only(x, wq, scale, bias32)
+        if y is None:  # not a case the kernel takes (checked in the wrapper): the reference
+            from . import ops
+
+            return ops.int8_weight_only_mm(x, wq, scale, bias)
+        return y
+
+    return run

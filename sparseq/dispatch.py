@@ -190,17 +190,21 @@ def preferences(op: str, n: int, k: int, dtype: torch.dtype, device: torch.devic
         def by_part(d: dict, default):
             return d.get(part, d.get(bucket, default))
 
+        dtype_name = str(dtype).replace("torch.", "")
         min_nk = table.get("cpu_min_nk", {})  # a backend that loses to the dense bucket on small layers
-        per_op = by_part(table.get("cpu", {}).get(op, {}), [])
+        by_dtype = table.get("cpu_dtype", {}).get(dtype_name, {})  # lists for one compute dtype
+        min_nk = {**min_nk, **by_dtype.get("min_nk", {})}
+        max_nk = by_dtype.get("max_nk", {})  # a backend that loses to dense on large layers
+        per_op = by_part(by_dtype.get("ops", {}).get(op) or table.get("cpu", {}).get(op, {}), [])
         sections = table.get("cpu_fast", {})
-        fast_table = sections.get(str(dtype).replace("torch.", ""), sections.get("default", {}))
+        fast_table = sections.get(dtype_name, sections.get("default", {}))
         if _numerics == "fast" and op in fast_table.get("ops", {}):
             per_op = by_part(fast_table["ops"][op], [])
             min_nk = fast_table.get("min_nk", {})
             if one_thread:
                 lower = fast_table.get("min_nk_one_thread", {})
                 min_nk = {b: {**min_nk.get(b, {}), **lower.get(b, {})} for b in {*min_nk, *lower}}
-        fast = [b for b in per_op if n * k >= by_part(min_nk.get(b, {}), 0)]
+        fast = [b for b in per_op if by_part(min_nk.get(b, {}), 0) <= n * k <= by_part(max_nk.get(b, {}), n * k)]
         return list(dict.fromkeys(fast + ["dense", "reference"]))
     if device.type != "cuda":
         return ["reference"]

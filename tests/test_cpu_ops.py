@@ -131,17 +131,28 @@ def test_cpu_layers_run_their_fast_backend_and_match_the_dense_layer(fmt, dtype)
 @pytest.mark.parametrize("fmt", ["int8_weight_only", "2:4+int8_weight_only"])
 @pytest.mark.parametrize("n,k", [(96, 256), (384, 1536), (17, 48), (16, 40)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_weight_only_layers_read_int8_weights_in_bf16_at_m1(fmt, n, k, bias):
-    """bf16 at M = 1: torch._weight_int8pack_mm on the int8 weight (``int8pack``), within the
-    format's bound of the dense layer; fp32, larger M, a bias (rounded after the kernel's own
-    rounding) and K not a multiple of 16 (where torch's kernel is wrong) keep the dense copy."""
+@pytest.mark.parametrize("woq", [False, True])
+def test_weight_only_layers_read_int8_weights_in_bf16_at_m1(fmt, n, k, bias, woq, monkeypatch):
+    """Without sparseq's own kernel (``cpu_woq``: no AVX-512, no extension), bf16 at M = 1:
+    torch._weight_int8pack_mm on the int8 weight (``int8pack``), within the format's bound of the
+    dense layer; fp32, larger M, a bias (rounded after the kernel's own rounding) and K not a
+    multiple of 16 (where torch's kernel is wrong) keep the dense copy. With it, ``cpu_woq``
+    runs all three cases (these layers are small: bf16 M = 5 too)."""
+    if woq and not cpu_ops.woq_runs(torch.float32):
+        pytest.skip("sparseq's int8 weight-only CPU kernel does not run here")
+    if not woq:
+        monkeypatch.setattr(cpu_ops, "woq_runs", lambda dtype: False)
     torch.manual_seed(n + k)
     lin = nn.Linear(k, n, bias=bias)
     with torch.no_grad():
         lin.weight.mul_(torch.rand(n, 1) * 4)  # channel scales far apart
     cpu = torch.device("cpu")
     fast = "int8pack" if k % cpu_ops.WEIGHT_ONLY_K_MULTIPLE == 0 and not bias else "dense"
-    for dtype, m, want in [(torch.bfloat16, 1, fast), (torch.bfloat16, 5, "dense"), (torch.float32, 1, "dense")]:
+    cases = [(torch.bfloat16, 1, fast), (torch.bfloat16, 5, "dense"), (torch.float32, 1, "dense")]
+    if woq:
+        cases = [(torch.bfloat16, 1, "cpu_woq"), (torch.bfloat16, 5, "M<8: cpu_woq; M>=8: dense"),
+                 (torch.float32, 1, "cpu_woq")]
+    for dtype, m, want in cases:
         layer = sparseq.nn.make_layer(copy.deepcopy(lin).to(dtype), fmt, **_kwargs(fmt))
         x = torch.randn(m, k, dtype=dtype) * 3
         with torch.no_grad():
@@ -150,9 +161,11 @@ def test_weight_only_layers_read_int8_weights_in_bf16_at_m1(fmt, n, k, bias):
         assert_layer_close(layer, x, out=y, dense_fallback=want == "dense")
 
 
-def test_weight_only_kernel_stays_within_the_bound_over_many_layers():
+def test_weight_only_kernel_stays_within_the_bound_over_many_layers(monkeypatch):
     """Scales applied in fp32 after the kernel (bf16 scales inside it were 2 ulps off the
-    reference on a 384x384 layer, found by bench_cpu.py --quick); layers with a bias decline."""
+    reference on a 384x384 layer, found by bench_cpu.py --quick); layers with a bias decline.
+    (torch's kernel: where sparseq's ``cpu_woq`` runs it comes first.)"""
+    monkeypatch.setattr(cpu_ops, "woq_runs", lambda dtype: False)
     for seed in range(12):
         torch.manual_seed(seed)
         layer = sparseq.nn.make_layer(nn.Linear(384, 384, bias=False).to(torch.bfloat16), "int8_weight_only")

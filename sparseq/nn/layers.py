@@ -150,11 +150,13 @@ class Int8WeightOnlyLinear(CompressedLinear):
     def backend_impl(self, backend: str, m: int, dtype: torch.dtype, device: torch.device) -> Optional[Impl]:
         if backend == "reference":
             return lambda x: ops.int8_weight_only_mm(x, self.weight_q, self.w_scale, self.bias)
-        if backend == "int8pack":  # CPU: torch's int8 weight-only kernel (sparseq.cpu_ops)
+        if backend in ("int8pack", "cpu_woq"):  # CPU: torch's int8 weight-only kernel / sparseq's (cpu_ops)
             from .. import cpu_ops
 
-            return cpu_ops.weight_only_impl(self.weight_q, self.w_scale, self.bias, dtype) \
-                if device.type == "cpu" else None
+            if device.type != "cpu":
+                return None
+            make = cpu_ops.weight_only_impl if backend == "int8pack" else cpu_ops.woq_impl
+            return make(self.weight_q, self.w_scale, self.bias, dtype)
         if backend == "triton":
             op = _triton(self.OP)
             return None if op is None else (lambda x: op(x, self.weight_q, self.w_scale, self.bias))
@@ -400,13 +402,17 @@ class Sparse24Int8Linear(_W8A8Mixin, CompressedLinear):
             return self._onednn_impl(device) if self.mode == "w8a8" else None
         if backend == "fbgemm":
             return self._fbgemm_impl(device) if self.mode == "w8a8" else None
-        if backend == "int8pack":  # CPU, weight-only: torch's int8 weight-only kernel on the expanded weight
+        if backend in ("int8pack", "cpu_woq"):  # CPU, weight-only: an int8 weight-only kernel on the expanded weight
             from .. import cpu_ops
 
-            if self.mode != "weight_only" or device.type != "cpu" or dtype not in cpu_ops.WEIGHT_ONLY_DTYPES:
+            if self.mode != "weight_only" or device.type != "cpu":
                 return None
+            runs = dtype in cpu_ops.WEIGHT_ONLY_DTYPES if backend == "int8pack" else cpu_ops.woq_runs(dtype)
+            if not runs:  # before the int8 copy is built
+                return None
+            make = cpu_ops.weight_only_impl if backend == "int8pack" else cpu_ops.woq_impl
             wq = self.derived("int8_dense", device, self._int8_weight)
-            return cpu_ops.weight_only_impl(wq, self.w_scale, self.bias, dtype)
+            return make(wq, self.w_scale, self.bias, dtype)
         mm, meta = self._mm(backend, dtype, device)
         if mm is None:
             return None
