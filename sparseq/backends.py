@@ -97,11 +97,13 @@ def _fbgemm_status() -> BackendStatus:
 
 
 def _cpu_extension_status() -> BackendStatus:
-    from .cpu_kernels import unavailable_reason
+    from .cpu_kernels import unavailable_reason, weight_only_unavailable_reason
 
     why = unavailable_reason()
+    woq = weight_only_unavailable_reason()
     return BackendStatus(not why, why or "sparseq._C_cpu: the W8A8 per-token quantization and epilogue of the "
-                                        "oneDNN path in C++ (one pass each)")
+                                        "oneDNN path in C++ (one pass each); the int8 weight-only GEMM ('cpu_woq'"
+                                        + (f"; not used here: {woq})" if woq else ")"))
 
 
 def kernels_available() -> Dict[str, BackendStatus]:
