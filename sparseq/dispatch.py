@@ -175,12 +175,17 @@ def cpu_part(bucket: str, m: int) -> str:
     return f"{lo}-{split - 1}" if m < split else f"{split}-{hi}"
 
 
+def _merged(min_nk: dict, over: dict) -> dict:
+    """``{backend: {part: N*K}}`` with ``over``'s entries replacing ``min_nk``'s, part by part."""
+    return {b: {**min_nk.get(b, {}), **over.get(b, {})} for b in {*min_nk, *over}}
+
+
 def preferences(op: str, n: int, k: int, dtype: torch.dtype, device: torch.device, m: int,
                 one_thread: bool = False) -> List[str]:
     """Backends to try, best first, for this op and shape on ``device`` at batch ``m``
-    (``one_thread``: for a CPU running torch with one intra-op thread, where the ``cpu_fast``
-    section's ``min_nk_one_thread`` lowers thresholds: a dense GEMV gains more from a second
-    core than an int8 kernel does). CPU lists and thresholds are keyed by the part of the M
+    (``one_thread``: for a CPU running torch with one intra-op thread, where
+    ``cpu_min_nk_one_thread`` and the ``cpu_fast`` section's ``min_nk_one_thread`` lower
+    thresholds: a dense GEMV gains more from a second core than an int8 kernel does). CPU lists and thresholds are keyed by the part of the M
     bucket ``m`` falls in (:func:`cpu_part`), falling back to the bucket's name."""
     if device.type == "cpu":
         table = cpu_table()
@@ -192,8 +197,10 @@ def preferences(op: str, n: int, k: int, dtype: torch.dtype, device: torch.devic
 
         dtype_name = str(dtype).replace("torch.", "")
         min_nk = table.get("cpu_min_nk", {})  # a backend that loses to the dense bucket on small layers
+        if one_thread:  # a dense GEMV gains more from a second core than these kernels do
+            min_nk = _merged(min_nk, table.get("cpu_min_nk_one_thread", {}))
         by_dtype = table.get("cpu_dtype", {}).get(dtype_name, {})  # lists for one compute dtype
-        min_nk = {**min_nk, **by_dtype.get("min_nk", {})}
+        min_nk = _merged(min_nk, by_dtype.get("min_nk", {}))
         max_nk = by_dtype.get("max_nk", {})  # a backend that loses to dense on large layers
         per_op = by_part(by_dtype.get("ops", {}).get(op) or table.get("cpu", {}).get(op, {}), [])
         sections = table.get("cpu_fast", {})
@@ -202,8 +209,7 @@ def preferences(op: str, n: int, k: int, dtype: torch.dtype, device: torch.devic
             per_op = by_part(fast_table["ops"][op], [])
             min_nk = fast_table.get("min_nk", {})
             if one_thread:
-                lower = fast_table.get("min_nk_one_thread", {})
-                min_nk = {b: {**min_nk.get(b, {}), **lower.get(b, {})} for b in {*min_nk, *lower}}
+                min_nk = _merged(min_nk, fast_table.get("min_nk_one_thread", {}))
         fast = [b for b in per_op if by_part(min_nk.get(b, {}), 0) <= n * k <= by_part(max_nk.get(b, {}), n * k)]
         return list(dict.fromkeys(fast + ["dense", "reference"]))
     if device.type != "cuda":
