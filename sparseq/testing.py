@@ -186,6 +186,7 @@ def check_layer_close(layer, x: Tensor, out: Optional[Tensor] = None, dense_fall
     out = out.reshape(-1, out.shape[-1])
     if approximate is None:
         approximate = is_approximate(layer, x2)
+    dense_fallback = dense_fallback or runs_dense_bucket(layer, x2)
     expected, xf, w = layer_expected(layer, x2)
     extra = None
     if approximate:
@@ -198,15 +199,25 @@ def check_layer_close(layer, x: Tensor, out: Optional[Tensor] = None, dense_fall
                               dense_fallback=dense_fallback, extra_bound=extra)
 
 
-def is_approximate(layer, x: Tensor) -> bool:
-    """Whether ``layer`` runs ``x`` (2-D) through an implementation marked ``approximate``."""
+def _impl_running(layer, x: Tensor):
+    """The resolved implementation ``layer`` runs ``x`` (2-D) through, past per-call switches."""
     from . import dispatch
 
     key = (x.device, dispatch.bucket_of(x.shape[0]), x.dtype)
     impl = getattr(layer, "_impls", {}).get(key)
     while hasattr(impl, "chosen_for"):  # a per-call switch (thread count, M): the impl that runs x
         impl = impl.chosen_for(x)
-    return bool(getattr(impl, "approximate", False))
+    return impl
+
+
+def is_approximate(layer, x: Tensor) -> bool:
+    """Whether ``layer`` runs ``x`` (2-D) through an implementation marked ``approximate``."""
+    return bool(getattr(_impl_running(layer, x), "approximate", False))
+
+
+def runs_dense_bucket(layer, x: Tensor) -> bool:
+    """Whether ``layer`` runs ``x`` (2-D) through its dense bucket (``nn.base.dense_bucket``)."""
+    return bool(getattr(_impl_running(layer, x), "dense_bucket", False))
 
 
 def assert_layer_close(layer, x: Tensor, out: Optional[Tensor] = None, dense_fallback: bool = False) -> None:

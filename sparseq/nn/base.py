@@ -121,6 +121,14 @@ def by_rows(split: int, below: Impl, above: Impl) -> Impl:
     return run
 
 
+def dense_bucket(impl: Impl) -> Impl:
+    """Mark ``impl`` as the dense bucket (``F.linear`` on operands rounded once to the compute
+    dtype), so ``sparseq.testing`` checks its output with that rounding in the bound, also
+    behind a per-call switch (whose label names more than one backend)."""
+    impl.dense_bucket = True  # type: ignore[attr-defined]
+    return impl
+
+
 def takes_nd(impl: Impl) -> Impl:
     """Mark ``impl`` as taking inputs of any number of leading dims (``F.linear``), so the hot
     path hands it a 3-D activation without two reshapes."""
@@ -256,7 +264,7 @@ class CompressedLinear(nn.Module):
     def _dense_impl(self, device: torch.device, dtype: torch.dtype) -> Impl:
         w = self.dense_copy(device, dtype)
         bias = self.cast("bias", dtype, device)
-        return takes_nd(lambda x: F.linear(x, w, bias))
+        return dense_bucket(takes_nd(lambda x: F.linear(x, w, bias)))
 
     # dense_copy is what backward multiplies by; W8A8 layers override _dense_impl so the dense
     # bucket still quantizes activations as the format defines (same answer in every bucket).

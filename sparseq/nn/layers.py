@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from .. import dispatch, ops, reference
 from .._checks import check_multiple
-from .base import CompressedLinear, Impl, kernel_call
+from .base import CompressedLinear, Impl, dense_bucket, kernel_call
 
 PRUNE_METHODS = ("magnitude",)
 
@@ -216,7 +216,7 @@ class _W8A8Mixin:
             xd = (xq.float() * xs.reshape(-1, 1)).to(x.dtype)
             return F.linear(xd, w, bias)
 
-        return run
+        return dense_bucket(run)
 
     def _onednn_impl(self, device: torch.device) -> Optional[Impl]:
         """The CPU int8 GEMM of oneDNN (``sparseq.cpu_ops``) on the int8 weight, packed once."""
