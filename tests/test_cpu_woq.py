@@ -12,7 +12,7 @@ import torch
 import sparseq
 from sparseq import cpu_kernels, cpu_ops, dispatch
 from sparseq import reference as ref
-from sparseq.testing import assert_matmul_close, check_layer_close
+from sparseq.testing import assert_matmul_close, check_layer_close, runs_dense_bucket
 
 runs_here = pytest.mark.skipif(bool(cpu_kernels.weight_only_unavailable_reason()),
                                reason=cpu_kernels.weight_only_unavailable_reason() or "ok")
@@ -174,6 +174,10 @@ def test_layers_dispatch_to_it_where_the_tables_say(fmt):
                         check_layer_close(layer, torch.randn(m, 384).to(layer.dtype))
     finally:
         torch.set_num_threads(before)
+    # behind the per-call switch, the checks see which side ran (the dense side rounds its weight
+    # copy to bf16: a wider bound; bench_cpu.py flagged M = 16 cells before they did)
+    assert runs_dense_bucket(bf16, torch.randn(16, 384, dtype=torch.bfloat16))
+    assert not runs_dense_bucket(bf16, torch.randn(4, 384, dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("fmt", ["int8_weight_only", "2:4+int8_weight_only"])
