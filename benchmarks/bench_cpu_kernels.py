@@ -24,7 +24,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -100,11 +100,16 @@ def main(argv=None) -> int:
                     row = [threads, str(dtype).replace("torch.", ""), n, k, m] + [f"{t[c]:.1f}" for c in COLUMNS[5:]]
                     rows.append(row)
                     print(",".join(map(str, row)), flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w", newline="") as f:
-            csv.writer(f).writerows([COLUMNS] + rows)
+    write_csv(args.out, COLUMNS, rows)
     return 0
+
+
+def write_csv(path: Optional[Path], columns: List[str], rows: List[list]) -> None:
+    """The rows under a header line, where ``--out`` names a file (also bench_cpu_woq.py's)."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows([columns] + rows)
 
 
 if __name__ == "__main__":

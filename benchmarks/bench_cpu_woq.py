@@ -12,7 +12,6 @@ Run: ``python benchmarks/bench_cpu_woq.py --out FILE.csv`` (~4 min on 2 cores).
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu_kernels import median_us  # noqa: E402
+from bench_cpu_kernels import median_us, write_csv  # noqa: E402
 
 from sparseq import cpu_kernels  # noqa: E402
 from sparseq import reference as ref  # noqa: E402
@@ -66,10 +65,7 @@ def main(argv=None) -> int:
                            f"{t['cpu_woq']:.1f}", f"{t['dense'] / t['cpu_woq']:.2f}"]
                     rows.append(row)
                     print(",".join(map(str, row)), flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w", newline="") as f:
-            csv.writer(f).writerows([COLUMNS] + rows)
+    write_csv(args.out, COLUMNS, rows)
     return 0
 
 

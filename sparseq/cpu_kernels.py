@@ -23,6 +23,7 @@ _lib = torch.library.Library("sparseq", "FRAGMENT")
 _lib.define("quantize_int8_cpu(Tensor x, Tensor? smooth, Tensor? x_scale) -> (Tensor, Tensor)")
 _lib.define("w8a8_epilogue_cpu(Tensor acc, Tensor x_scale, Tensor w_scale, Tensor? bias) -> Tensor")
 _lib.define("int8_weight_only_cpu(Tensor x, Tensor wq, Tensor w_scale, Tensor? bias) -> Tensor")
+_lib.define("normalize_rows_cpu(Tensor x, Tensor? smooth) -> (Tensor, Tensor)")
 
 
 @torch.library.register_fake("sparseq::int8_weight_only_cpu", lib=_lib)
@@ -65,9 +66,10 @@ def weight_only_unavailable_reason() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _ops() -> Tuple[object, object, object]:
+def _ops() -> Tuple[object, object, object, object]:
     ops = torch.ops.sparseq
-    return ops.quantize_int8_cpu.default, ops.w8a8_epilogue_cpu.default, ops.int8_weight_only_cpu.default
+    return (ops.quantize_int8_cpu.default, ops.w8a8_epilogue_cpu.default, ops.int8_weight_only_cpu.default,
+            ops.normalize_rows_cpu.default)
 
 
 def quantize_int8(x: Tensor, smooth: Optional[Tensor], x_scale: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
@@ -101,3 +103,14 @@ def int8_weight_only(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tens
             or (bias is not None and bias.dtype != torch.float32)):
         return None
     return _ops()[2](x.contiguous(), wq, w_scale, bias)
+
+
+def normalize_rows(x: Tensor, smooth: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
+    """``(u fp32 [M, K], amax fp32 [M])``: ``amax`` = each row's max ``|x / smooth|`` (NaN where
+    the row holds one), ``u = (x / smooth) / amax`` with NaN and +-Inf zeroed, in one C++ pass
+    (``sparseq.cpu_fbgemm``'s input to fbgemm, the same fp32 operations as its torch ops); None
+    where the extension or these inputs are not supported."""
+    if (not available() or x.dtype not in QUANTIZE_DTYPES or not x.is_contiguous() or x.dim() != 2
+            or (smooth is not None and (smooth.dtype != torch.float32 or not smooth.is_contiguous()))):
+        return None
+    return _ops()[3](x, smooth)

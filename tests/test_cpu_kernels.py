@@ -131,3 +131,37 @@ def test_run_w8a8_is_exact_with_and_without_the_extension(gemm, extension, monke
     want = ref._epilogue(acc * s[:, None], ws[None, :], bias, torch.float32)
     torch.testing.assert_close(y, want, rtol=0, atol=0, equal_nan=True)
     assert not torch.isfinite(y[3]).any() and not torch.isfinite(y[4]).any()  # the NaN and Inf rows
+
+
+def _normalize_with_torch_ops(x, smooth):
+    """What sparseq/cpu_fbgemm.py computes in torch ops before fbgemm."""
+    xs = x.float() if smooth is None else x.float() / smooth
+    amax = xs.abs().amax(dim=1) if xs.shape[1] else xs.new_zeros(xs.shape[0])
+    return torch.nan_to_num_(xs / amax[:, None], 0.0, 0.0, 0.0), amax
+
+
+@needs_extension
+@pytest.mark.parametrize("m,k", [(1, 16), (6, 384), (37, 1000), (3, 7), (5, 1), (0, 8), (4, 0), (600, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("smooth", [False, True])
+def test_normalize_rows_equals_the_torch_ops_bit_for_bit(m, k, dtype, smooth):
+    """Rows with ties, zeros (0/0 -> 0), denormal maxima, NaN (amax NaN, u zeroed) and -Inf."""
+    x = _activations(m, k, dtype)
+    f = torch.rand(k) + 0.5 if smooth else None
+    u, amax = cpu_kernels.normalize_rows(x, f)
+    want_u, want_amax = _normalize_with_torch_ops(x, f)
+    assert u.dtype == torch.float32 and u.shape == (m, k) and amax.shape == (m,)
+    torch.testing.assert_close(u, want_u, rtol=0, atol=0)
+    torch.testing.assert_close(amax, want_amax, rtol=0, atol=0, equal_nan=True)
+    assert (u.abs() <= 1).all()
+
+
+@needs_extension
+def test_normalize_rows_rejects_and_declines_bad_inputs():
+    op = torch.ops.sparseq.normalize_rows_cpu
+    with pytest.raises(RuntimeError, match=r"smooth must have shape \[8\], got \[7\]"):
+        op(torch.randn(2, 8), torch.ones(7))
+    with pytest.raises(RuntimeError, match="x must be float32, bfloat16 or float16, got Double"):
+        op(torch.randn(2, 8).double(), None)
+    assert cpu_kernels.normalize_rows(torch.randn(8, 2).t(), None) is None
+    assert cpu_kernels.normalize_rows(torch.randn(2, 8), torch.ones(8, dtype=torch.bfloat16)) is None

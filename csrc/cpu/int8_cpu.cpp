@@ -2,6 +2,8 @@
 // torch._int_mm), each one pass over its tensor instead of the 6-9 torch ops that compute them:
 //   quantize_int8_cpu     per-token (or static) int8 quantization of the activations
 //   w8a8_epilogue_cpu     fp32(acc) * x_scale[m] * w_scale[n] + bias[n]
+//   normalize_rows_cpu    rows divided by their max |x| (NaN/Inf zeroed): fbgemm's input on the
+//                         "fast" CPU path (per-token semantics through a per-tensor kernel)
 // Both equal the reference arithmetic (sparseq/reference.py) bit for bit: the same fp32
 // operations in the same order, no contraction into FMAs (-ffp-contract=off), round half to
 // even, NaN -> 0 in the int8 cast as torch does on x86. Schemas live in sparseq/cpu_kernels.py.
@@ -234,11 +236,70 @@ Tensor w8a8_epilogue_cpu(Tensor acc, Tensor x_scale, Tensor w_scale, std::option
   return y;
 }
 
+// u = (x / smooth) / amax with NaN and +-Inf -> 0, one row: fbgemm's input on the "fast" CPU path
+// (sparseq/cpu_fbgemm.py), every row in [-1, 1]. v - v is 0 only for finite v.
+SPARSEQ_CLONES void row_normalize(const float* xs, int64_t k, float amax, float* u) {
+#pragma omp simd
+  for (int64_t j = 0; j < k; ++j) {
+    const float v = xs[j] / amax;
+    u[j] = v - v == 0.0f ? v : 0.0f;
+  }
+}
+
+template <typename T>
+void normalize_rows(const Tensor& x, const float* smooth, Tensor& u, Tensor& amax) {
+  const int64_t m = x.size(0), k = x.size(1);
+  const T* xp = static_cast<const T*>(x.const_data_ptr());
+  float* up = static_cast<float*>(u.mutable_data_ptr());
+  float* ap = static_cast<float*>(amax.mutable_data_ptr());
+  torch::stable::parallel_for(0, m, grain_rows(k), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* row = xp + i * k;
+      float* out = up + i * k;  // x / smooth first (in u), then normalised in place
+      const float* xs = out;
+      if constexpr (std::is_same_v<T, float>) {
+        if (smooth) {
+          row_divide(row, smooth, k, out);
+        } else {
+          xs = row;
+        }
+      } else {
+        for (int64_t j = 0; j < k; ++j) out[j] = smooth ? as_float(row[j]) / smooth[j] : as_float(row[j]);
+      }
+      ap[i] = row_absmax(xs, k);
+      row_normalize(xs, k, ap[i], out);
+    }
+  });
+}
+
+// (u fp32 [M, K], amax fp32 [M]) of x [M, K] (fp32, bf16 or fp16): amax = max |x / smooth| per
+// row (NaN where the row holds one), u = (x / smooth) / amax with NaN and +-Inf zeroed — what
+// sparseq/cpu_fbgemm.py computes in five torch ops before fbgemm's dynamic int8 linear.
+std::tuple<Tensor, Tensor> normalize_rows_cpu(Tensor x, std::optional<Tensor> smooth) {
+  check_cpu_contiguous(x, "x");
+  STD_TORCH_CHECK(x.dim() == 2, "sparseq normalize_rows_cpu: x must be 2-D [M, K], got ", shape_of(x));
+  const int64_t m = x.size(0), k = x.size(1);
+  check_vector(smooth, "smooth", k);
+  Tensor u = torch::stable::new_empty(x, {m, k}, ScalarType::Float);
+  Tensor amax = torch::stable::new_empty(x, {m}, ScalarType::Float);
+  const float* sm = smooth.has_value() ? static_cast<const float*>(smooth->const_data_ptr()) : nullptr;
+  switch (x.scalar_type()) {
+    case ScalarType::Float: normalize_rows<float>(x, sm, u, amax); break;
+    case ScalarType::BFloat16: normalize_rows<c10::BFloat16>(x, sm, u, amax); break;
+    case ScalarType::Half: normalize_rows<c10::Half>(x, sm, u, amax); break;
+    default:
+      STD_TORCH_CHECK(false, "sparseq normalize_rows_cpu: x must be float32, bfloat16 or float16, got ",
+                      dtype_name(x.scalar_type()));
+  }
+  return {u, amax};
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(sparseq, CPU, m) {
   m.impl("quantize_int8_cpu", TORCH_BOX(&quantize_int8_cpu));
   m.impl("w8a8_epilogue_cpu", TORCH_BOX(&w8a8_epilogue_cpu));
+  m.impl("normalize_rows_cpu", TORCH_BOX(&normalize_rows_cpu));
 }
 
 // A Python module (limited API, any CPython >= 3.10) so that `import sparseq._C_cpu` works;
