@@ -30,7 +30,7 @@ process's) is measured again (``--retries``), the least contended attempt kept, 
 when still contended. Medians only; read differences under ~5-10% as noise.
 
 Run: ``python benchmarks/bench_cpu.py [--out DIR] [--quick] [--threads 1,2] [--formats w8a8]``
-(full: ~6 min on 2 cores) writes ``cpu_layers.csv`` (columns ``COLUMNS``) and ``cpu_layers.md``
+(full: ~12 min on 2 cores) writes ``cpu_layers.csv`` (columns ``COLUMNS``) and ``cpu_layers.md``
 to ``--out`` (default ``benchmarks/results/cpu-<cpu>-<cores>c/``); ``--quick`` (2 small shapes,
 M 1 and 64, tiny budget, 8 sentences; ``cpu_layers_quick.*``) takes ~10 s (tests).
 """
