@@ -137,7 +137,7 @@ def test_weight_only_layers_read_int8_weights_in_bf16_at_m1(fmt, n, k, bias, woq
     torch._weight_int8pack_mm on the int8 weight (``int8pack``), within the format's bound of the
     dense layer; fp32, larger M, a bias (rounded after the kernel's own rounding) and K not a
     multiple of 16 (where torch's kernel is wrong) keep the dense copy. With it, ``cpu_woq``
-    runs all three cases (these layers are small: bf16 M = 5 too)."""
+    runs them on layers large enough (bf16 M = 5 at every size)."""
     if woq and not cpu_ops.woq_runs(torch.float32):
         pytest.skip("sparseq's int8 weight-only CPU kernel does not run here")
     if not woq:
@@ -149,9 +149,10 @@ def test_weight_only_layers_read_int8_weights_in_bf16_at_m1(fmt, n, k, bias, woq
     cpu = torch.device("cpu")
     fast = "int8pack" if k % cpu_ops.WEIGHT_ONLY_K_MULTIPLE == 0 and not bias else "dense"
     cases = [(torch.bfloat16, 1, fast), (torch.bfloat16, 5, "dense"), (torch.float32, 1, "dense")]
-    if woq:
-        cases = [(torch.bfloat16, 1, "cpu_woq"), (torch.bfloat16, 5, "M<8: cpu_woq; M>=8: dense"),
-                 (torch.float32, 1, "cpu_woq")]
+    if woq:  # at M = 1 from N*K = 2**14 (bf16) / 2**16 (fp32): tiny layers' fixed costs win below
+        cases = [(torch.bfloat16, 1, "cpu_woq" if n * k >= 2**14 else fast),
+                 (torch.bfloat16, 5, "M<8: cpu_woq; M>=8: dense"),
+                 (torch.float32, 1, "cpu_woq" if n * k >= 2**16 else "dense")]
     for dtype, m, want in cases:
         layer = sparseq.nn.make_layer(copy.deepcopy(lin).to(dtype), fmt, **_kwargs(fmt))
         x = torch.randn(m, k, dtype=dtype) * 3

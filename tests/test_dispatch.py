@@ -22,9 +22,9 @@ def test_cpu_preferences(exact_cpu_numerics):
     cpu = torch.device("cpu")
     for op in ("sparse24_mm", "int8_weight_only_mm", "sparse24_int8_weight_only_mm"):
         for m in dispatch.BUCKET_M:
-            # int8 weight-only at M = 1: sparseq's AVX-512 kernel, then torch's (bf16; layers decline
-            # each where it does not run); from M = 2 only on larger layers (test_cpu_woq)
-            fast = ["cpu_woq", "int8pack"] if m == 1 and op != "sparse24_mm" else []
+            # int8 weight-only at M = 1: torch's kernel (bf16; layers decline it otherwise); sparseq's
+            # cpu_woq only from N*K = 2**16 at M = 1, larger from M = 2 (test_cpu_woq)
+            fast = ["int8pack"] if m == 1 and op != "sparse24_mm" else []
             assert dispatch.preferences(op, 64, 64, torch.float32, cpu, m) == fast + ["dense", "reference"]
     for op in ("int8_mm", "sparse24_int8_mm"):
         for m in dispatch.BUCKET_M[1:]:
