@@ -67,15 +67,20 @@ def check(x, wq, ws, bias, y_fbgemm, y_exact) -> None:
         raise SystemExit("fbgemm path outside cpu_fbgemm.error_bound")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shapes", default=SHAPES)
-    p.add_argument("--m", default="1,2,16,64,256")
+def sweep_parser(doc: str, shapes: str, m: str, dtypes: str, budget: float) -> argparse.ArgumentParser:
+    """The options of a kernel sweep (this script's, bench_cpu_woq.py's), with their defaults."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--shapes", default=shapes)
+    p.add_argument("--m", default=m)
     p.add_argument("--threads", default="1,2")
-    p.add_argument("--dtypes", default="float32,bfloat16")
-    p.add_argument("--budget", type=float, default=0.3, help="seconds per contender and cell")
+    p.add_argument("--dtypes", default=dtypes)
+    p.add_argument("--budget", type=float, default=budget, help="seconds per contender and cell")
     p.add_argument("--out", type=Path, default=None, help="CSV file (default: stdout only)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = sweep_parser(__doc__, SHAPES, "1,2,16,64,256", "float32,bfloat16", 0.3).parse_args(argv)
     warnings.simplefilter("ignore")  # torch's deprecation notes on quantized tensors
     if not cpu_kernels.available():
         print(f"note: {cpu_kernels.unavailable_reason()}", file=sys.stderr)

@@ -11,7 +11,6 @@ Run: ``python benchmarks/bench_cpu_woq.py --out FILE.csv`` (~4 min on 2 cores).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu_kernels import median_us, write_csv  # noqa: E402
+from bench_cpu_kernels import median_us, sweep_parser, write_csv  # noqa: E402
 
 from sparseq import cpu_kernels  # noqa: E402
 from sparseq import reference as ref  # noqa: E402
@@ -30,14 +29,7 @@ COLUMNS = ["threads", "dtype", "N", "K", "M", "dense_us", "cpu_woq_us", "speedup
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shapes", default=SHAPES)
-    p.add_argument("--m", default="1,2,4,5,7,8,16,32")
-    p.add_argument("--threads", default="1,2")
-    p.add_argument("--dtypes", default="float32,bfloat16,float16")
-    p.add_argument("--budget", type=float, default=0.2, help="seconds per contender and cell")
-    p.add_argument("--out", type=Path, default=None, help="CSV file (default: stdout only)")
-    args = p.parse_args(argv)
+    args = sweep_parser(__doc__, SHAPES, "1,2,4,5,7,8,16,32", "float32,bfloat16,float16", 0.2).parse_args(argv)
     why = cpu_kernels.weight_only_unavailable_reason()
     if why:
         print(f"cpu_woq does not run here: {why}", file=sys.stderr)
