@@ -151,6 +151,7 @@ def cpu_extensions():
     return [cpp_extension.CppExtension(
         name=module,
         sources=sorted(glob.glob(os.path.join("csrc", folder, "*.cpp"))),
+        include_dirs=[os.path.join(ROOT, "csrc", "include")],  # sparseq/tensor_text.h
         # -ffp-contract=off: no FMA contraction, so the fp32 arithmetic equals the reference's;
         # -fno-trapping-math lets the clamps vectorize (same results); -fopenmp-simd: the loops' simd
         # pragmas only (no OpenMP runtime)

@@ -18,6 +18,8 @@
 #include <torch/headeronly/util/Exception.h>
 #include <torch/headeronly/util/Half.h>
 
+#include "cpu_common.h"
+
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -28,8 +30,7 @@
 
 namespace {
 
-using Tensor = torch::stable::Tensor;
-using ScalarType = torch::headeronly::ScalarType;
+using namespace sparseq;  // Tensor, ScalarType, shape_of, ... (cpu_common.h)
 
 constexpr float kInt8Max = 127.0f;
 // Adding and subtracting 1.5 * 2^23 rounds a float of magnitude < 2^22 to an integer, half to
@@ -37,20 +38,6 @@ constexpr float kInt8Max = 127.0f;
 constexpr float kRoundMagic = 12582912.0f;
 // Rows per parallel task: about 32K elements each, so small calls run inline on the caller.
 constexpr int64_t kGrainElements = 1 << 15;
-
-std::string dtype_name(ScalarType t) { return torch::headeronly::toString(t); }
-
-std::string shape_of(const Tensor& t) {
-  std::string s = "[";
-  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
-  return s + "]";
-}
-
-void check_cpu_contiguous(const Tensor& t, const char* name) {
-  STD_TORCH_CHECK(t.is_cpu(), "sparseq CPU op: ", name, " must be a CPU tensor");
-  STD_TORCH_CHECK(t.is_contiguous(), "sparseq CPU op: ", name, " must be contiguous, got strides of shape ",
-                  shape_of(t));
-}
 
 void check_vector(const std::optional<Tensor>& t, const char* name, int64_t n) {
   if (!t.has_value()) return;
@@ -62,10 +49,6 @@ void check_vector(const std::optional<Tensor>& t, const char* name, int64_t n) {
 }
 
 int64_t grain_rows(int64_t cols) { return cols > 0 ? std::max<int64_t>(1, kGrainElements / cols) : kGrainElements; }
-
-inline float as_float(float v) { return v; }
-inline float as_float(c10::BFloat16 v) { return static_cast<float>(v); }
-inline float as_float(c10::Half v) { return static_cast<float>(v); }
 
 // The two float passes over a row, compiled for AVX-512, AVX2 and baseline x86-64 (the loader
 // picks one per CPU); plain loops the compiler vectorizes (-fopenmp-simd, no OpenMP runtime).
@@ -110,23 +93,24 @@ SPARSEQ_CLONES void row_divide(const float* x, const float* smooth, int64_t k, f
   for (int64_t j = 0; j < k; ++j) out[j] = x[j] / smooth[j];
 }
 
+// xs = x / smooth in fp32, one row: x itself where it already is that (fp32, no smooth), else
+// written into buf (k floats).
+template <typename T>
+const float* smoothed_row(const T* x, const float* smooth, int64_t k, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (!smooth) return x;
+    row_divide(x, smooth, k, buf);
+  } else {
+    for (int64_t j = 0; j < k; ++j) buf[j] = smooth ? as_float(x[j]) / smooth[j] : as_float(x[j]);
+  }
+  return buf;
+}
+
 // One row: xs = x / smooth in fp32 (into buf unless x already is that), amax, scale, xq.
 template <typename T>
 void quantize_row(const T* x, const float* smooth, int64_t k, const float* static_scale, float* buf, float* tmp,
                   int8_t* q, float* scale_out) {
-  const float* xs = nullptr;
-  if constexpr (std::is_same_v<T, float>) {
-    if (smooth) {
-      row_divide(x, smooth, k, buf);
-      xs = buf;
-    } else {
-      xs = x;
-    }
-  }
-  if (!xs) {
-    for (int64_t j = 0; j < k; ++j) buf[j] = smooth ? as_float(x[j]) / smooth[j] : as_float(x[j]);
-    xs = buf;
-  }
+  const float* xs = smoothed_row(x, smooth, k, buf);
   const float amax = row_absmax(xs, k);
   float scale;
   if (static_scale) {
@@ -254,18 +238,8 @@ void normalize_rows(const Tensor& x, const float* smooth, Tensor& u, Tensor& ama
   float* ap = static_cast<float*>(amax.mutable_data_ptr());
   torch::stable::parallel_for(0, m, grain_rows(k), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const T* row = xp + i * k;
-      float* out = up + i * k;  // x / smooth first (in u), then normalised in place
-      const float* xs = out;
-      if constexpr (std::is_same_v<T, float>) {
-        if (smooth) {
-          row_divide(row, smooth, k, out);
-        } else {
-          xs = row;
-        }
-      } else {
-        for (int64_t j = 0; j < k; ++j) out[j] = smooth ? as_float(row[j]) / smooth[j] : as_float(row[j]);
-      }
+      float* out = up + i * k;  // x / smooth first (in u unless x is that), then normalised into u
+      const float* xs = smoothed_row(xp + i * k, smooth, k, out);
       ap[i] = row_absmax(xs, k);
       row_normalize(xs, k, ap[i], out);
     }

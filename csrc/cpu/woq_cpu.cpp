@@ -22,6 +22,8 @@
 #include <torch/headeronly/util/Exception.h>
 #include <torch/headeronly/util/Half.h>
 
+#include "cpu_common.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -43,27 +45,19 @@
 
 namespace {
 
-using Tensor = torch::stable::Tensor;
-using ScalarType = torch::headeronly::ScalarType;
+using namespace sparseq;  // Tensor, ScalarType, shape_of, ... (cpu_common.h)
 
 // Multiply-adds per parallel task (about 10 us of work at one core), so small calls stay inline.
 constexpr int64_t kGrainMacs = 1 << 17;
 // Weight rows per parallel block: a multiple of every register block's rows (8, 4).
 constexpr int64_t kTaskRows = 16;
 
-std::string shape_str(const Tensor& t) {
-  std::string s = "[";
-  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
-  return s + "]";
-}
-
 void check_input(const Tensor& t, const char* name, ScalarType dtype, int64_t dim) {
-  STD_TORCH_CHECK(t.is_cpu(), "sparseq int8_weight_only_cpu: ", name, " must be a CPU tensor");
-  STD_TORCH_CHECK(t.is_contiguous(), "sparseq int8_weight_only_cpu: ", name, " must be contiguous");
-  STD_TORCH_CHECK(t.dim() == dim, "sparseq int8_weight_only_cpu: ", name, " must be ", dim, "-D, got ", shape_str(t));
+  check_cpu_contiguous(t, name);
+  STD_TORCH_CHECK(t.dim() == dim, "sparseq int8_weight_only_cpu: ", name, " must be ", dim, "-D, got ", shape_of(t));
   if (dtype != ScalarType::Undefined) {
-    STD_TORCH_CHECK(t.scalar_type() == dtype, "sparseq int8_weight_only_cpu: ", name, " must be ",
-                    torch::headeronly::toString(dtype), ", got ", torch::headeronly::toString(t.scalar_type()));
+    STD_TORCH_CHECK(t.scalar_type() == dtype, "sparseq int8_weight_only_cpu: ", name, " must be ", dtype_name(dtype),
+                    ", got ", dtype_name(t.scalar_type()));
   }
 }
 
@@ -187,10 +181,6 @@ void weight_rows(const float* x, const int8_t* w, int64_t m, int64_t k, int64_t 
   rows_portable(x, w, m, k, n0, n1, acc);
 }
 
-inline float to_float(float v) { return v; }
-inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
-inline float to_float(c10::Half v) { return static_cast<float>(v); }
-
 template <typename T>
 void run(const Tensor& x, const int8_t* w, const float* scale, const float* bias, Tensor& y, int64_t n) {
   const int64_t m = x.size(0), k = x.size(1);
@@ -202,7 +192,7 @@ void run(const Tensor& x, const int8_t* w, const float* scale, const float* bias
     x32 = xp;
   } else {
     xf.resize(static_cast<size_t>(m * k));
-    for (int64_t e = 0; e < m * k; ++e) xf[e] = to_float(xp[e]);
+    for (int64_t e = 0; e < m * k; ++e) xf[e] = as_float(xp[e]);
     x32 = xf.data();
   }
   // Tasks own whole blocks of kTaskRows weight rows, each about kGrainMacs of work.
@@ -223,16 +213,16 @@ Tensor int8_weight_only_cpu(Tensor x, Tensor wq, Tensor w_scale, std::optional<T
   check_input(x, "x", ScalarType::Undefined, 2);
   check_input(wq, "wq", ScalarType::Char, 2);
   const int64_t m = x.size(0), k = x.size(1), n = wq.size(0);
-  STD_TORCH_CHECK(wq.size(1) == k, "sparseq int8_weight_only_cpu: x is ", shape_str(x), " but wq is ", shape_str(wq),
+  STD_TORCH_CHECK(wq.size(1) == k, "sparseq int8_weight_only_cpu: x is ", shape_of(x), " but wq is ", shape_of(wq),
                   " (K must match)");
   check_input(w_scale, "w_scale", ScalarType::Float, 1);
   STD_TORCH_CHECK(w_scale.size(0) == n, "sparseq int8_weight_only_cpu: w_scale must have shape [", n, "], got ",
-                  shape_str(w_scale));
+                  shape_of(w_scale));
   const float* b = nullptr;
   if (bias.has_value()) {
     check_input(*bias, "bias", ScalarType::Float, 1);
     STD_TORCH_CHECK(bias->size(0) == n, "sparseq int8_weight_only_cpu: bias must have shape [", n, "], got ",
-                    shape_str(*bias));
+                    shape_of(*bias));
     b = static_cast<const float*>(bias->const_data_ptr());
   }
   Tensor y = torch::stable::new_empty(x, {m, n});
@@ -245,7 +235,7 @@ Tensor int8_weight_only_cpu(Tensor x, Tensor wq, Tensor w_scale, std::optional<T
     case ScalarType::Half: run<c10::Half>(x, w, s, b, y, n); break;
     default:
       STD_TORCH_CHECK(false, "sparseq int8_weight_only_cpu: x must be float32, bfloat16 or float16, got ",
-                      torch::headeronly::toString(x.scalar_type()));
+                      dtype_name(x.scalar_type()));
   }
   return y;
 }

@@ -24,30 +24,9 @@
 #include <vector>
 
 #include "sparseq/launchers.h"
+#include "sparseq/tensor_text.h"  // Tensor, ScalarType, dtype_name, shape_of
 
 namespace sparseq {
-
-using Tensor = torch::stable::Tensor;
-using ScalarType = torch::headeronly::ScalarType;
-
-// Human-readable pieces of error messages (the stable ABI has no printers for these).
-inline std::string dtype_name(ScalarType t) { return torch::headeronly::toString(t); }
-
-inline std::string shape_of(const Tensor& t) {
-  std::ostringstream s;
-  s << "[";
-  for (int64_t i = 0; i < t.dim(); ++i) s << (i ? ", " : "") << t.size(i);
-  s << "]";
-  return s.str();
-}
-
-inline std::string shape_of(const std::vector<int64_t>& shape) {
-  std::ostringstream s;
-  s << "[";
-  for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
-  s << "]";
-  return s.str();
-}
 
 inline std::string device_of(const Tensor& t) {
   if (t.is_cuda()) return "cuda:" + std::to_string(t.get_device_index());
