@@ -108,8 +108,7 @@ def run(x: Tensor, packed: object, smooth: Optional[Tensor], bias: Optional[Tens
         u, amax = normalized
         y = linear(u, packed, reduce_range())
         scaled = cpu_kernels.epilogue(y, amax, ones, bias)
-        y = scaled if scaled is not None else (y.mul_(amax[:, None]) if bias is None else
-                                               torch.addcmul(bias, y, amax[:, None]))
+        y = scaled if scaled is not None else _scale_back(y, amax[:, None], bias)
         return y if out_dtype == torch.float32 else y.to(out_dtype)
     xs = x.float() if smooth is None else x.float() / smooth
     if xs.shape[0] == 1 and math.isfinite(float(xs.sum())):  # one finite row: its tensor is its token
@@ -120,9 +119,13 @@ def run(x: Tensor, packed: object, smooth: Optional[Tensor], bias: Optional[Tens
     # 0/0 (all-zero rows) and x/inf, NaN rows -> 0 for fbgemm, which raises on NaN; the amax of
     # such rows (0, inf, NaN) then gives them the reference's outputs: the bias, or not finite
     u = torch.nan_to_num_(xs / amax, 0.0, 0.0, 0.0)
-    y = linear(u, packed, reduce_range())
-    y = y.mul_(amax) if bias is None else torch.addcmul(bias, y, amax)
+    y = _scale_back(linear(u, packed, reduce_range()), amax, bias)
     return y if out_dtype == torch.float32 else y.to(out_dtype)
+
+
+def _scale_back(y: Tensor, amax: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``y * amax + bias`` in torch ops (``amax`` a column ``[M, 1]``; ``y`` overwritten without a bias)."""
+    return y.mul_(amax) if bias is None else torch.addcmul(bias, y, amax)
 
 
 @functools.lru_cache(maxsize=None)

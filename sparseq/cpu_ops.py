@@ -230,7 +230,6 @@ def woq_impl(wq: Tensor, w_scale: Tensor, bias: Optional[Tensor],
     wq = wq.contiguous()
     scale = w_scale.float().contiguous()
     bias32 = None if bias is None else bias.float().contiguous()
-
     op = torch.ops.sparseq.int8_weight_only_cpu.default  # checked once here, not per call (~2 us)
 
     def run(x: Tensor) -> Tensor:
@@ -241,3 +240,16 @@ def woq_impl(wq: Tensor, w_scale: Tensor, bias: Optional[Tensor],
         return ops.int8_weight_only_mm(x, wq, scale, bias)
 
     return run
+
+
+def weight_only_backend(backend: str, wq: Callable[[], Tensor], w_scale: Tensor, bias: Optional[Tensor],
+                        dtype: torch.dtype) -> Optional[Callable[[Tensor], Tensor]]:
+    """A CPU int8 weight-only layer's ``int8pack`` (:func:`weight_only_impl`) or ``cpu_woq``
+    (:func:`woq_impl`) implementation, or None where it does not run for ``dtype`` here; ``wq``
+    gives the int8 weight ``[N, K]``, asked for only where the backend runs (a 2:4 layer expands
+    it then)."""
+    if backend == "int8pack":
+        return weight_only_impl(wq(), w_scale, bias, dtype) if dtype in WEIGHT_ONLY_DTYPES else None
+    if backend == "cpu_woq":
+        return woq_impl(wq(), w_scale, bias, dtype) if woq_runs(dtype) else None
+    return None

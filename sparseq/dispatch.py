@@ -185,8 +185,9 @@ def preferences(op: str, n: int, k: int, dtype: torch.dtype, device: torch.devic
     """Backends to try, best first, for this op and shape on ``device`` at batch ``m``
     (``one_thread``: for a CPU running torch with one intra-op thread, where
     ``cpu_min_nk_one_thread`` and the ``cpu_fast`` section's ``min_nk_one_thread`` lower
-    thresholds: a dense GEMV gains more from a second core than an int8 kernel does). CPU lists and thresholds are keyed by the part of the M
-    bucket ``m`` falls in (:func:`cpu_part`), falling back to the bucket's name."""
+    thresholds: a dense GEMV gains more from a second core than an int8 kernel does). CPU lists
+    and thresholds are keyed by the part of the M bucket ``m`` falls in (:func:`cpu_part`),
+    falling back to the bucket's name."""
     if device.type == "cpu":
         table = cpu_table()
         bucket = BUCKET_NAMES[bucket_of(m)]

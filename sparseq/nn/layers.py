@@ -155,8 +155,7 @@ class Int8WeightOnlyLinear(CompressedLinear):
 
             if device.type != "cpu":
                 return None
-            make = cpu_ops.weight_only_impl if backend == "int8pack" else cpu_ops.woq_impl
-            return make(self.weight_q, self.w_scale, self.bias, dtype)
+            return cpu_ops.weight_only_backend(backend, lambda: self.weight_q, self.w_scale, self.bias, dtype)
         if backend == "triton":
             op = _triton(self.OP)
             return None if op is None else (lambda x: op(x, self.weight_q, self.w_scale, self.bias))
@@ -407,12 +406,8 @@ class Sparse24Int8Linear(_W8A8Mixin, CompressedLinear):
 
             if self.mode != "weight_only" or device.type != "cpu":
                 return None
-            runs = dtype in cpu_ops.WEIGHT_ONLY_DTYPES if backend == "int8pack" else cpu_ops.woq_runs(dtype)
-            if not runs:  # before the int8 copy is built
-                return None
-            make = cpu_ops.weight_only_impl if backend == "int8pack" else cpu_ops.woq_impl
-            wq = self.derived("int8_dense", device, self._int8_weight)
-            return make(wq, self.w_scale, self.bias, dtype)
+            return cpu_ops.weight_only_backend(backend, lambda: self.derived("int8_dense", device, self._int8_weight),
+                                               self.w_scale, self.bias, dtype)
         mm, meta = self._mm(backend, dtype, device)
         if mm is None:
             return None
