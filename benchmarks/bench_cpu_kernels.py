@@ -24,7 +24,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -79,13 +79,28 @@ def sweep_parser(doc: str, shapes: str, m: str, dtypes: str, budget: float) -> a
     return p
 
 
-def main(argv=None) -> int:
-    args = sweep_parser(__doc__, SHAPES, "1,2,16,64,256", "float32,bfloat16", 0.3).parse_args(argv)
-    warnings.simplefilter("ignore")  # torch's deprecation notes on quantized tensors
-    if not cpu_kernels.available():
-        print(f"note: {cpu_kernels.unavailable_reason()}", file=sys.stderr)
-    rows = []
-    print(",".join(COLUMNS), flush=True)
+class Cell(NamedTuple):
+    """One measurement of a sweep: its key, the shape's int8 weight, bias and dense copy in the
+    compute dtype, and the activations."""
+    threads: int
+    dtype: torch.dtype
+    n: int
+    k: int
+    m: int
+    wq: torch.Tensor
+    ws: torch.Tensor
+    bias: torch.Tensor
+    w: torch.Tensor
+    b: torch.Tensor
+    x: torch.Tensor
+
+    def key(self) -> list:
+        return [self.threads, str(self.dtype).replace("torch.", ""), self.n, self.k, self.m]
+
+
+def cells(args: argparse.Namespace) -> Iterator[Cell]:
+    """Every thread count x shape x dtype x M of a sweep (``sweep_parser``'s options), torch set
+    to the thread count; each shape's weight is seeded by the shape, so every sweep sees the same."""
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         for shape in args.shapes.split(","):
@@ -93,18 +108,35 @@ def main(argv=None) -> int:
             torch.manual_seed(n + k)
             wq, ws = ref.quantize_per_channel(torch.randn(n, k))
             bias = torch.randn(n)
-            fbgemm = cpu_fbgemm.w8a8_impl(cpu_fbgemm.PackedWeight(wq, ws), None, bias)
-            exact = cpu_ops.w8a8_impl(cpu_ops.prepack(wq), ws, None, None, bias)
             for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
                 w, b = (wq.float() * ws[:, None]).to(dtype), bias.to(dtype)
                 for m in (int(v) for v in args.m.split(",")):
-                    x = torch.randn(m, k).to(dtype)
-                    check(x, wq, ws, bias, fbgemm(x), exact(x))
-                    t = median_us({"dense": lambda: F.linear(x, w, b), "fbgemm": lambda: fbgemm(x),
-                                   "exact": lambda: exact(x)}, args.budget)
-                    row = [threads, str(dtype).replace("torch.", ""), n, k, m] + [f"{t[c]:.1f}" for c in COLUMNS[5:]]
-                    rows.append(row)
-                    print(",".join(map(str, row)), flush=True)
+                    yield Cell(threads, dtype, n, k, m, wq, ws, bias, w, b, torch.randn(m, k).to(dtype))
+
+
+def emit(rows: List[list], row: list) -> None:
+    """Keep a CSV row and print it as it comes."""
+    rows.append(row)
+    print(",".join(map(str, row)), flush=True)
+
+
+def main(argv=None) -> int:
+    args = sweep_parser(__doc__, SHAPES, "1,2,16,64,256", "float32,bfloat16", 0.3).parse_args(argv)
+    warnings.simplefilter("ignore")  # torch's deprecation notes on quantized tensors
+    if not cpu_kernels.available():
+        print(f"note: {cpu_kernels.unavailable_reason()}", file=sys.stderr)
+    rows = []
+    print(",".join(COLUMNS), flush=True)
+    built: Dict[str, object] = {}
+    for c in cells(args):
+        if built.get("wq") is not c.wq:  # a new shape (or thread count): pack its weight once
+            built = {"wq": c.wq, "fbgemm": cpu_fbgemm.w8a8_impl(cpu_fbgemm.PackedWeight(c.wq, c.ws), None, c.bias),
+                     "exact": cpu_ops.w8a8_impl(cpu_ops.prepack(c.wq), c.ws, None, None, c.bias)}
+        fbgemm, exact, x = built["fbgemm"], built["exact"], c.x
+        check(x, c.wq, c.ws, c.bias, fbgemm(x), exact(x))
+        t = median_us({"dense": lambda: F.linear(x, c.w, c.b), "fbgemm": lambda: fbgemm(x),
+                       "exact": lambda: exact(x)}, args.budget)
+        emit(rows, c.key() + [f"{t[name]:.1f}" for name in COLUMNS[5:]])
     write_csv(args.out, COLUMNS, rows)
     return 0
 

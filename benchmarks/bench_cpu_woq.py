@@ -14,11 +14,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu_kernels import median_us, sweep_parser, write_csv  # noqa: E402
+from bench_cpu_kernels import cells, emit, median_us, sweep_parser, write_csv  # noqa: E402
 
 from sparseq import cpu_kernels  # noqa: E402
 from sparseq import reference as ref  # noqa: E402
@@ -36,27 +35,14 @@ def main(argv=None) -> int:
         return 2
     rows = []
     print(",".join(COLUMNS), flush=True)
-    for threads in (int(t) for t in args.threads.split(",")):
-        torch.set_num_threads(threads)
-        for shape in args.shapes.split(","):
-            n, k = (int(v) for v in shape.split("x"))
-            torch.manual_seed(n + k)
-            wq, ws = ref.quantize_per_channel(torch.randn(n, k))
-            bias = torch.randn(n)
-            for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
-                w, b = (wq.float() * ws[:, None]).to(dtype), bias.to(dtype)
-                for m in (int(v) for v in args.m.split(",")):
-                    x = torch.randn(m, k).to(dtype)
-                    y = cpu_kernels.int8_weight_only(x, wq, ws, bias)
-                    msg = check_matmul_close(y, ref.int8_weight_only_mm(x, wq, ws, bias), x, wq, None, ws, bias)
-                    if msg:
-                        raise SystemExit(f"cpu_woq {n}x{k} M={m} {dtype}: {msg}")
-                    t = median_us({"dense": lambda: F.linear(x, w, b),
-                                   "cpu_woq": lambda: cpu_kernels.int8_weight_only(x, wq, ws, bias)}, args.budget)
-                    row = [threads, str(dtype).replace("torch.", ""), n, k, m, f"{t['dense']:.1f}",
-                           f"{t['cpu_woq']:.1f}", f"{t['dense'] / t['cpu_woq']:.2f}"]
-                    rows.append(row)
-                    print(",".join(map(str, row)), flush=True)
+    for c in cells(args):
+        y = cpu_kernels.int8_weight_only(c.x, c.wq, c.ws, c.bias)
+        msg = check_matmul_close(y, ref.int8_weight_only_mm(c.x, c.wq, c.ws, c.bias), c.x, c.wq, None, c.ws, c.bias)
+        if msg:
+            raise SystemExit(f"cpu_woq {c.n}x{c.k} M={c.m} {c.dtype}: {msg}")
+        t = median_us({"dense": lambda: F.linear(c.x, c.w, c.b),
+                       "cpu_woq": lambda: cpu_kernels.int8_weight_only(c.x, c.wq, c.ws, c.bias)}, args.budget)
+        emit(rows, c.key() + [f"{t['dense']:.1f}", f"{t['cpu_woq']:.1f}", f"{t['dense'] / t['cpu_woq']:.2f}"])
     write_csv(args.out, COLUMNS, rows)
     return 0
 
