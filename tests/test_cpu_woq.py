@@ -38,11 +38,14 @@ def _op(x, wq, ws, b):
 @runs_here
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,n,k", [(1, 8, 16), (1, 13, 17), (2, 5, 40), (3, 17, 15), (4, 16, 384), (5, 3, 1),
-                                   (7, 40, 100), (9, 33, 64), (16, 24, 48), (17, 19, 130), (64, 70, 96)])
+                                   (7, 40, 100), (9, 33, 64), (12, 16, 40), (13, 40, 300), (16, 24, 48),
+                                   (16, 16, 1), (17, 19, 130), (29, 35, 520), (64, 70, 96)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_kernel_is_within_the_format_tolerance(dtype, m, n, k, bias):
-    """Shapes cover M = 1 (8-row weight blocks), 2-4 and 5+ (4 x 4 blocks with 1-3 row tails),
-    N not a multiple of the blocks, K % 16 != 0 (masked tails), K < 16."""
+    """Shapes cover M = 1 (8-row weight blocks), 2-12 (4 x 4 blocks with 1-3 row tails), 13+ (the
+    lane kernel: 16 activation rows per vector, whole and partial chunks, the rows past the last
+    whole chunk through the 4 x 4 blocks, K across its 256-column panels), N not a multiple of
+    the blocks, K % 16 != 0 (masked tails), K < 16."""
     x, wq, ws, b = _problem(m, n, k, dtype, bias)
     y = _op(x, wq, ws, b)
     assert y.dtype == dtype and y.shape == (m, n)
@@ -51,9 +54,11 @@ def test_kernel_is_within_the_format_tolerance(dtype, m, n, k, bias):
 
 @runs_here
 @pytest.mark.parametrize("threads", [1, 2])
-def test_split_over_threads_gives_the_same_answer(threads):
-    """Each output is one task's sums: the thread count changes who computes it, not its value."""
-    x, wq, ws, b = _problem(8, 1000, 512, torch.float32, True)
+@pytest.mark.parametrize("m", [8, 16, 40])
+def test_split_over_threads_gives_the_same_answer(threads, m):
+    """Each output is one task's sums: the thread count changes who computes it, not its value
+    (M = 16 and 40: the lane kernel, each task with its own lane-major copy of the activations)."""
+    x, wq, ws, b = _problem(m, 1000, 512, torch.float32, True)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -67,14 +72,16 @@ def test_split_over_threads_gives_the_same_answer(threads):
 
 @runs_here
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_empty_and_non_finite_rows_follow_the_reference(dtype):
-    x, wq, ws, b = _problem(4, 21, 37, dtype, True)
+@pytest.mark.parametrize("m", [4, 16])
+def test_empty_and_non_finite_rows_follow_the_reference(dtype, m):
+    """M = 4: the 4 x 4 blocks; M = 16: the lane kernel (a row per lane)."""
+    x, wq, ws, b = _problem(m, 21, 37, dtype, True)
     x[1, 5] = float("nan")
     x[2, 36] = float("inf")  # in the masked K tail
     y, want = _op(x, wq, ws, b), ref.int8_weight_only_mm(x, wq, ws, b)
     assert torch.equal(y.isnan(), want.isnan()) and torch.equal(y.isinf(), want.isinf())
     assert y[1].isnan().all() and not y[2].isfinite().any()
-    assert torch.isfinite(y[[0, 3]]).all()
+    assert torch.isfinite(y[[0, 3]]).all() and torch.isfinite(y[3:]).all()
     assert _op(x[:0], wq, ws, b).shape == (0, 21)
     empty_k = _op(torch.zeros(3, 0, dtype=dtype), wq[:, :0].contiguous(), ws, b)
     assert torch.equal(empty_k, b.to(dtype).expand(3, 21))

@@ -7,9 +7,13 @@
 // quantize the activations (another format: W8A8). At small M the dense GEMM is bound by reading
 // its weight; reading a quarter (fp32) or half (bf16) of the bytes is where the speed comes from.
 //
-// AVX-512 kernel: register blocks of up to 4 activation rows x 4 (M = 1: 1 x 8) weight rows, 16
-// lanes of K per step; each weight vector is widened int8 -> int32 -> fp32 once per block and
-// multiplied into every activation row of the block (FMA). The sum order differs from the
+// AVX-512 kernels. Up to M = 12: register blocks of up to 4 activation rows x 4 (M = 1: 1 x 8)
+// weight rows, 16 lanes of K per step; each weight vector is widened int8 -> int32 -> fp32 once
+// per block and multiplied into every activation row of the block (FMA). From M = 13: the lane
+// kernel (16 activation rows as the lanes of a vector, weight panels widened once into L1 and
+// broadcast; see rows_lanes), which keeps the FMA ports busy where the 4 x 4 blocks spend theirs
+// on widening and horizontal sums (fp32, 1 thread, 1536x384 M = 16: 187 -> 150 us, dense 220 us).
+// The sum order differs from the
 // reference's fp32 matmul as any GEMM's does: tested within the format's tolerance, not bit for
 // bit. The epilogue is the reference's: acc * w_scale, then + bias, in fp32, rounded once to the
 // activation dtype. Other CPUs run a plain loop (correct, not fast: the Python side offers this
@@ -166,6 +170,162 @@ SPARSEQ_AVX512 void rows_avx512(const float* x, const int8_t* w, int64_t m, int6
   rows_shape<4, 4>(x, w, m, k, n0, n1, acc);
 }
 
+// Lane kernel (M >= kLanesFromRows): the activation rows are the 16 lanes of a vector. The
+// activations, transposed once per call into lane-major chunks xt[c][p][l] = x[16 c + l, p]
+// (zeros past M), are loaded one K column at a time; a panel of 16 weight rows x kPanelK columns
+// is widened to fp32 once into an L1 buffer and each weight value is broadcast into an FMA with
+// the column: 16 FMAs per column load, no widening or horizontal sum inside the loop (the 4 x 4
+// blocks widen each weight vector for every 4 activation rows and reduce 16 sums per block).
+constexpr int kLanes = 16;
+constexpr int64_t kPanelK = 256;  // 16 weight rows x 256 fp32 + 256 x 16 activations = 32 KB of L1
+
+// r[i] = row i of a 16 x 16 block -> r[q] = column q (unpack pairs of rows, then shuffle
+// groups of four, then 128-bit lanes).
+SPARSEQ_AVX512 inline void transpose_16x16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {  // t[2i] lane L: a[4L], b[4L], a[4L+1], b[4L+1]; t[2i+1]: 4L+2, 4L+3
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  __m512 g[16];  // g[4i + j] lane L: column 4L + j of rows 4i .. 4i + 3
+  for (int i = 0; i < 4; ++i) {
+    g[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    g[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    g[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    g[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int j = 0; j < 4; ++j) {  // column 4L + j: lane L of g[j], g[4 + j], g[8 + j], g[12 + j]
+    const __m512 ab_lo = _mm512_shuffle_f32x4(g[j], g[4 + j], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512 ab_hi = _mm512_shuffle_f32x4(g[j], g[4 + j], _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512 cd_lo = _mm512_shuffle_f32x4(g[8 + j], g[12 + j], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512 cd_hi = _mm512_shuffle_f32x4(g[8 + j], g[12 + j], _MM_SHUFFLE(3, 2, 3, 2));
+    r[j] = _mm512_shuffle_f32x4(ab_lo, cd_lo, _MM_SHUFFLE(2, 0, 2, 0));
+    r[4 + j] = _mm512_shuffle_f32x4(ab_lo, cd_lo, _MM_SHUFFLE(3, 1, 3, 1));
+    r[8 + j] = _mm512_shuffle_f32x4(ab_hi, cd_hi, _MM_SHUFFLE(2, 0, 2, 0));
+    r[12 + j] = _mm512_shuffle_f32x4(ab_hi, cd_hi, _MM_SHUFFLE(3, 1, 3, 1));
+  }
+}
+
+// xt[c][p][l] = x[16 c + l, p] (zeros for rows past m), 16 x 16 blocks at a time.
+SPARSEQ_AVX512 void transpose_to_lanes(const float* x, int64_t m, int64_t k, float* xt) {
+  for (int64_t c = 0; c * kLanes < m; ++c) {
+    const int64_t rows = std::min<int64_t>(kLanes, m - c * kLanes);
+    for (int64_t p = 0; p < k; p += 16) {
+      const int64_t width = std::min<int64_t>(16, k - p);
+      const __mmask16 mask = static_cast<__mmask16>((1u << width) - 1u);
+      __m512 r[16];
+      for (int l = 0; l < 16; ++l)
+        r[l] = l < rows ? _mm512_maskz_loadu_ps(mask, x + (c * kLanes + l) * k + p) : _mm512_setzero_ps();
+      transpose_16x16(r);
+      float* out = xt + (c * k + p) * kLanes;
+      for (int q = 0; q < width; ++q) _mm512_store_ps(out + q * kLanes, r[q]);
+    }
+  }
+}
+
+// Widens weight rows [0, 16) (stride k), columns [p0, p0 + width) to fp32: panel[j][q].
+SPARSEQ_AVX512 inline void widen_panel(const int8_t* w, int64_t k, int64_t p0, int64_t width, float* panel) {
+  for (int j = 0; j < 16; ++j) {
+    const int8_t* src = w + j * k + p0;
+    float* dst = panel + j * kPanelK;
+    int64_t q = 0;
+    for (; q + 16 <= width; q += 16) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + q));
+      _mm512_storeu_ps(dst + q, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)));
+    }
+    for (; q < width; ++q) dst[q] = static_cast<float>(src[q]);
+  }
+}
+
+// sums[c][j][l] = sum_p xt[c][p][l] * w[j, p] for 16 weight rows (stride k) and every lane chunk
+// c: each panel is widened once and multiplied into all chunks (the chunk's 16 accumulators
+// reloaded from sums between panels: 32 vector moves per 4096 FMAs).
+SPARSEQ_AVX512 void lanes_block(const float* xt, int64_t chunks, const int8_t* w, int64_t k, float* panel,
+                                float* sums) {
+  for (int64_t p0 = 0; p0 < k; p0 += kPanelK) {
+    const int64_t width = std::min<int64_t>(kPanelK, k - p0);
+    widen_panel(w, k, p0, width, panel);
+    for (int64_t c = 0; c < chunks; ++c) {
+      float* out = sums + c * 16 * kLanes;
+      __m512 acc[16];
+      for (int j = 0; j < 16; ++j) acc[j] = p0 == 0 ? _mm512_setzero_ps() : _mm512_load_ps(out + j * kLanes);
+      const float* col = xt + (c * k + p0) * kLanes;
+      for (int64_t q = 0; q < width; ++q) {
+        const __m512 xv = _mm512_load_ps(col + q * kLanes);
+        for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(panel[j * kPanelK + q]), xv, acc[j]);
+      }
+      for (int j = 0; j < 16; ++j) _mm512_store_ps(out + j * kLanes, acc[j]);
+    }
+  }
+}
+
+// Rows [i0, i1) x columns [n0, n1) of y (row stride n) through the 4 x 4 blocks.
+template <typename T>
+SPARSEQ_AVX512 void blocks_4x4(const float* x, const int8_t* w, int64_t i0, int64_t i1, int64_t k, int64_t n0,
+                               int64_t n1, const float* scale, const float* bias, T* y, int64_t n) {
+  const int64_t ld = n1 - n0;
+  std::vector<float> acc(static_cast<size_t>((i1 - i0) * ld));
+  rows_shape<4, 4>(x + i0 * k, w, i1 - i0, k, n0, n1, acc.data());
+  for (int64_t i = i0; i < i1; ++i)
+    for (int64_t c = n0; c < n1; ++c) y[i * n + c] = T(finish(acc[(i - i0) * ld + (c - n0)], scale[c], bias, c));
+}
+
+// Output rows [0, m) x columns [n0, n1) of y (row stride n), m a multiple of 16 or m_all
+// (rows [m, m_all) go through the 4 x 4 blocks): whole blocks of 16 weight rows
+// through the lane kernel, the epilogue applied per weight row to the lane-major sums (one
+// vector each: acc * scale, then + bias) and the rows gathered out of them; a smaller last block
+// through the 4 x 4 blocks. xt is 64-byte aligned.
+template <typename T>
+SPARSEQ_AVX512 void rows_lanes(const float* x, const float* xt, const int8_t* w, int64_t m, int64_t m_all, int64_t k,
+                               int64_t n0, int64_t n1, const float* scale, const float* bias, T* y, int64_t n) {
+  const int64_t chunks = (m + kLanes - 1) / kLanes;
+  alignas(64) float panel[16 * kPanelK];
+  std::vector<float> store(static_cast<size_t>(chunks * 16 * kLanes + kLanes));
+  float* sums = store.data() + (kLanes - reinterpret_cast<uintptr_t>(store.data()) / sizeof(float) % kLanes) % kLanes;
+  const __m512i across = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(kLanes));
+  int64_t c0 = n0;
+  for (; c0 + 16 <= n1; c0 += 16) {
+    lanes_block(xt, chunks, w + c0 * k, k, panel, sums);
+    for (int64_t c = 0; c < chunks; ++c) {
+      float* block = sums + c * 16 * kLanes;
+      for (int j = 0; j < 16; ++j) {
+        __m512 v = _mm512_mul_ps(_mm512_load_ps(block + j * kLanes), _mm512_set1_ps(scale[c0 + j]));
+        if (bias) v = _mm512_add_ps(v, _mm512_set1_ps(bias[c0 + j]));
+        _mm512_store_ps(block + j * kLanes, v);
+      }
+      const int64_t rows = std::min<int64_t>(kLanes, m - c * kLanes);
+      for (int64_t l = 0; l < rows; ++l) {
+        const __m512 row = _mm512_i32gather_ps(across, block + l, 4);
+        T* out = y + (c * kLanes + l) * n + c0;
+        if constexpr (std::is_same_v<T, float>) {
+          _mm512_storeu_ps(out, row);
+        } else {
+          alignas(64) float vals[16];
+          _mm512_store_ps(vals, row);
+          for (int j = 0; j < 16; ++j) out[j] = T(vals[j]);
+        }
+      }
+    }
+  }
+  if (c0 < n1) blocks_4x4<T>(x, w, 0, m, k, c0, n1, scale, bias, y, n);
+  if (m < m_all) blocks_4x4<T>(x, w, m, m_all, k, n0, n1, scale, bias, y, n);
+}
+
+// x's first m rows transposed into lane-major chunks (transpose_to_lanes), 64-byte aligned, in
+// the calling thread's buffer, kept between calls up to 1 MiB (a fresh 100 KB allocation per
+// call, M = 16 and K = 1536, cost ~6 us of page faults where malloc returned it to the OS);
+// larger copies go to `once`, the caller's.
+const float* lane_major(const float* x, int64_t m, int64_t k, std::vector<float>& once) {
+  thread_local std::vector<float> kept;
+  const size_t need = static_cast<size_t>((m + kLanes - 1) / kLanes * k * kLanes + kLanes);
+  std::vector<float>& buf = need <= (size_t{1} << 18) ? kept : once;
+  if (buf.size() < need) buf.resize(need);
+  float* xt = buf.data() + (kLanes - reinterpret_cast<uintptr_t>(buf.data()) / sizeof(float) % kLanes) % kLanes;
+  transpose_to_lanes(x, m, k, xt);
+  return xt;
+}
+
 // SPARSEQ_CPU_WOQ_PORTABLE=1 runs the plain loop on any CPU (read once; the tests use it).
 bool cpu_has_avx512() {
   static const bool yes = !portable_forced() && __builtin_cpu_supports("avx512f") &&
@@ -173,6 +333,24 @@ bool cpu_has_avx512() {
   return yes;
 }
 #endif
+
+// Rows of a partial chunk from which the lane kernel takes it: below, the 4 x 4 blocks cost
+// less than a chunk with idle lanes (measured, fp32, 1 thread, 1536x384: M = 12 4 x 4 141 us vs
+// lanes 150 us; M = 13 166 vs 153 us; equal at 2048x2048 M = 13).
+constexpr int64_t kLanesFromRows = 13;
+
+// How many of m activation rows the lane kernel takes (0: none): whole chunks of 16, and the
+// last partial chunk where it has at least kLanesFromRows rows (else the 4 x 4 blocks take it).
+int64_t lanes_rows(int64_t m) {
+#if SPARSEQ_HAVE_AVX512_PATH
+  if (!cpu_has_avx512()) return 0;
+  const int64_t whole = m / kLanes * kLanes;
+  return m - whole >= kLanesFromRows ? m : whole;
+#else
+  (void)m;
+  return 0;
+#endif
+}
 
 void weight_rows(const float* x, const int8_t* w, int64_t m, int64_t k, int64_t n0, int64_t n1, float* acc) {
 #if SPARSEQ_HAVE_AVX512_PATH
@@ -198,6 +376,20 @@ void run(const Tensor& x, const int8_t* w, const float* scale, const float* bias
   // Tasks own whole blocks of kTaskRows weight rows, each about kGrainMacs of work.
   const int64_t blocks = (n + kTaskRows - 1) / kTaskRows;
   const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, kTaskRows * k * m));
+#if SPARSEQ_HAVE_AVX512_PATH
+  const int64_t lane_rows = lanes_rows(m);
+  if (lane_rows > 0) {
+    // Each task transposes the activations for itself (a task per thread): the lane-major copy
+    // then stays in the cache of the core that reads it (one copy shared by two threads ran 1.3x
+    // slower at M = 16, K = 1536 than the copy made per task).
+    torch::stable::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+      std::vector<float> once;
+      const float* xt = lane_major(x32, lane_rows, k, once);
+      rows_lanes<T>(x32, xt, w, lane_rows, m, k, b0 * kTaskRows, std::min(n, b1 * kTaskRows), scale, bias, yp, n);
+    });
+    return;
+  }
+#endif
   torch::stable::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     const int64_t n0 = b0 * kTaskRows, n1 = std::min(n, b1 * kTaskRows);
     std::vector<float> acc(static_cast<size_t>(m * (n1 - n0)));
