@@ -28,7 +28,7 @@ COLUMNS = ["threads", "dtype", "N", "K", "M", "dense_us", "cpu_woq_us", "speedup
 
 
 def main(argv=None) -> int:
-    args = sweep_parser(__doc__, SHAPES, "1,2,4,5,7,8,16,32", "float32,bfloat16,float16", 0.2).parse_args(argv)
+    args = sweep_parser(__doc__, SHAPES, "1,2,4,5,7,8,12,13,16,32,64", "float32,bfloat16,float16", 0.2).parse_args(argv)
     why = cpu_kernels.weight_only_unavailable_reason()
     if why:
         print(f"cpu_woq does not run here: {why}", file=sys.stderr)

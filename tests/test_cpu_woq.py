@@ -158,26 +158,30 @@ def _layer(fmt: str, n: int, k: int, dtype: torch.dtype):
 @runs_here
 @pytest.mark.parametrize("fmt", ["int8_weight_only", "2:4+int8_weight_only"])
 def test_layers_dispatch_to_it_where_the_tables_say(fmt):
-    """fp32: M = 1, and M = 2-16 on a MiniLM-sized layer with one intra-op thread (with more,
-    its dense GEMV wins there: a per-call switch); 2048x2048 at M = 2-16 with any thread count;
-    bf16: M = 1-7, dense from M = 8 (AMX bf16 dense wins there); fp16: M = 1-16. Every output
+    """fp32: M = 1, M = 2-16 on a MiniLM-sized layer with one intra-op thread (with more, its
+    dense GEMV wins there: a per-call switch) and M = 17-64 (the lane kernel) with any;
+    2048x2048 at M = 2-64 with any thread count; 384x384 dense from M = 2; bf16: M = 1-7, dense
+    from M = 8 (AMX bf16 dense wins there); fp16: M = 1-16, dense from M = 17. Every output
     checked against the dense layer, at 1 and 2 threads."""
     cpu = torch.device("cpu")
     mid = _layer(fmt, 1536, 384, torch.float32)
-    assert {b: mid.prepare(cpu)[b] for b in ("1", "2-16", "17-64")} == \
-        {"1": "cpu_woq", "2-16": "cpu_woq (1 thread) / dense", "17-64": "dense"}
-    assert _layer(fmt, 2048, 2048, torch.float32).prepare(cpu)["2-16"] == "cpu_woq"
+    assert {b: mid.prepare(cpu)[b] for b in ("1", "2-16", "17-64", "65-256")} == \
+        {"1": "cpu_woq", "2-16": "cpu_woq (1 thread) / dense", "17-64": "cpu_woq", "65-256": "dense"}
+    assert {b: _layer(fmt, 2048, 2048, torch.float32).prepare(cpu)[b] for b in ("2-16", "17-64")} == \
+        {"2-16": "cpu_woq", "17-64": "cpu_woq"}
+    assert {b: _layer(fmt, 384, 384, torch.float32).prepare(cpu)[b] for b in ("2-16", "17-64")} == \
+        {"2-16": "dense", "17-64": "dense"}
     bf16 = _layer(fmt, 1536, 384, torch.bfloat16)
     assert bf16.prepare(cpu)["2-16"] == "M<8: cpu_woq; M>=8: dense"
     fp16 = _layer(fmt, 1536, 384, torch.float16)
-    assert fp16.prepare(cpu)["2-16"] == "cpu_woq"
+    assert {b: fp16.prepare(cpu)[b] for b in ("2-16", "17-64")} == {"2-16": "cpu_woq", "17-64": "dense"}
     before = torch.get_num_threads()
     try:
         with torch.inference_mode():
             for threads in (1, 2):
                 torch.set_num_threads(threads)
                 for layer in (mid, bf16, fp16):
-                    for m in (1, 3, 8, 16):
+                    for m in (1, 3, 8, 16, 40):
                         check_layer_close(layer, torch.randn(m, 384).to(layer.dtype))
     finally:
         torch.set_num_threads(before)
