@@ -166,7 +166,7 @@ def measure(a: argparse.Namespace, models: Dict[str, nn.Module], embed_all, stag
         times = timed(run, f"threads={threads}", fns, a.budget)
         for name, mod in models.items():
             backends = (qd_backend() if name == "quantize_dynamic" else "torch" if name == "dense" else
-                        " | ".join(sorted({b for layer in mod.modules() if isinstance(layer, snn.CompressedLinear)
+                        ", ".join(sorted({b for layer in mod.modules() if isinstance(layer, snn.CompressedLinear)
                                          for b in layer.backends.values()})))
             us = times.get(name)
             cos_dense = "" if name == "dense" else f"{float((embed_all(mod) * dense_out).sum(-1).min()):.5f}"

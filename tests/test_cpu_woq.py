@@ -71,6 +71,26 @@ def test_split_over_threads_gives_the_same_answer(threads, m):
 
 
 @runs_here
+def test_concurrent_calls_give_the_serial_answers(race):
+    """Calls from 8 threads at once (each lane-kernel call transposes the activations into its
+    own thread's buffer) equal the same calls made one after another."""
+    problems = [_problem(m, 200 + 16 * i, 96 * (i % 3 + 1), torch.float32, i % 2 == 0)
+                for i, m in enumerate([1, 4, 13, 16, 20, 40, 64, 16] * 2)]
+    serial = [_op(*p) for p in problems]
+    results = {}
+
+    def worker(i):
+        for j in range(i, len(problems), 8):
+            for _ in range(5):
+                results.setdefault(j, []).append(_op(*problems[j]))
+
+    errors = race(worker, 8)
+    assert not errors, errors
+    for j, want in enumerate(serial):
+        assert all(torch.equal(y, want) for y in results[j]), j
+
+
+@runs_here
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [4, 16])
 def test_empty_and_non_finite_rows_follow_the_reference(dtype, m):
