@@ -158,21 +158,53 @@ def cpu_table() -> dict:
     return {**table, **table.get("cpu_torch_ops", {})}
 
 
-def cpu_split(bucket: str) -> Optional[int]:
-    """The M at which the CPU tables split ``bucket`` in two (``"2-16"`` at 8: lists and
-    thresholds keyed ``"2-7"`` and ``"8-16"``), or None. A dense GEMV of a small layer beats an
-    int8 GEMM's fixed cost at M = 2 but not at M = 16; the layer then switches per call on M."""
-    return cpu_table().get("cpu_split", {}).get(bucket)
+def cpu_splits(bucket: str) -> Tuple[int, ...]:
+    """The Ms at which the CPU tables split ``bucket`` into parts (``"2-16"`` at 8 and 10: parts
+    ``"2-7"``, ``"8-9"``, ``"10-16"``), ascending; empty where it is not split. A dense GEMV of a
+    small layer beats an int8 GEMM's fixed cost at M = 2 but not at M = 16; the layer then
+    switches per call on M. (The JSON holds one M or a list.)"""
+    value = cpu_table().get("cpu_split", {}).get(bucket)
+    if value is None:
+        return ()
+    return tuple(sorted(int(v) for v in (value if isinstance(value, list) else [value])))
+
+
+def cpu_parts(bucket: str) -> List[Tuple[int, int]]:
+    """``[(first M, last M), ...]`` of each part of ``bucket`` (the bucket itself where it is not split)."""
+    lo, _, hi = bucket.partition("-")
+    if not hi:
+        return []
+    bounds = [int(lo), *cpu_splits(bucket), int(hi) + 1]
+    return [(a, b - 1) for a, b in zip(bounds, bounds[1:])]
 
 
 def cpu_part(bucket: str, m: int) -> str:
     """The key of M ``m``'s part of ``bucket`` in the CPU tables (the bucket's own name unless
-    :func:`cpu_split` splits it)."""
-    split = cpu_split(bucket)
-    if split is None:
-        return bucket
-    lo, _, hi = bucket.partition("-")
-    return f"{lo}-{split - 1}" if m < split else f"{split}-{hi}"
+    :func:`cpu_splits` splits it)."""
+    for a, b in cpu_parts(bucket) if cpu_splits(bucket) else []:
+        if a <= m <= b:
+            return f"{a}-{b}"
+    return bucket
+
+
+def by_part(d: dict, bucket: str, part: str, default):
+    """``d``'s entry for ``part`` of ``bucket``: its own key, else the narrowest key ``"a-b"``
+    spanning the part (``"8-16"`` serves the parts ``"8-9"`` and ``"10-16"``: a table states
+    only where a finer part differs), else the bucket's, else ``default``."""
+    if part in d:
+        return d[part]
+    lo, _, hi = part.partition("-")
+    if not (lo.isdigit() and hi.isdigit()):
+        return d.get(bucket, default)
+    best = None
+    for key in d:
+        a, sep, b = key.partition("-")
+        if sep and a.isdigit() and b.isdigit() and int(a) <= int(lo) and int(hi) <= int(b):
+            if best is None or int(b) - int(a) < best[0]:
+                best = (int(b) - int(a), key)
+    if best is not None:
+        return d[best[1]]
+    return d.get(bucket, default)
 
 
 def _merged(min_nk: dict, over: dict) -> dict:
@@ -193,8 +225,8 @@ def preferences(op: str, n: int, k: int, dtype: torch.dtype, device: torch.devic
         bucket = BUCKET_NAMES[bucket_of(m)]
         part = cpu_part(bucket, m)
 
-        def by_part(d: dict, default):
-            return d.get(part, d.get(bucket, default))
+        def part_of(d: dict, default):
+            return by_part(d, bucket, part, default)
 
         dtype_name = str(dtype).replace("torch.", "")
         min_nk = table.get("cpu_min_nk", {})  # a backend that loses to the dense bucket on small layers
@@ -203,15 +235,15 @@ def preferences(op: str, n: int, k: int, dtype: torch.dtype, device: torch.devic
         by_dtype = table.get("cpu_dtype", {}).get(dtype_name, {})  # lists for one compute dtype
         min_nk = _merged(min_nk, by_dtype.get("min_nk", {}))
         max_nk = by_dtype.get("max_nk", {})  # a backend that loses to dense on large layers
-        per_op = by_part(by_dtype.get("ops", {}).get(op) or table.get("cpu", {}).get(op, {}), [])
+        per_op = part_of(by_dtype.get("ops", {}).get(op) or table.get("cpu", {}).get(op, {}), [])
         sections = table.get("cpu_fast", {})
         fast_table = sections.get(dtype_name, sections.get("default", {}))
         if _numerics == "fast" and op in fast_table.get("ops", {}):
-            per_op = by_part(fast_table["ops"][op], [])
+            per_op = part_of(fast_table["ops"][op], [])
             min_nk = fast_table.get("min_nk", {})
             if one_thread:
                 min_nk = _merged(min_nk, fast_table.get("min_nk_one_thread", {}))
-        fast = [b for b in per_op if by_part(min_nk.get(b, {}), 0) <= n * k <= by_part(max_nk.get(b, {}), n * k)]
+        fast = [b for b in per_op if part_of(min_nk.get(b, {}), 0) <= n * k <= part_of(max_nk.get(b, {}), n * k)]
         return list(dict.fromkeys(fast + ["dense", "reference"]))
     if device.type != "cuda":
         return ["reference"]

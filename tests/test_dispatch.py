@@ -43,7 +43,7 @@ def _cpu_pref(op):
 @pytest.mark.skipif(not cpu_kernels.available(), reason=cpu_kernels.unavailable_reason() or "ok")
 def test_cpu_preferences_fast_numerics():
     """The default "fast" numerics with sparseq._C_cpu: fbgemm at M = 1 and below M = 8 on mid-size
-    layers, the exact oneDNN path from M = 8, dense where no int8 path wins; bf16 by its own
+    layers, the exact oneDNN path from M = 8 (small layers from M = 10), dense where no int8 path wins; bf16 by its own
     section; thresholds lower with one intra-op thread."""
     import sparseq
 
@@ -55,7 +55,8 @@ def test_cpu_preferences_fast_numerics():
             assert pref(2048, 1024, 1) == pref(2048, 1024, 7) == ["fbgemm", "onednn", "dense", "reference"]
             assert pref(1536, 384, 7) == ["dense", "reference"]
             assert pref(1536, 384, 8) == pref(1536, 384, 16) == ["onednn", "fbgemm", "dense", "reference"]
-            assert pref(384, 384, 16) == pref(64, 64, 16) == ["dense", "reference"]
+            assert pref(384, 384, 9) == pref(64, 64, 16) == ["dense", "reference"]
+            assert pref(384, 384, 10) == pref(384, 384, 16) == ["onednn", "dense", "reference"]
             assert pref(384, 384, 17) == pref(384, 384, 64) == ["onednn", "dense", "reference"]
             assert pref(64, 64, 64) == ["dense", "reference"]
             assert pref(64, 64, 256) == pref(4096, 4096, 4096) == ["onednn", "dense", "reference"]
@@ -75,7 +76,7 @@ def test_cpu_preferences_without_the_cpu_extension(monkeypatch):
     import sparseq
 
     monkeypatch.setattr(cpu_kernels, "available", lambda: False)
-    assert dispatch.cpu_split("2-16") is None and dispatch.cpu_part("2-16", 3) == "2-16"
+    assert dispatch.cpu_splits("2-16") == () and dispatch.cpu_part("2-16", 3) == "2-16"
     with sparseq.cpu_numerics("fast"):
         for op in ("int8_mm", "sparse24_int8_mm"):
             pref = _cpu_pref(op)
@@ -90,24 +91,68 @@ def test_cpu_preferences_without_the_cpu_extension(monkeypatch):
             assert pref(4096, 4096, 64, torch.bfloat16) == ["dense", "reference"]
 
 
+def _part_keys(splits: dict):
+    """(keys a CPU list may use: each bucket, or each run of consecutive parts of a split one;
+    the parts of every bucket)."""
+    allowed, parts = set(), []
+    for b in dispatch.BUCKET_NAMES:
+        lo, _, hi = b.partition("-")
+        cuts = splits.get(b)
+        if cuts is None or not hi:
+            allowed.add(b)
+            parts.append((b, b))
+            continue
+        bounds = [int(lo), *sorted(cuts if isinstance(cuts, list) else [cuts]), int(hi) + 1]
+        spans = list(zip(bounds, bounds[1:]))
+        parts += [(b, f"{a}-{c - 1}") for a, c in spans]
+        allowed |= {f"{spans[i][0]}-{spans[j][1] - 1}" for i in range(len(spans)) for j in range(i, len(spans))}
+    return allowed, parts
+
+
 def test_cpu_tables_cover_every_part_of_every_bucket():
-    """Each CPU list is keyed by a bucket or by both parts of a split bucket, never by half."""
+    """Each CPU list is keyed by a bucket or by runs of consecutive parts of a split bucket (never
+    by a range that cuts a part), and every part of every bucket finds a list."""
     table = dispatch._load("default")
     for variant in (table, {**table, **table["cpu_torch_ops"]}):
-        splits = variant.get("cpu_split", {})
-        keys = set()
-        for b in dispatch.BUCKET_NAMES:
-            if b in splits:
-                lo, _, hi = b.partition("-")
-                keys |= {f"{lo}-{splits[b] - 1}", f"{splits[b]}-{hi}"}
-            else:
-                keys.add(b)
+        allowed, parts = _part_keys(variant.get("cpu_split", {}))
         for dtype, section in variant["cpu_fast"].items():
             for op, lists in section["ops"].items():
-                assert set(lists) == keys, (dtype, op)
+                assert set(lists) <= allowed, (dtype, op)
+                for bucket, part in parts:
+                    assert dispatch.by_part(lists, bucket, part, None) is not None, (dtype, op, part)
             for rule in ("min_nk", "min_nk_one_thread"):
                 for backend, by_key in section.get(rule, {}).items():
-                    assert set(by_key) <= keys, (dtype, rule, backend)
+                    assert set(by_key) <= allowed, (dtype, rule, backend)
+
+
+def test_cpu_parts_and_their_lookup():
+    """A list keyed by a run of parts serves each of them; a narrower key wins; unsplit buckets
+    and '>1024' are their own part."""
+    assert dispatch.cpu_parts("2-16") == [(2, 7), (8, 9), (10, 16)]
+    assert [dispatch.cpu_part("2-16", m) for m in (2, 7, 8, 9, 10, 16)] == ["2-7", "2-7", "8-9", "8-9", "10-16", "10-16"]
+    assert dispatch.cpu_part("17-64", 20) == "17-64" and dispatch.cpu_part(">1024", 5000) == ">1024"
+    d = {"2-7": "a", "8-16": "b", "10-16": "c", "17-64": "d", ">1024": "e"}
+    assert [dispatch.by_part(d, "2-16", p, None) for p in ("2-7", "8-9", "10-16")] == ["a", "b", "c"]
+    assert dispatch.by_part(d, "17-64", "17-64", None) == "d" and dispatch.by_part(d, ">1024", ">1024", None) == "e"
+    assert dispatch.by_part({"2-16": "x"}, "2-16", "8-9", None) == "x" and dispatch.by_part({}, "2-16", "8-9", 0) == 0
+
+
+def test_w8a8_layers_switch_on_three_parts_of_the_small_bucket():
+    """384x384 fp32 W8A8: dense below M = 10 (a GEMV of this size beats the int8 path's fixed
+    cost), the exact int8 path from M = 10 (1.06-1.37x dense at 1 and 2 threads)."""
+    import sparseq
+    from sparseq.testing import check_layer_close, runs_dense_bucket
+
+    layer = sparseq.Int8Linear.from_linear(torch.nn.Linear(384, 384))
+    if not cpu_kernels.available():
+        pytest.skip(cpu_kernels.unavailable_reason())
+    with sparseq.cpu_numerics("fast"):
+        assert layer.prepare(torch.device("cpu"))["2-16"] == "M<10: dense; M>=10: onednn"
+        with torch.inference_mode():
+            for m in (2, 8, 9, 10, 16):
+                x = torch.randn(m, 384)
+                assert runs_dense_bucket(layer, x) == (m < 10)
+                assert check_layer_close(layer, x) is None
 
 
 def test_default_table_covers_every_op_and_bucket():

@@ -103,6 +103,27 @@ def by_threads(one: Impl, many: Impl) -> Impl:
     return run
 
 
+def split_description(parts: list) -> str:
+    """``"M<8: X; M>=8: Y"`` (or ``"M<8: X; M=8-9: Y; M>=10: Z"``) of ``[[first M, backend, impl], ...]``."""
+    text = []
+    for i, (first, backend, _) in enumerate(parts):
+        if i == 0:
+            text.append(f"M<{parts[1][0]}: {backend}")
+        elif i == len(parts) - 1:
+            text.append(f"M>={first}: {backend}")
+        else:
+            text.append(f"M={first}-{parts[i + 1][0] - 1}: {backend}")
+    return "; ".join(text)
+
+
+def split_impl(parts: list) -> Impl:
+    """The per-call switch on M over ``[[first M, backend, impl], ...]`` (nested :func:`by_rows`)."""
+    impl = parts[-1][2]
+    for i in range(len(parts) - 2, -1, -1):
+        impl = by_rows(parts[i + 1][0], parts[i][2], impl)
+    return impl
+
+
 def by_rows(split: int, below: Impl, above: Impl) -> Impl:
     """``below`` for inputs of fewer than ``split`` rows, else ``above`` (the CPU tables split an
     M bucket where a small layer's dense GEMV wins at its low end and an int8 GEMM at its top)."""
@@ -276,14 +297,19 @@ class CompressedLinear(nn.Module):
         if device.type != "cpu":  # GPU tables are keyed by the layer dtype, as `sparseq tune` writes them
             prefs = dispatch.preferences(self.table_op, self.out_features, self.in_features, self.dtype, device, m)
             return self._first_impl(prefs, key, name, m)
-        split = dispatch.cpu_split(dispatch.BUCKET_NAMES[bucket])
-        high, high_impl = self._cpu_choice(key, m, name)
-        if split is None:
-            return high, high_impl
-        low, low_impl = self._cpu_choice(key, split - 1, name)
-        if low == high:
-            return high, high_impl
-        return f"M<{split}: {low}; M>={split}: {high}", by_rows(split, low_impl, high_impl)
+        bucket_name = dispatch.BUCKET_NAMES[bucket]
+        if not dispatch.cpu_splits(bucket_name):
+            return self._cpu_choice(key, m, name)
+        parts: list = []  # [first M, backend, impl] per run of parts with the same backend
+        for first, last in dispatch.cpu_parts(bucket_name):
+            backend, impl = self._cpu_choice(key, last, name)
+            if parts and parts[-1][1] == backend:
+                parts[-1][2] = impl  # a run of parts: the impl resolved for its largest M
+                continue
+            parts.append([first, backend, impl])
+        if len(parts) == 1:
+            return parts[0][1], parts[0][2]
+        return split_description(parts), split_impl(parts)
 
     def _cpu_choice(self, key: Key, m: int, name: str) -> Tuple[str, Impl]:
         """The CPU backend for batch ``m`` (tables keyed by the compute dtype: bf16 dense on AMX
