@@ -309,7 +309,7 @@ def run_e2e(run: Run) -> None:
     for threads in a.threads:
         torch.set_num_threads(threads)
         dense_out, qd_out = embed(model), embed(qd)
-        w8_out, bad = checked_embed(w8, sq_layers, key, embed)
+        w8_out, bad = checked_embed(w8, embed)
         pairs = ((w8_out, ref), (w8_out, dense_out), (qd_out, dense_out))
         cos_ref, cos_dense, cos_qd = ((u * v).sum(-1) for u, v in pairs)
         rel = float(((w8_out - ref).norm(dim=-1) / ref.norm(dim=-1)).max())
@@ -334,21 +334,25 @@ def run_e2e(run: Run) -> None:
     run.e2e_md.append("")
 
 
-def checked_embed(w8: nn.Module, layers: List[nn.Module], key, embed: Callable) -> Tuple[torch.Tensor, Optional[str]]:
-    """``embed(w8)`` with every sparseq layer's output checked against the dense layer it replaces on
-    its actual input (``check_layer_close``); returns ``(embeddings, first violation or None)``."""
+def checked_embed(model: nn.Module, embed: Callable[[nn.Module], torch.Tensor]) -> Tuple[torch.Tensor, Optional[str]]:
+    """``embed(model)`` with every sparseq layer's output checked against the dense layer it
+    replaces on its actual input (``check_layer_close``; the dense bound where the layer's dense
+    bucket ran that input); returns ``(embeddings, first violation or None)``. Also used by
+    bench_cpu_latency.py."""
     seen: List[Tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+    layers = [m for m in model.modules() if isinstance(m, snn.CompressedLinear)]
     hooks = [layer.register_forward_hook(lambda mod, i, o: seen.append((mod, i[0], o))) for layer in layers]
     try:
-        out = embed(w8)
+        out = embed(model)
     finally:
         for h in hooks:
             h.remove()
-    names = {id(mod): name for name, mod in w8.named_modules()}
+    names = {id(mod): name for name, mod in model.named_modules()}
     for layer, x, y in seen:
-        msg = testing.check_layer_close(layer, x, y, dense_fallback=layer.backends[key] == "dense")
+        x2 = x.reshape(-1, x.shape[-1])
+        msg = testing.check_layer_close(layer, x2, y, dense_fallback=testing.runs_dense_bucket(layer, x2))
         if msg is not None:
-            return out, f"layer {names[id(layer)]}: {msg}"
+            return out, f"layer {names[id(layer)]} at M = {x2.shape[0]}: {msg}"
     return out, None
 
 

@@ -29,20 +29,20 @@ import csv
 import sys
 import types
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu import machine_slug, quantize_dynamic, qd_backend, timed  # noqa: E402
+from bench_cpu import checked_embed, machine_slug, quantize_dynamic, qd_backend, timed  # noqa: E402
 from bench_e2e import e2e_bound, row_violation  # noqa: E402
 
 import sparseq  # noqa: E402
 import sparseq.nn as snn  # noqa: E402
 from sparseq import benchmarks as bm  # noqa: E402
-from sparseq import dispatch, testing  # noqa: E402
+from sparseq import dispatch  # noqa: E402
 
 COLUMNS = ["cpu", "threads", "torch", "git_sha", "model", "format", "backends", "sentences", "tokens_min",
            "tokens_max", "ms_per_sentence", "speedup", "cos_reference_min", "cos_dense_min", "checked"]
@@ -85,26 +85,6 @@ def on_reference(model: nn.Module, fn):
         dispatch.preferences = orig
         for layer in layers:
             layer.reset()
-
-
-def checked_embed(model: nn.Module, embed: Callable[[nn.Module], torch.Tensor]) -> Tuple[torch.Tensor, Optional[str]]:
-    """``embed(model)`` with every sparseq layer's output checked against the dense layer it
-    replaces on its actual input; returns ``(embeddings, first violation or None)``."""
-    seen: List[Tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
-    layers = [m for m in model.modules() if isinstance(m, snn.CompressedLinear)]
-    hooks = [layer.register_forward_hook(lambda mod, i, o: seen.append((mod, i[0], o))) for layer in layers]
-    try:
-        out = embed(model)
-    finally:
-        for h in hooks:
-            h.remove()
-    names = {id(m): name for name, m in model.named_modules()}
-    for layer, x, y in seen:
-        x2 = x.reshape(-1, x.shape[-1])
-        msg = testing.check_layer_close(layer, x2, y, dense_fallback=testing.runs_dense_bucket(layer, x2))
-        if msg is not None:
-            return out, f"layer {names[id(layer)]} at M = {x2.shape[0]}: {msg}"
-    return out, None
 
 
 def main(argv: Optional[List[str]] = None) -> int:

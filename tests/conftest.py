@@ -1,6 +1,7 @@
 """Shared test setup: GPU-marked tests skip cleanly without CUDA; fixed seeds; helpers to
 import a script from benchmarks/ and to race threads on one model; a summary section for
 lines tests report (``report_line``: fuzz case counts)."""
+import csv
 import importlib.util
 import os
 import sys
@@ -72,6 +73,18 @@ def load_benchmark() -> Callable:
     """``load_benchmark(name, module_name=None)``: import ``benchmarks/<name>.py`` (a script
     folder, not a package) as a fresh module named ``module_name`` (``_sparseq_<name>``)."""
     return lambda name, module_name=None: _load_script(name, module_name or f"_sparseq_{name}")
+
+
+@pytest.fixture(scope="session")
+def read_csv() -> Callable:
+    """``read_csv(path)``: ``(header, rows as dicts)`` of a CSV a benchmark wrote."""
+
+    def read(path):
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            return reader.fieldnames, list(reader)
+
+    return read
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,6 @@
 """``benchmarks/bench_cpu.py --quick``: the CSV and markdown it writes, every sparseq row checked
 against the dense layer it replaces, and a wrong layer reported as wrong (exit status 1), in the
 layer rows and in the end-to-end MiniLM row."""
-import csv
-
 import pytest
 import torch
 
@@ -17,17 +15,11 @@ def bc(load_benchmark):
     return load_benchmark("bench_cpu")
 
 
-def _read(path):
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        return reader.fieldnames, list(reader)
-
-
-def test_quick_run_writes_checked_rows(bc, tmp_path):
+def test_quick_run_writes_checked_rows(bc, tmp_path, read_csv):
     threads = torch.get_num_threads()
     assert bc.main(["--quick", "--out", str(tmp_path)]) == 0
     assert torch.get_num_threads() == threads  # restored
-    header, rows = _read(tmp_path / "cpu_layers_quick.csv")
+    header, rows = read_csv(tmp_path / "cpu_layers_quick.csv")
     assert header == COLUMNS == bc.COLUMNS
     md = (tmp_path / "cpu_layers_quick.md").read_text()
     assert "## 1 thread" in md and "## 2 threads" in md and "## End to end" in md
@@ -55,7 +47,7 @@ def test_quick_run_writes_checked_rows(bc, tmp_path):
         "e2e-minilm-dense", "e2e-minilm-w8a8", "e2e-minilm-quantize_dynamic"}
 
 
-def test_wrong_layer_is_reported(bc, tmp_path, monkeypatch):
+def test_wrong_layer_is_reported(bc, tmp_path, monkeypatch, read_csv):
     forward = Int8Linear.forward
 
     def off(self, x):  # one output element off by far more than any rounding
@@ -66,7 +58,7 @@ def test_wrong_layer_is_reported(bc, tmp_path, monkeypatch):
     monkeypatch.setattr(Int8Linear, "forward", off)
     code = bc.main(["--quick", "--formats", "w8a8,2:4", "--threads", "1", "--out", str(tmp_path)])
     assert code == 1
-    _, rows = _read(tmp_path / "cpu_layers_quick.csv")
+    _, rows = read_csv(tmp_path / "cpu_layers_quick.csv")
     w8 = [r for r in rows if r["format"] in ("w8a8", "e2e-minilm-w8a8")]  # the swapped model too
     assert len({r["format"] for r in w8}) == 2
     assert all(r["checked"].startswith("wrong") and r["time_us"] == "" for r in w8)

@@ -1,8 +1,6 @@
 """``benchmarks/bench_cpu_latency.py`` (MiniLM, one sentence per call): the CSV and markdown it
 writes with every sparseq model checked, and a wrong layer reported as wrong (exit status 1,
 untimed) although its model is compared with itself on the reference backend too."""
-import csv
-
 import pytest
 import torch
 
@@ -16,17 +14,11 @@ def bl(load_benchmark):
     return load_benchmark("bench_cpu_latency")
 
 
-def _rows(path):
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        return reader.fieldnames, list(reader)
-
-
-def test_writes_a_checked_row_per_model(bl, tmp_path):
+def test_writes_a_checked_row_per_model(bl, tmp_path, read_csv):
     threads = torch.get_num_threads()
     assert bl.main(QUICK + ["--out", str(tmp_path)]) == 0
     assert torch.get_num_threads() == threads  # restored
-    header, rows = _rows(tmp_path / "cpu_latency.csv")
+    header, rows = read_csv(tmp_path / "cpu_latency.csv")
     assert header == bl.COLUMNS
     assert [r["format"] for r in rows] == ["dense", "quantize_dynamic", *FORMATS]
     for r in rows:
@@ -43,7 +35,7 @@ def test_writes_a_checked_row_per_model(bl, tmp_path):
     assert "| 1 | w8a8 |" in md and "Contended:" in md
 
 
-def test_wrong_layer_is_reported(bl, tmp_path, monkeypatch):
+def test_wrong_layer_is_reported(bl, tmp_path, monkeypatch, read_csv):
     forward = Int8Linear.forward
 
     def off(self, x):  # one output element off by far more than any rounding, on every path
@@ -53,7 +45,7 @@ def test_wrong_layer_is_reported(bl, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Int8Linear, "forward", off)
     assert bl.main(QUICK + ["--formats", "w8a8,int8_weight_only", "--out", str(tmp_path)]) == 1
-    _, rows = _rows(tmp_path / "cpu_latency.csv")
+    _, rows = read_csv(tmp_path / "cpu_latency.csv")
     by_format = {r["format"]: r for r in rows}
     assert by_format["w8a8"]["checked"].startswith("wrong: layer") and by_format["w8a8"]["ms_per_sentence"] == ""
     assert by_format["int8_weight_only"]["checked"] == "yes"
