@@ -171,8 +171,8 @@ SPARSEQ_AVX512 void rows_avx512(const float* x, const int8_t* w, int64_t m, int6
 }
 
 // Lane kernel (M >= kLanesFromRows): the activation rows are the 16 lanes of a vector. The
-// activations, transposed once per call into lane-major chunks xt[c][p][l] = x[16 c + l, p]
-// (zeros past M), are loaded one K column at a time; a panel of 16 weight rows x kPanelK columns
+// activations, transposed once per task (a task per thread) into lane-major chunks
+// xt[c][p][l] = x[16 c + l, p] (zeros past M), are loaded one K column at a time; a panel of 16 weight rows x kPanelK columns
 // is widened to fp32 once into an L1 buffer and each weight value is broadcast into an FMA with
 // the column: 16 FMAs per column load, no widening or horizontal sum inside the loop (the 4 x 4
 // blocks widen each weight vector for every 4 activation rows and reduce 16 sums per block).
