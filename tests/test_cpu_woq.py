@@ -38,14 +38,15 @@ def _op(x, wq, ws, b):
 @runs_here
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,n,k", [(1, 8, 16), (1, 13, 17), (2, 5, 40), (3, 17, 15), (4, 16, 384), (5, 3, 1),
-                                   (7, 40, 100), (9, 33, 64), (12, 16, 40), (13, 40, 300), (16, 24, 48),
-                                   (16, 16, 1), (17, 19, 130), (29, 35, 520), (64, 70, 96)])
+                                   (7, 40, 100), (8, 21, 70), (9, 33, 64), (10, 19, 33), (11, 18, 50),
+                                   (12, 16, 40), (13, 40, 300), (16, 24, 48), (16, 16, 1), (17, 19, 130),
+                                   (29, 35, 520), (64, 70, 96)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_kernel_is_within_the_format_tolerance(dtype, m, n, k, bias):
-    """Shapes cover M = 1 (8-row weight blocks), 2-12 (4 x 4 blocks with 1-3 row tails), 13+ (the
-    lane kernel: 16 activation rows per vector, whole and partial chunks, the rows past the last
-    whole chunk through the 4 x 4 blocks, K across its 256-column panels), N not a multiple of
-    the blocks, K % 16 != 0 (masked tails), K < 16."""
+    """Shapes cover M = 1 (8-row weight blocks), 2-15 (6 x 4 register blocks with 1-5 row tails),
+    16+ (the lane kernel: 16 activation rows per vector, the rows past the last whole chunk
+    through the register blocks, K across its 256-column panels), N not a multiple of the
+    blocks, K % 16 != 0 (masked tails), K < 16."""
     x, wq, ws, b = _problem(m, n, k, dtype, bias)
     y = _op(x, wq, ws, b)
     assert y.dtype == dtype and y.shape == (m, n)
@@ -94,7 +95,7 @@ def test_concurrent_calls_give_the_serial_answers(race):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [4, 16])
 def test_empty_and_non_finite_rows_follow_the_reference(dtype, m):
-    """M = 4: the 4 x 4 blocks; M = 16: the lane kernel (a row per lane)."""
+    """M = 4: the register blocks; M = 16: the lane kernel (a row per lane)."""
     x, wq, ws, b = _problem(m, 21, 37, dtype, True)
     x[1, 5] = float("nan")
     x[2, 36] = float("inf")  # in the masked K tail

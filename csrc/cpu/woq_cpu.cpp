@@ -7,16 +7,16 @@
 // quantize the activations (another format: W8A8). At small M the dense GEMM is bound by reading
 // its weight; reading a quarter (fp32) or half (bf16) of the bytes is where the speed comes from.
 //
-// AVX-512 kernels. Up to M = 12: register blocks of up to 4 activation rows x 4 (M = 1: 1 x 8)
-// weight rows, 16 lanes of K per step; each weight vector is widened int8 -> int32 -> fp32 once
-// per block and multiplied into every activation row of the block (FMA). From M = 13: the lane
-// kernel (16 activation rows as the lanes of a vector, weight panels widened once into L1 and
-// broadcast; see rows_lanes), which keeps the FMA ports busy where the 4 x 4 blocks spend theirs
-// on widening and horizontal sums (fp32, 1 thread, 1536x384 M = 16: 187 -> 150 us, dense 220 us).
-// The sum order differs from the
-// reference's fp32 matmul as any GEMM's does: tested within the format's tolerance, not bit for
-// bit. The epilogue is the reference's: acc * w_scale, then + bias, in fp32, rounded once to the
-// activation dtype. Other CPUs run a plain loop (correct, not fast: the Python side offers this
+// AVX-512 kernels. Register blocks of up to 6 activation rows x 4 weight rows (M = 1: 1 x 8), 16
+// lanes of K per step; each weight vector is widened int8 -> int32 -> fp32 once per block and
+// multiplied into every activation row of the block (FMA). Whole chunks of 16 activation rows
+// (M >= 16) go through the lane kernel (the rows as the lanes of a vector, weight panels widened
+// once into L1 and broadcast; see rows_lanes), which keeps the FMA ports busy where the register
+// blocks spend theirs on widening and horizontal sums (fp32, 1 thread, 1536x384 M = 16: 4 x 4
+// blocks 187 us, lane kernel 150 us, dense 220 us); the rows past the last chunk go through the
+// register blocks. The sum order differs from the reference's fp32 matmul as any GEMM's does:
+// tested within the format's tolerance, not bit for bit. The epilogue is the reference's:
+// acc * w_scale, then + bias, in fp32, rounded once to the activation dtype. Other CPUs run a plain loop (correct, not fast: the Python side offers this
 // backend only on AVX-512 CPUs). Schema in sparseq/cpu_kernels.py.
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
@@ -154,7 +154,10 @@ SPARSEQ_AVX512 void weight_rows_avx512(const float* x, const int8_t* w, int64_t 
 
 // Weight rows [n0, n1) in blocks of NB, then single rows. The block shape follows M: at M = 1, 8
 // weight rows (one activation row gives too few independent sums to hide the FMA latency); else
-// 4 x 4 (8 x 3 measured 1.3-1.4x slower at M = 8 and 16).
+// up to 6 activation rows x 4 weight rows (24 accumulators + 4 weight vectors + 1 activation
+// vector of the 32 registers: each widened weight vector serves 6 rows; fp32, 1 thread, vs 4 x 4:
+// 1536x384 M = 5 / 10 / 12 73 -> 57, 128 -> 111, 145 -> 126 us, equal at M = 8; 8 x 3 measured
+// 1.3-1.4x slower than 4 x 4 at M = 8 and 16).
 template <int NB, int MBMAX>
 SPARSEQ_AVX512 void rows_shape(const float* x, const int8_t* w, int64_t m, int64_t k, int64_t n0, int64_t n1,
                                float* acc) {
@@ -167,15 +170,15 @@ SPARSEQ_AVX512 void rows_shape(const float* x, const int8_t* w, int64_t m, int64
 SPARSEQ_AVX512 void rows_avx512(const float* x, const int8_t* w, int64_t m, int64_t k, int64_t n0, int64_t n1,
                                 float* acc) {
   if (m == 1) return rows_shape<8, 1>(x, w, m, k, n0, n1, acc);
-  rows_shape<4, 4>(x, w, m, k, n0, n1, acc);
+  rows_shape<4, 6>(x, w, m, k, n0, n1, acc);
 }
 
-// Lane kernel (M >= kLanesFromRows): the activation rows are the 16 lanes of a vector. The
+// Lane kernel (whole chunks of 16 activation rows): the rows are the 16 lanes of a vector. The
 // activations, transposed once per task (a task per thread) into lane-major chunks
 // xt[c][p][l] = x[16 c + l, p] (zeros past M), are loaded one K column at a time; a panel of 16 weight rows x kPanelK columns
 // is widened to fp32 once into an L1 buffer and each weight value is broadcast into an FMA with
-// the column: 16 FMAs per column load, no widening or horizontal sum inside the loop (the 4 x 4
-// blocks widen each weight vector for every 4 activation rows and reduce 16 sums per block).
+// the column: 16 FMAs per column load, no widening or horizontal sum inside the loop (the register
+// blocks widen each weight vector for every 6 activation rows and reduce 24 sums per block).
 constexpr int kLanes = 16;
 constexpr int64_t kPanelK = 256;  // 16 weight rows x 256 fp32 + 256 x 16 activations = 32 KB of L1
 
@@ -259,22 +262,22 @@ SPARSEQ_AVX512 void lanes_block(const float* xt, int64_t chunks, const int8_t* w
   }
 }
 
-// Rows [i0, i1) x columns [n0, n1) of y (row stride n) through the 4 x 4 blocks.
+// Rows [i0, i1) x columns [n0, n1) of y (row stride n) through the 6 x 4 register blocks.
 template <typename T>
-SPARSEQ_AVX512 void blocks_4x4(const float* x, const int8_t* w, int64_t i0, int64_t i1, int64_t k, int64_t n0,
+SPARSEQ_AVX512 void register_blocks(const float* x, const int8_t* w, int64_t i0, int64_t i1, int64_t k, int64_t n0,
                                int64_t n1, const float* scale, const float* bias, T* y, int64_t n) {
   const int64_t ld = n1 - n0;
   std::vector<float> acc(static_cast<size_t>((i1 - i0) * ld));
-  rows_shape<4, 4>(x + i0 * k, w, i1 - i0, k, n0, n1, acc.data());
+  rows_shape<4, 6>(x + i0 * k, w, i1 - i0, k, n0, n1, acc.data());
   for (int64_t i = i0; i < i1; ++i)
     for (int64_t c = n0; c < n1; ++c) y[i * n + c] = T(finish(acc[(i - i0) * ld + (c - n0)], scale[c], bias, c));
 }
 
-// Output rows [0, m) x columns [n0, n1) of y (row stride n), m a multiple of 16 or m_all
-// (rows [m, m_all) go through the 4 x 4 blocks): whole blocks of 16 weight rows
+// Output rows [0, m) x columns [n0, n1) of y (row stride n), m a multiple of 16 (rows [m,
+// m_all) go through the register blocks): whole blocks of 16 weight rows
 // through the lane kernel, the epilogue applied per weight row to the lane-major sums (one
 // vector each: acc * scale, then + bias) and the rows gathered out of them; a smaller last block
-// through the 4 x 4 blocks. xt is 64-byte aligned.
+// through the register blocks. xt is 64-byte aligned.
 template <typename T>
 SPARSEQ_AVX512 void rows_lanes(const float* x, const float* xt, const int8_t* w, int64_t m, int64_t m_all, int64_t k,
                                int64_t n0, int64_t n1, const float* scale, const float* bias, T* y, int64_t n) {
@@ -308,8 +311,8 @@ SPARSEQ_AVX512 void rows_lanes(const float* x, const float* xt, const int8_t* w,
       }
     }
   }
-  if (c0 < n1) blocks_4x4<T>(x, w, 0, m, k, c0, n1, scale, bias, y, n);
-  if (m < m_all) blocks_4x4<T>(x, w, m, m_all, k, n0, n1, scale, bias, y, n);
+  if (c0 < n1) register_blocks<T>(x, w, 0, m, k, c0, n1, scale, bias, y, n);
+  if (m < m_all) register_blocks<T>(x, w, m, m_all, k, n0, n1, scale, bias, y, n);
 }
 
 // x's first m rows transposed into lane-major chunks (transpose_to_lanes), 64-byte aligned, in
@@ -334,18 +337,14 @@ bool cpu_has_avx512() {
 }
 #endif
 
-// Rows of a partial chunk from which the lane kernel takes it: below, the 4 x 4 blocks cost
-// less than a chunk with idle lanes (measured, fp32, 1 thread, 1536x384: M = 12 4 x 4 141 us vs
-// lanes 150 us; M = 13 166 vs 153 us; equal at 2048x2048 M = 13).
-constexpr int64_t kLanesFromRows = 13;
-
-// How many of m activation rows the lane kernel takes (0: none): whole chunks of 16, and the
-// last partial chunk where it has at least kLanesFromRows rows (else the 4 x 4 blocks take it).
+// How many of m activation rows the lane kernel takes (0: none): whole chunks of 16; the rest
+// (fewer than 16) go through the 6 x 4 register blocks, which beat a chunk with idle lanes
+// (measured, fp32, 1 thread, M = 13 / 15: 384x1536 134 / 145 us vs 161 / 158 us, 2048x2048 951 /
+// 1046 us vs 1104 / 1126 us; a tie on 1536x384).
 int64_t lanes_rows(int64_t m) {
 #if SPARSEQ_HAVE_AVX512_PATH
   if (!cpu_has_avx512()) return 0;
-  const int64_t whole = m / kLanes * kLanes;
-  return m - whole >= kLanesFromRows ? m : whole;
+  return m / kLanes * kLanes;
 #else
   (void)m;
   return 0;
