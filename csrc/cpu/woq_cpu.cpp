@@ -173,9 +173,38 @@ SPARSEQ_AVX512 void rows_avx512(const float* x, const int8_t* w, int64_t m, int6
   rows_shape<4, 6>(x, w, m, k, n0, n1, acc);
 }
 
+// SPARSEQ_CPU_WOQ_PORTABLE=1 runs the plain loop on any CPU (read once; the tests use it).
+bool cpu_has_avx512() {
+  static const bool yes = !portable_forced() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  return yes;
+}
+#endif
+
+void weight_rows(const float* x, const int8_t* w, int64_t m, int64_t k, int64_t n0, int64_t n1, float* acc) {
+#if SPARSEQ_HAVE_AVX512_PATH
+  if (cpu_has_avx512()) return rows_avx512(x, w, m, k, n0, n1, acc);
+#endif
+  rows_portable(x, w, m, k, n0, n1, acc);
+}
+
+// Rows [i0, i1) x columns [n0, n1) of y (row stride n): the sums (register blocks, or the plain
+// loop), then the epilogue.
+template <typename T>
+void rows_out(const float* x, const int8_t* w, int64_t i0, int64_t i1, int64_t k, int64_t n0, int64_t n1,
+              const float* scale, const float* bias, T* y, int64_t n) {
+  const int64_t ld = n1 - n0;
+  std::vector<float> acc(static_cast<size_t>((i1 - i0) * ld));
+  weight_rows(x + i0 * k, w, i1 - i0, k, n0, n1, acc.data());
+  for (int64_t i = i0; i < i1; ++i)
+    for (int64_t c = n0; c < n1; ++c) y[i * n + c] = T(finish(acc[(i - i0) * ld + (c - n0)], scale[c], bias, c));
+}
+
+#if SPARSEQ_HAVE_AVX512_PATH
+
 // Lane kernel (whole chunks of 16 activation rows): the rows are the 16 lanes of a vector. The
 // activations, transposed once per task (a task per thread) into lane-major chunks
-// xt[c][p][l] = x[16 c + l, p] (zeros past M), are loaded one K column at a time; a panel of 16 weight rows x kPanelK columns
+// xt[c][p][l] = x[16 c + l, p], are loaded one K column at a time; a panel of 16 weight rows x kPanelK columns
 // is widened to fp32 once into an L1 buffer and each weight value is broadcast into an FMA with
 // the column: 16 FMAs per column load, no widening or horizontal sum inside the loop (the register
 // blocks widen each weight vector for every 6 activation rows and reduce 24 sums per block).
@@ -209,16 +238,19 @@ SPARSEQ_AVX512 inline void transpose_16x16(__m512 r[16]) {
   }
 }
 
-// xt[c][p][l] = x[16 c + l, p] (zeros for rows past m), 16 x 16 blocks at a time.
+// A 64-byte aligned pointer into buf (which holds kLanes floats more than is used).
+float* aligned_to_lanes(std::vector<float>& buf) {
+  return buf.data() + (kLanes - reinterpret_cast<uintptr_t>(buf.data()) / sizeof(float) % kLanes) % kLanes;
+}
+
+// xt[c][p][l] = x[16 c + l, p] for m a multiple of 16, 16 x 16 blocks at a time.
 SPARSEQ_AVX512 void transpose_to_lanes(const float* x, int64_t m, int64_t k, float* xt) {
-  for (int64_t c = 0; c * kLanes < m; ++c) {
-    const int64_t rows = std::min<int64_t>(kLanes, m - c * kLanes);
+  for (int64_t c = 0; c < m / kLanes; ++c) {
     for (int64_t p = 0; p < k; p += 16) {
       const int64_t width = std::min<int64_t>(16, k - p);
       const __mmask16 mask = static_cast<__mmask16>((1u << width) - 1u);
       __m512 r[16];
-      for (int l = 0; l < 16; ++l)
-        r[l] = l < rows ? _mm512_maskz_loadu_ps(mask, x + (c * kLanes + l) * k + p) : _mm512_setzero_ps();
+      for (int l = 0; l < 16; ++l) r[l] = _mm512_maskz_loadu_ps(mask, x + (c * kLanes + l) * k + p);
       transpose_16x16(r);
       float* out = xt + (c * k + p) * kLanes;
       for (int q = 0; q < width; ++q) _mm512_store_ps(out + q * kLanes, r[q]);
@@ -262,17 +294,6 @@ SPARSEQ_AVX512 void lanes_block(const float* xt, int64_t chunks, const int8_t* w
   }
 }
 
-// Rows [i0, i1) x columns [n0, n1) of y (row stride n) through the 6 x 4 register blocks.
-template <typename T>
-SPARSEQ_AVX512 void register_blocks(const float* x, const int8_t* w, int64_t i0, int64_t i1, int64_t k, int64_t n0,
-                               int64_t n1, const float* scale, const float* bias, T* y, int64_t n) {
-  const int64_t ld = n1 - n0;
-  std::vector<float> acc(static_cast<size_t>((i1 - i0) * ld));
-  rows_shape<4, 6>(x + i0 * k, w, i1 - i0, k, n0, n1, acc.data());
-  for (int64_t i = i0; i < i1; ++i)
-    for (int64_t c = n0; c < n1; ++c) y[i * n + c] = T(finish(acc[(i - i0) * ld + (c - n0)], scale[c], bias, c));
-}
-
 // Output rows [0, m) x columns [n0, n1) of y (row stride n), m a multiple of 16 (rows [m,
 // m_all) go through the register blocks): whole blocks of 16 weight rows
 // through the lane kernel, the epilogue applied per weight row to the lane-major sums (one
@@ -281,10 +302,10 @@ SPARSEQ_AVX512 void register_blocks(const float* x, const int8_t* w, int64_t i0,
 template <typename T>
 SPARSEQ_AVX512 void rows_lanes(const float* x, const float* xt, const int8_t* w, int64_t m, int64_t m_all, int64_t k,
                                int64_t n0, int64_t n1, const float* scale, const float* bias, T* y, int64_t n) {
-  const int64_t chunks = (m + kLanes - 1) / kLanes;
+  const int64_t chunks = m / kLanes;
   alignas(64) float panel[16 * kPanelK];
   std::vector<float> store(static_cast<size_t>(chunks * 16 * kLanes + kLanes));
-  float* sums = store.data() + (kLanes - reinterpret_cast<uintptr_t>(store.data()) / sizeof(float) % kLanes) % kLanes;
+  float* sums = aligned_to_lanes(store);
   const __m512i across = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                             _mm512_set1_epi32(kLanes));
   int64_t c0 = n0;
@@ -297,8 +318,7 @@ SPARSEQ_AVX512 void rows_lanes(const float* x, const float* xt, const int8_t* w,
         if (bias) v = _mm512_add_ps(v, _mm512_set1_ps(bias[c0 + j]));
         _mm512_store_ps(block + j * kLanes, v);
       }
-      const int64_t rows = std::min<int64_t>(kLanes, m - c * kLanes);
-      for (int64_t l = 0; l < rows; ++l) {
+      for (int64_t l = 0; l < kLanes; ++l) {
         const __m512 row = _mm512_i32gather_ps(across, block + l, 4);
         T* out = y + (c * kLanes + l) * n + c0;
         if constexpr (std::is_same_v<T, float>) {
@@ -311,30 +331,24 @@ SPARSEQ_AVX512 void rows_lanes(const float* x, const float* xt, const int8_t* w,
       }
     }
   }
-  if (c0 < n1) register_blocks<T>(x, w, 0, m, k, c0, n1, scale, bias, y, n);
-  if (m < m_all) register_blocks<T>(x, w, m, m_all, k, n0, n1, scale, bias, y, n);
+  if (c0 < n1) rows_out<T>(x, w, 0, m, k, c0, n1, scale, bias, y, n);
+  if (m < m_all) rows_out<T>(x, w, m, m_all, k, n0, n1, scale, bias, y, n);
 }
 
-// x's first m rows transposed into lane-major chunks (transpose_to_lanes), 64-byte aligned, in
+// x's first m rows (a multiple of 16) transposed into lane-major chunks (transpose_to_lanes), 64-byte aligned, in
 // the calling thread's buffer, kept between calls up to 1 MiB (a fresh 100 KB allocation per
 // call, M = 16 and K = 1536, cost ~6 us of page faults where malloc returned it to the OS);
 // larger copies go to `once`, the caller's.
 const float* lane_major(const float* x, int64_t m, int64_t k, std::vector<float>& once) {
   thread_local std::vector<float> kept;
-  const size_t need = static_cast<size_t>((m + kLanes - 1) / kLanes * k * kLanes + kLanes);
+  const size_t need = static_cast<size_t>(m * k + kLanes);
   std::vector<float>& buf = need <= (size_t{1} << 18) ? kept : once;
   if (buf.size() < need) buf.resize(need);
-  float* xt = buf.data() + (kLanes - reinterpret_cast<uintptr_t>(buf.data()) / sizeof(float) % kLanes) % kLanes;
+  float* xt = aligned_to_lanes(buf);
   transpose_to_lanes(x, m, k, xt);
   return xt;
 }
 
-// SPARSEQ_CPU_WOQ_PORTABLE=1 runs the plain loop on any CPU (read once; the tests use it).
-bool cpu_has_avx512() {
-  static const bool yes = !portable_forced() && __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-  return yes;
-}
 #endif
 
 // How many of m activation rows the lane kernel takes (0: none): whole chunks of 16; the rest
@@ -349,13 +363,6 @@ int64_t lanes_rows(int64_t m) {
   (void)m;
   return 0;
 #endif
-}
-
-void weight_rows(const float* x, const int8_t* w, int64_t m, int64_t k, int64_t n0, int64_t n1, float* acc) {
-#if SPARSEQ_HAVE_AVX512_PATH
-  if (cpu_has_avx512()) return rows_avx512(x, w, m, k, n0, n1, acc);
-#endif
-  rows_portable(x, w, m, k, n0, n1, acc);
 }
 
 template <typename T>
@@ -390,11 +397,7 @@ void run(const Tensor& x, const int8_t* w, const float* scale, const float* bias
   }
 #endif
   torch::stable::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    const int64_t n0 = b0 * kTaskRows, n1 = std::min(n, b1 * kTaskRows);
-    std::vector<float> acc(static_cast<size_t>(m * (n1 - n0)));
-    weight_rows(x32, w, m, k, n0, n1, acc.data());
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t c = n0; c < n1; ++c) yp[i * n + c] = T(finish(acc[i * (n1 - n0) + (c - n0)], scale[c], bias, c));
+    rows_out<T>(x32, w, 0, m, k, b0 * kTaskRows, std::min(n, b1 * kTaskRows), scale, bias, yp, n);
   });
 }
 
