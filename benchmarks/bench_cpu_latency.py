@@ -130,13 +130,14 @@ def measure(a: argparse.Namespace, models: Dict[str, nn.Module], embed_all, stag
     model = models["dense"]
     for threads in a.threads:
         torch.set_num_threads(threads)
-        dense_out = embed_all(model)
+        outs = {"dense": embed_all(model), "quantize_dynamic": embed_all(models["quantize_dynamic"])}
         checked: Dict[str, str] = {"dense": "baseline", "quantize_dynamic": "approx"}
         cos_ref: Dict[str, str] = {}
         for fmt in a.formats:
             mod = models[fmt]
             snn.prepare(mod)
             out, bad = checked_embed(mod, embed_all)
+            outs[fmt] = out
             ref = on_reference(mod, lambda: embed_all(mod))
             snn.prepare(mod)
             bad = bad or row_violation(out, ref, e2e_bound(torch.float32, stages, fmt))
@@ -149,7 +150,7 @@ def measure(a: argparse.Namespace, models: Dict[str, nn.Module], embed_all, stag
                         ", ".join(sorted({b for layer in mod.modules() if isinstance(layer, snn.CompressedLinear)
                                          for b in layer.backends.values()})))
             us = times.get(name)
-            cos_dense = "" if name == "dense" else f"{float((embed_all(mod) * dense_out).sum(-1).min()):.5f}"
+            cos_dense = "" if name == "dense" else f"{float((outs[name] * outs['dense']).sum(-1).min()):.5f}"
             rows.append({"cpu": bm.cpu_model(), "threads": threads, "torch": torch.__version__, "git_sha": sha,
                          "model": "all-MiniLM-L6-v2", "format": name, "backends": backends,
                          "sentences": len(tokens), "tokens_min": min(tokens), "tokens_max": max(tokens),

@@ -7,7 +7,7 @@ dequantized weight in the compute dtype (what a weight-only layer runs otherwise
 the kernel on the stored int8 weight, checked within the format's tolerance of
 ``reference.int8_weight_only_mm`` (``sparseq.testing.check_matmul_close``; a miss stops the run,
 exit 1). Timing as ``bench_cpu_kernels.py``: interleaved rounds, median per-call time in us.
-Run: ``python benchmarks/bench_cpu_woq.py --out FILE.csv`` (~4 min on 2 cores).
+Run: ``python benchmarks/bench_cpu_woq.py --out FILE.csv`` (~6 min on 2 cores).
 """
 from __future__ import annotations
 
