@@ -181,7 +181,7 @@ def cpu_parts(bucket: str) -> List[Tuple[int, int]]:
 def cpu_part(bucket: str, m: int) -> str:
     """The key of M ``m``'s part of ``bucket`` in the CPU tables (the bucket's own name unless
     :func:`cpu_splits` splits it)."""
-    for a, b in cpu_parts(bucket) if cpu_splits(bucket) else []:
+    for a, b in cpu_parts(bucket):  # an unsplit bucket is its one part, named as the bucket
         if a <= m <= b:
             return f"{a}-{b}"
     return bucket
