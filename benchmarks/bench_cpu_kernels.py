@@ -4,8 +4,9 @@
 Contenders (bias included, no layer or dispatch overhead):
 
 - ``dense``: ``F.linear`` on the dequantized weight in the compute dtype (the dense bucket);
-- ``fbgemm``: ``sparseq.cpu_fbgemm`` (fast numerics: fbgemm's dynamic int8 linear on per-row
-  normalised activations), checked within ``cpu_fbgemm.error_bound`` of the reference;
+- ``fbgemm``: ``sparseq.cpu_fbgemm`` (fast numerics: fbgemm's int8 GEMM on per-row normalised
+  activations, in ``cpu_fbgemm.default_form()``, or ``--fbgemm-form``; the form is printed to
+  stderr), checked within ``cpu_fbgemm.error_bound`` of the reference;
 - ``exact``: ``sparseq.cpu_ops`` (the W8A8 format bit for bit: per-token quantization and
   epilogue in ``sparseq._C_cpu`` where built, oneDNN's int8 GEMM or ``torch._int_mm``),
   checked equal to the reference.
@@ -121,16 +122,21 @@ def emit(rows: List[list], row: list) -> None:
 
 
 def main(argv=None) -> int:
-    args = sweep_parser(__doc__, SHAPES, "1,2,16,64,256", "float32,bfloat16", 0.3).parse_args(argv)
+    parser = sweep_parser(__doc__, SHAPES, "1,2,16,64,256", "float32,bfloat16", 0.3)
+    parser.add_argument("--fbgemm-form", choices=cpu_fbgemm.FORMS, default=None,
+                        help="the fbgemm contender's form (default: the one layers use here)")
+    args = parser.parse_args(argv)
     warnings.simplefilter("ignore")  # torch's deprecation notes on quantized tensors
     if not cpu_kernels.available():
         print(f"note: {cpu_kernels.unavailable_reason()}", file=sys.stderr)
+    form = args.fbgemm_form or cpu_fbgemm.default_form()
+    print(f"note: fbgemm form {form}", file=sys.stderr)
     rows = []
     print(",".join(COLUMNS), flush=True)
     built: Dict[str, object] = {}
     for c in cells(args):
         if built.get("wq") is not c.wq:  # a new shape (or thread count): pack its weight once
-            built = {"wq": c.wq, "fbgemm": cpu_fbgemm.w8a8_impl(cpu_fbgemm.PackedWeight(c.wq, c.ws), None, c.bias),
+            built = {"wq": c.wq, "fbgemm": cpu_fbgemm.w8a8_impl(cpu_fbgemm.PackedWeight(c.wq, c.ws, form), None, c.bias),
                      "exact": cpu_ops.w8a8_impl(cpu_ops.prepack(c.wq), c.ws, None, None, c.bias)}
         fbgemm, exact, x = built["fbgemm"], built["exact"], c.x
         check(x, c.wq, c.ws, c.bias, fbgemm(x), exact(x))

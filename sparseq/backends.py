@@ -88,12 +88,16 @@ def _onednn_status() -> BackendStatus:
 
 
 def _fbgemm_status() -> BackendStatus:
-    from .cpu_fbgemm import reduce_range, unavailable_reason
+    from .cpu_fbgemm import default_form, packed_gemm_unavailable_reason, reduce_range, unavailable_reason
 
     why = unavailable_reason()
-    bits = "7-bit activations: no VNNI" if reduce_range() else "8-bit activations"
-    return BackendStatus(not why, why or f"fbgemm dynamic int8 linear (torch.ops.quantized) for W8A8 layers at "
-                                         f"small M under the 'fast' CPU numerics ({bits})")
+    if default_form() == "packed_gemm":
+        how = "fbgemm's packed int8 GEMM (torch.fbgemm_linear_int8_weight_fp32_activation, 8-bit activations)"
+    else:
+        bits = "7-bit activations: no VNNI" if reduce_range() else "8-bit activations"
+        how = (f"fbgemm dynamic int8 linear (torch.ops.quantized.linear_dynamic, {bits}; the packed GEMM "
+               f"does not run: {packed_gemm_unavailable_reason()})")
+    return BackendStatus(not why, why or f"{how} for W8A8 layers at small M under the 'fast' CPU numerics")
 
 
 def _cpu_extension_status() -> BackendStatus:

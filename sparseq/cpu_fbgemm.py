@@ -1,33 +1,45 @@
-"""CPU W8A8 through fbgemm's dynamic int8 linear (the ``fbgemm`` dispatch backend): the fast
-CPU path at small M, under the default ``"fast"`` CPU numerics (``sparseq.cpu_numerics``).
+"""CPU W8A8 through fbgemm's int8 GEMM on per-row normalised activations (the ``fbgemm``
+dispatch backend): the fast CPU path at small M, under the default ``"fast"`` CPU numerics
+(``sparseq.cpu_numerics``).
 
-``torch.ops.quantized.linear_dynamic`` quantizes the activations itself in one fused C++ pass
-and multiplies them by a per-channel int8 weight prepacked once (what
-``torch.ao.quantization.quantize_dynamic`` runs); on a 2-core Xeon it takes ~20 us where the
-format's exact path (:mod:`sparseq.cpu_ops`: per-token quantization in torch ops + a oneDNN or
-``_int_mm`` GEMM + epilogue) takes 40-100 us at M <= 16.
+fbgemm quantizes the activations itself, per *tensor*, asymmetric uint8 over
+``[min(x, 0), max(x, 0)]``; the format quantizes per *token*, symmetric int8 (``amax / 127``). So
+each row is first divided by its own ``max |x|`` (NaN/Inf and the 0/0 of all-zero rows zeroed):
+every row then lies in ``[-1, 1]`` and fbgemm's one step ``(hi - lo) / 255 <= 2 / 255`` is, in the
+row's own units, at most the format's per-token step ``amax / 127``. The output rows are
+multiplied back by ``amax`` and the bias is added last. Rounding differs from the reference
+(:func:`error_bound` states the bound, tested); the reference stays the definition, and
+``sparseq.cpu_numerics("exact")`` runs the bit-exact path instead. Static activation scales are
+not run here (fbgemm would ignore their clamp). A row holding NaN or Inf gives a non-finite
+output row, as in the reference (they are zeroed before fbgemm and the row's NaN/Inf ``amax``
+restores them).
 
-fbgemm quantizes per *tensor*, asymmetric uint8 over ``[min(x, 0), max(x, 0)]``; the format
-quantizes per *token*, symmetric int8 (``amax / 127``). So each row is first divided by its own
-``max |x|`` (NaN/Inf and the 0/0 of all-zero rows zeroed): every row then lies in ``[-1, 1]`` and
-fbgemm's one step ``(hi - lo) / 255 <= 2 / 255`` is, in the row's own units, at most the format's
-per-token step ``amax / 127``. The output rows are multiplied back by ``amax`` and the bias is
-added last. A single finite row (decode) goes to fbgemm as it is: its tensor is its token
-(saves five ops, ~5 us). Rounding differs from the reference (:func:`error_bound` states the bound, tested);
-the reference stays the definition, and ``sparseq.cpu_numerics("exact")`` runs the bit-exact
-path instead. Static activation scales are not run here (fbgemm would ignore their clamp).
+Two forms of the same fbgemm GEMM (:class:`PackedWeight` picks one per layer, see
+:func:`default_form`):
 
-A row holding NaN or Inf gives a non-finite output row, as in the reference (fbgemm itself
-raises on NaN: they are zeroed before it and the row's NaN/Inf ``amax`` restores them).
+- ``"packed_gemm"``: ``torch.fbgemm_linear_int8_weight_fp32_activation`` on an fbgemm
+  ``PackBMatrix`` of the int8 weight (per-tensor weight scale 1: the per-channel scales go into
+  sparseq's C++ epilogue with the row maxima, ``y * amax * w_scale + bias``). It skips the
+  quantized-tensor machinery of ``linear_dynamic`` (script-object packed params, per-call
+  qparams objects): measured on a 2-core Xeon, 1 thread, fp32, M = 1 / 4 / 14, the GEMM alone
+  384x384 5.4 / 7.8 / 14.3 us vs ``linear_dynamic``'s 14.8 / 16.7 / 23.7 us, 1536x384 9.2 / 14.9 /
+  36.3 vs 18.4 / 24.8 / 49.5 us. It takes 8-bit activations only (no ``reduce_range``), so it
+  runs where the CPU has VNNI or AMX, and it needs ``sparseq._C_cpu`` (the normalisation and the
+  epilogue). PyTorch marks these functions deprecated (a one-time warning, silenced here); where
+  a release drops them, the second form runs.
+- ``"linear_dynamic"``: ``torch.ops.quantized.linear_dynamic`` (what
+  ``torch.ao.quantization.quantize_dynamic`` runs) with the per-channel scales prepacked; a
+  single finite row goes to fbgemm as it is (its tensor is its token).
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import threading
 import warnings
 import weakref
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -37,25 +49,51 @@ from . import cpu_kernels
 _engine_lock = threading.Lock()
 
 
+FORMS = ("packed_gemm", "linear_dynamic")
+"""The two forms of the fbgemm GEMM (module docstring), fastest first."""
+
+
 @functools.lru_cache(maxsize=None)
 def unavailable_reason() -> str:
     """"" where fbgemm's dynamic int8 linear runs on this machine, else why not (checked once)."""
-    return _probe()
-
-
-def _probe() -> str:
     engines = torch.backends.quantized.supported_engines
     if "fbgemm" not in engines and "x86" not in engines:
         return f"this torch has no fbgemm quantized engine (engines: {', '.join(engines)})"
+    return _self_test("linear_dynamic")
+
+
+@functools.lru_cache(maxsize=None)
+def packed_gemm_unavailable_reason() -> str:
+    """"" where the ``"packed_gemm"`` form runs here, else why not (checked once)."""
+    if unavailable_reason():
+        return unavailable_reason()
+    if not all(hasattr(torch, f) for f in ("fbgemm_linear_int8_weight_fp32_activation", "fbgemm_pack_quantized_matrix")):
+        return "this torch has no torch.fbgemm_linear_int8_weight_fp32_activation (deprecated, since removed)"
+    if reduce_range():
+        return "no VNNI: the packed fbgemm GEMM takes 8-bit activations only (their int16 pair sums would saturate)"
+    if not cpu_kernels.available():
+        return cpu_kernels.unavailable_reason()
+    return _self_test("packed_gemm")
+
+
+def default_form() -> str:
+    """The form a layer's :class:`PackedWeight` takes: ``"packed_gemm"`` where it runs."""
+    return "linear_dynamic" if packed_gemm_unavailable_reason() else "packed_gemm"
+
+
+def _self_test(form: str) -> str:
     try:  # a tiny product, within the stated bound of the exact one
         wq = torch.tensor([[1, -2, 3, 4], [127, -127, 5, 0]], dtype=torch.int8)
         x = torch.tensor([[1.0, -1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.5, 0.25, -2.0, 0.0]])
-        y = run(x, prepack(wq, torch.ones(2)), None, None, torch.float32)
-        want = x @ wq.float().t()
-        if not ((y - want).abs() <= error_bound(x, wq, torch.ones(2), None, None)).all():
-            return f"fbgemm int8 self-test gave {y.tolist()}, expected {want.tolist()} within its bound"
+        scale = torch.tensor([1.0, 0.5])
+        weight = PackedWeight(wq, scale, form=form, checked=False)
+        want = x @ (wq.float() * scale[:, None]).t()
+        for rows in (x, x[2:]):
+            y = run(rows, weight, None, None, torch.float32)
+            if not ((y - want[-len(rows):]).abs() <= error_bound(rows, wq, scale, None, None)).all():
+                return f"fbgemm int8 ({form}) self-test gave {y.tolist()}, expected {want.tolist()} within its bound"
     except Exception as e:  # noqa: BLE001
-        return f"fbgemm int8 self-test failed: {type(e).__name__}: {e}"
+        return f"fbgemm int8 ({form}) self-test failed: {type(e).__name__}: {e}"
     return ""
 
 
@@ -94,20 +132,22 @@ def prepack(wq: Tensor, w_scale: Tensor) -> object:
                 torch.backends.quantized.engine = before
 
 
-def run(x: Tensor, packed: object, smooth: Optional[Tensor], bias: Optional[Tensor],
-        out_dtype: torch.dtype, ones: Optional[Tensor] = None) -> Tensor:
-    """``x[M, K] -> [M, N]`` in ``out_dtype``: per-row normalised activations through fbgemm.
-    From two rows, with ``ones`` (fp32 ones ``[N]``, kept by the layer) and ``sparseq._C_cpu``,
-    the normalisation and the scaling back are one C++ pass each (``cpu_kernels.normalize_rows``,
-    ``cpu_kernels.epilogue``: ``y * amax * 1 + bias``) instead of five torch ops; measured
-    (2-core Xeon, 1 thread, bench_cpu_kernels.py) 2048x2048 M = 2: 277 -> 233 us, equal on
-    MiniLM's shapes. A single row skips the normalisation (below): that is faster still."""
-    linear = _linear_dynamic()
-    normalized = None if ones is None or x.shape[0] == 1 else cpu_kernels.normalize_rows(x, smooth)
-    if normalized is not None:
+def run(x: Tensor, weight: "PackedWeight", smooth: Optional[Tensor], bias: Optional[Tensor],
+        out_dtype: torch.dtype) -> Tensor:
+    """``x[M, K] -> [M, N]`` in ``out_dtype``: per-row normalised activations through fbgemm, in
+    the weight's form (module docstring)."""
+    if weight.form == "packed_gemm":
+        u, amax = _normalized(x, smooth)
+        y = _packed_gemm()(u, weight.shape_only, weight.packed, weight.col_offsets, 1.0, 0, weight.zeros)
+        scaled = cpu_kernels.epilogue(y, amax, weight.w_scale, bias)
+        y = scaled if scaled is not None else _scale_back(y.mul_(weight.w_scale), amax[:, None], bias)
+        return y if out_dtype == torch.float32 else y.to(out_dtype)
+    linear, packed = _linear_dynamic(), weight.packed
+    normalized = None if x.shape[0] == 1 else cpu_kernels.normalize_rows(x, smooth)
+    if normalized is not None:  # the C++ passes (measured 2048x2048 M = 2: 277 -> 233 us vs torch ops)
         u, amax = normalized
         y = linear(u, packed, reduce_range())
-        scaled = cpu_kernels.epilogue(y, amax, ones, bias)
+        scaled = cpu_kernels.epilogue(y, amax, weight.ones, bias)
         y = scaled if scaled is not None else _scale_back(y, amax[:, None], bias)
         return y if out_dtype == torch.float32 else y.to(out_dtype)
     xs = x.float() if smooth is None else x.float() / smooth
@@ -115,12 +155,21 @@ def run(x: Tensor, packed: object, smooth: Optional[Tensor], bias: Optional[Tens
         y = linear(xs, packed, reduce_range())  # (a sum that overflows takes the path below: still right)
         y = y if bias is None else y.add_(bias)
         return y if out_dtype == torch.float32 else y.to(out_dtype)
-    amax = xs.abs().amax(dim=1, keepdim=True) if xs.shape[1] else xs.new_zeros(xs.shape[0], 1)
-    # 0/0 (all-zero rows) and x/inf, NaN rows -> 0 for fbgemm, which raises on NaN; the amax of
-    # such rows (0, inf, NaN) then gives them the reference's outputs: the bias, or not finite
-    u = torch.nan_to_num_(xs / amax, 0.0, 0.0, 0.0)
-    y = _scale_back(linear(u, packed, reduce_range()), amax, bias)
+    u, amax = _normalized(x, smooth)
+    y = _scale_back(linear(u, packed, reduce_range()), amax[:, None], bias)
     return y if out_dtype == torch.float32 else y.to(out_dtype)
+
+
+def _normalized(x: Tensor, smooth: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``(u [M, K], amax [M])``: the rows of ``x / smooth`` divided by their max ``|x|``, NaN and
+    +-Inf zeroed (fbgemm cannot take them); the row's ``amax`` (0, Inf or NaN) then gives the
+    reference's output for such rows: the bias, or not finite. One C++ pass where it runs."""
+    done = cpu_kernels.normalize_rows(x.contiguous(), smooth)
+    if done is not None:
+        return done
+    xs = x.float() if smooth is None else x.float() / smooth
+    amax = xs.abs().amax(dim=1) if xs.shape[1] else xs.new_zeros(xs.shape[0])
+    return torch.nan_to_num_(xs / amax[:, None], 0.0, 0.0, 0.0), amax
 
 
 def _scale_back(y: Tensor, amax: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -133,6 +182,22 @@ def _linear_dynamic():
     """``torch.ops.quantized.linear_dynamic.default``: the overload itself skips the packet's
     per-call Python check for fake script objects (~2 us)."""
     return torch.ops.quantized.linear_dynamic.default
+
+
+def _packed_gemm():
+    return torch.fbgemm_linear_int8_weight_fp32_activation
+
+
+def _pack_matrix(wq: Tensor) -> Tensor:
+    """fbgemm's ``PackBMatrix`` of ``wq [N, K]`` (a tensor owning it), its one-time deprecation
+    warnings, and the GEMM's, consumed here silently on a tiny product."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        packed = torch.fbgemm_pack_quantized_matrix(wq.contiguous())
+        n, k = wq.shape
+        _packed_gemm()(torch.zeros(1, k), torch.zeros((), dtype=torch.int8).expand(n, k), packed,
+                       torch.zeros(n, dtype=torch.int32), 1.0, 0, torch.zeros(n))
+    return packed
 
 
 def error_bound(x: Tensor, wq: Tensor, w_scale: Tensor, smooth: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
@@ -153,7 +218,7 @@ def error_bound(x: Tensor, wq: Tensor, w_scale: Tensor, smooth: Optional[Tensor]
     return bound + 1e-5 * slack
 
 
-_packs: Dict[int, object] = {}
+_packs: Dict[int, "PackedWeight"] = {}
 """Packed weights by the ``id`` of a token tensor, for the traced op (a custom op cannot take
 fbgemm's script object); an entry is dropped when its token, held by the layer's impl, is freed."""
 
@@ -170,29 +235,46 @@ def _(x, token, n, smooth, bias):
 
 
 class PackedWeight:
-    """An int8 weight ``[N, K]`` packed for fbgemm (built once per layer and device: a derived
-    tensor of the layer, never saved), with the token the traced op finds it by."""
+    """An int8 weight ``[N, K]`` with per-channel scales, packed for fbgemm in one of
+    :data:`FORMS` (built once per layer and device: a derived tensor of the layer, never saved),
+    with the token the traced op finds it by. ``form`` defaults to :func:`default_form`."""
 
-    def __init__(self, wq: Tensor, w_scale: Tensor) -> None:
-        self.packed = prepack(wq, w_scale)
-        self.n = wq.shape[0]
+    def __init__(self, wq: Tensor, w_scale: Tensor, form: Optional[str] = None, checked: bool = True) -> None:
+        self.form = default_form() if form is None else form
+        if self.form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        why = "" if not checked else (packed_gemm_unavailable_reason() if self.form == "packed_gemm"
+                                      else unavailable_reason())
+        if why:
+            raise RuntimeError(f"fbgemm int8 ({self.form}) does not run here: {why}")
+        self.n, k = wq.shape
+        if self.form == "packed_gemm":
+            self.packed = _pack_matrix(wq)
+            self.col_offsets = wq.sum(dim=1, dtype=torch.int32)  # fbgemm's zero-point correction
+            self.w_scale = w_scale.float().contiguous()
+            self.zeros = torch.zeros(self.n)  # the GEMM's own bias (the real one comes in the epilogue)
+            # the GEMM reads only the weight's shape: a view of one element, not a second copy
+            self.shape_only = torch.zeros((), dtype=torch.int8).expand(self.n, k)
+        else:
+            self.packed = prepack(wq, w_scale)
+            self.ones = torch.ones(self.n)  # the C++ epilogue's scales (fbgemm applied the real ones)
+        entry = copy.copy(self)  # the same tensors without the token: an entry holding it would never be freed
         self.token = torch.empty(0)
-        _packs[id(self.token)] = self.packed
+        _packs[id(self.token)] = entry
         weakref.finalize(self.token, _packs.pop, id(self.token), None)
 
 
 def w8a8_impl(weight: PackedWeight, smooth: Optional[Tensor], bias: Optional[Tensor]) -> Callable[[Tensor], Tensor]:
     """``x -> y`` for a layer; eager calls run directly, traced ones through the opaque op."""
-    packed, token, n = weight.packed, weight.token, weight.n
+    token, n = weight.token, weight.n
     bias32 = None if bias is None else bias.float().contiguous()
-    ones = torch.ones(n)  # the C++ epilogue's per-channel scales (fbgemm applied the real ones)
 
     def call(x: Tensor) -> Tensor:
         if x.shape[0] == 0:
             return x.new_empty((0, n))
         if torch.compiler.is_compiling():
             return w8a8_fbgemm(x, token, n, smooth, bias32)
-        return run(x, packed, smooth, bias32, x.dtype, ones)
+        return run(x, weight, smooth, bias32, x.dtype)
 
     call.approximate = True  # type: ignore[attr-defined]  (rounds within error_bound, not bit-exact)
     return call

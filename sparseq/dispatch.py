@@ -3,7 +3,7 @@
 Resolution happens once per layer, device and M bucket (outside the hot path) and is cached
 by the layer; a tuned table written by ``sparseq tune`` overrides the shipped defaults.
 Backends: ``triton`` (sparseq.kernels), ``cutlass`` (sparseq._C*), ``onednn`` (PyTorch's CPU
-int8 GEMM, ``sparseq.cpu_ops``), ``fbgemm`` (PyTorch's dynamic int8 linear, ``sparseq.cpu_fbgemm``),
+int8 GEMM, ``sparseq.cpu_ops``), ``fbgemm`` (fbgemm's int8 GEMM, ``sparseq.cpu_fbgemm``),
 ``int8pack`` (PyTorch's int8 weight-only kernel), ``dense`` (F.linear on a dense copy of the weight: the "never
 slower than dense" fallback) and ``reference``. On the CPU the shipped table's ``cpu`` section
 applies (x86 has no sparse instructions: 2:4 runs dense; W8A8 runs oneDNN), then ``dense``, then
@@ -147,15 +147,18 @@ def tuned_key(op: str, n: int, k: int, dtype: torch.dtype, capability: Tuple[int
 
 def cpu_table() -> dict:
     """The shipped table's CPU sections in force here: as measured with ``sparseq._C_cpu`` (the
-    one-pass W8A8 quantization and epilogue), or, where that extension is not built, its
-    ``cpu_torch_ops`` overrides (the same arithmetic in torch ops costs more per call, so int8
-    kernels start at larger layers)."""
-    from . import cpu_kernels
+    one-pass W8A8 quantization and epilogue) and fbgemm's packed GEMM; where that extension is
+    not built, its ``cpu_torch_ops`` overrides (the same arithmetic in torch ops costs more per
+    call, so int8 kernels start at larger layers); where fbgemm runs its ``linear_dynamic`` form
+    (``sparseq.cpu_fbgemm.default_form``), its ``cpu_linear_dynamic`` overrides."""
+    from . import cpu_fbgemm, cpu_kernels
 
     table = _load("default")
-    if cpu_kernels.available():
-        return table
-    return {**table, **table.get("cpu_torch_ops", {})}
+    if not cpu_kernels.available():
+        return {**table, **table.get("cpu_torch_ops", {})}
+    if cpu_fbgemm.default_form() != "packed_gemm":  # fbgemm's slower form: its own thresholds
+        return {**table, **table.get("cpu_linear_dynamic", {})}
+    return table
 
 
 def cpu_splits(bucket: str) -> Tuple[int, ...]:
@@ -243,6 +246,7 @@ def preferences(op: str, n: int, k: int, dtype: torch.dtype, device: torch.devic
             min_nk = fast_table.get("min_nk", {})
             if one_thread:
                 min_nk = _merged(min_nk, fast_table.get("min_nk_one_thread", {}))
+            max_nk = _merged(max_nk, fast_table.get("max_nk", {}))  # e.g. fbgemm: oneDNN wins on large layers
         fast = [b for b in per_op if part_of(min_nk.get(b, {}), 0) <= n * k <= part_of(max_nk.get(b, {}), n * k)]
         return list(dict.fromkeys(fast + ["dense", "reference"]))
     if device.type != "cuda":

@@ -1,4 +1,4 @@
-"""The ``fast`` CPU numerics: fbgemm's dynamic int8 linear for W8A8 layers (``sparseq.cpu_fbgemm``)
+"""The ``fast`` CPU numerics: fbgemm's int8 GEMM (both forms) for W8A8 layers (``sparseq.cpu_fbgemm``)
 and the float-activation dense bucket, held to ``cpu_fbgemm.error_bound``; ``exact`` numerics
 bit-identical to the reference; the dispatch choices of both modes."""
 from __future__ import annotations
@@ -15,6 +15,10 @@ from sparseq.nn import Int8Linear, Sparse24Int8Linear
 needs_fbgemm = pytest.mark.skipif(bool(cpu_fbgemm.unavailable_reason()),
                                   reason=cpu_fbgemm.unavailable_reason() or "ok")
 CPU = torch.device("cpu")
+FORMS = [pytest.param(form, marks=pytest.mark.skipif(
+    bool(cpu_fbgemm.packed_gemm_unavailable_reason()) if form == "packed_gemm" else False,
+    reason=cpu_fbgemm.packed_gemm_unavailable_reason() or "ok")) for form in cpu_fbgemm.FORMS]
+"""Both forms of the fbgemm GEMM, each where it runs (``packed_gemm`` needs VNNI and sparseq._C_cpu)."""
 
 
 def _activations(m: int, k: int, seed: int) -> torch.Tensor:
@@ -37,15 +41,18 @@ def _ref(x, wq, ws, smooth, bias):
 
 
 @needs_fbgemm
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("m,n,k", [(1, 64, 48), (5, 96, 384), (16, 384, 384), (33, 130, 250), (64, 256, 1024)])
 @pytest.mark.parametrize("smooth", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fbgemm_within_its_bound_of_the_reference(m, n, k, smooth, bias):
+def test_fbgemm_within_its_bound_of_the_reference(form, m, n, k, smooth, bias):
     x = _activations(m, k, seed=m + n)
     wq, ws = _weight(n, k, seed=k)
     s = torch.rand(k, generator=torch.Generator().manual_seed(1)) + 0.5 if smooth else None
     b = torch.randn(n) if bias else None
-    y = cpu_fbgemm.run(x, cpu_fbgemm.prepack(wq, ws), s, b, torch.float32)
+    weight = cpu_fbgemm.PackedWeight(wq, ws, form=form)
+    assert weight.form == form
+    y = cpu_fbgemm.run(x, weight, s, b, torch.float32)
     want = _ref(x, wq, ws, s, b)
     err = (y - want).abs()
     bound = cpu_fbgemm.error_bound(x, wq, ws, s, b)
@@ -64,8 +71,58 @@ def test_the_bound_rejects_per_tensor_quantization():
     assert bad.any()
 
 
+@pytest.mark.skipif(bool(cpu_fbgemm.packed_gemm_unavailable_reason()),
+                    reason=cpu_fbgemm.packed_gemm_unavailable_reason() or "ok")
+def test_the_bound_rejects_the_packed_gemm_on_raw_activations():
+    """The same negative control for the ``packed_gemm`` form: its GEMM on the raw rows, the
+    per-channel scales applied after, breaks the bound; the normalised run keeps it."""
+    x = _activations(16, 384, seed=3)
+    wq, ws = _weight(256, 384, seed=4)
+    w = cpu_fbgemm.PackedWeight(wq, ws, form="packed_gemm")
+    plain = cpu_fbgemm._packed_gemm()(x, w.shape_only, w.packed, w.col_offsets, 1.0, 0, w.zeros) * ws
+    bound = cpu_fbgemm.error_bound(x, wq, ws, None, None)
+    want = _ref(x, wq, ws, None, None)
+    assert ((plain - want).abs() > bound).any()
+    assert ((cpu_fbgemm.run(x, w, None, None, torch.float32) - want).abs() <= bound).all()
+
+
+def test_packed_weight_forms():
+    wq, ws = _weight(8, 16, seed=0)
+    with pytest.raises(ValueError, match="form must be one of"):
+        cpu_fbgemm.PackedWeight(wq, ws, form="onednn")
+    assert cpu_fbgemm.default_form() == ("linear_dynamic" if cpu_fbgemm.packed_gemm_unavailable_reason()
+                                         else "packed_gemm")
+    if cpu_fbgemm.packed_gemm_unavailable_reason():
+        with pytest.raises(RuntimeError, match="does not run here"):
+            cpu_fbgemm.PackedWeight(wq, ws, form="packed_gemm")
+    else:
+        w = cpu_fbgemm.PackedWeight(wq, ws)
+        assert w.form == "packed_gemm" and w.shape_only.shape == (8, 16) and w.shape_only.stride() == (0, 0)
+        assert torch.equal(w.col_offsets, wq.sum(dim=1, dtype=torch.int32))
+
+
 @needs_fbgemm
-def test_non_finite_and_zero_rows():
+def test_no_deprecation_warning_reaches_the_user(tmp_path):
+    """torch warns once that the packed GEMM is deprecated: the warning is consumed when the
+    weight is packed, never shown (a fresh process, warnings as errors)."""
+    import subprocess
+    import sys
+
+    code = ("import torch, sparseq\n"
+            "from sparseq.nn import Int8Linear\n"
+            "layer = Int8Linear.from_linear(torch.nn.Linear(1024, 2048))\n"
+            "with torch.no_grad():\n"
+            "    for m in (1, 4, 16):\n"
+            "        layer(torch.randn(m, 1024))\n"
+            "print(sorted(set(layer.backends.values())))\n")
+    done = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "fbgemm" in done.stdout
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("form", FORMS)
+def test_non_finite_and_zero_rows(form):
     x = _activations(6, 128, seed=5)
     x[1, 3] = float("nan")
     x[2, 7] = float("inf")
@@ -73,13 +130,13 @@ def test_non_finite_and_zero_rows():
     x[4] = 0.0
     wq, ws = _weight(64, 128, seed=6)
     b = torch.randn(64)
-    y = cpu_fbgemm.run(x, cpu_fbgemm.prepack(wq, ws), None, b, torch.float32)  # fbgemm alone raises on NaN
+    packed = cpu_fbgemm.PackedWeight(wq, ws, form=form)
+    y = cpu_fbgemm.run(x, packed, None, b, torch.float32)  # fbgemm alone raises on NaN or gives garbage
     assert not torch.isfinite(y[1:4]).any(dim=1).any()  # whole rows non-finite
     assert torch.equal(y[4], b)
     ok = [0, 5]
     assert ((y[ok] - _ref(x[ok], wq, ws, None, b)).abs() <= cpu_fbgemm.error_bound(x[ok], wq, ws, None, b)).all()
-    packed = cpu_fbgemm.prepack(wq, ws)
-    for i in (1, 2, 3):  # one row alone (the decode path hands a finite row to fbgemm as it is)
+    for i in (1, 2, 3):  # one row alone (linear_dynamic's decode path hands a finite row to fbgemm as it is)
         assert not torch.isfinite(cpu_fbgemm.run(x[i:i + 1], packed, None, b, torch.float32)).any()
     assert torch.equal(cpu_fbgemm.run(x[4:5], packed, None, b, torch.float32)[0], b)
 
@@ -97,8 +154,12 @@ def test_prepack_restores_the_quantized_engine():
         torch.backends.quantized.engine = before
 
 
-_FBGEMM_2_16 = "M<8: fbgemm; M>=8: onednn" if cpu_kernels.available() else "fbgemm"
-"""A 2048x1024 dynamic W8A8 layer's backend in the M bucket 2-16 (split at 8 with sparseq._C_cpu)."""
+_FBGEMM_TO = (17 if not cpu_kernels.available() else 10 if cpu_fbgemm.default_form() == "packed_gemm" else 8)
+"""From this M a 2048x1024 dynamic W8A8 layer runs oneDNN instead of fbgemm: fbgemm's packed GEMM
+wins to M = 9 on it (the table's max_nk), linear_dynamic to M = 7; without sparseq._C_cpu the
+torch-ops quantization makes fbgemm win to M = 16."""
+_FBGEMM_2_16 = f"M<{_FBGEMM_TO}: fbgemm; M>={_FBGEMM_TO}: onednn" if _FBGEMM_TO < 17 else "fbgemm"
+"""That layer's backend in the M bucket 2-16 (split at 8 and 10 with sparseq._C_cpu)."""
 
 
 def _layers(k=1024, n=2048):
@@ -122,10 +183,8 @@ def test_fast_numerics_dispatch_and_bounds():
                     y = layer(xm)
                 backend = layer.backends[(CPU, dispatch.bucket_of(m), torch.float32)]
                 static = name.endswith("static")
-                # 2048x1024: fbgemm below M = 8 (dynamic scales), the exact oneDNN path from there
-                # (with sparseq._C_cpu; without it, its torch-ops quantization makes fbgemm win to M = 16)
-                fbgemm_to = 8 if cpu_kernels.available() else 17
-                runs = "onednn" if static or m >= fbgemm_to else "fbgemm"
+                # 2048x1024: fbgemm below _FBGEMM_TO (dynamic scales), the exact oneDNN path from there
+                runs = "onednn" if static or m >= _FBGEMM_TO else "fbgemm"
                 if m == 1 or m >= 17 or static:
                     assert backend == runs, (name, m, backend)
                 else:
@@ -194,7 +253,12 @@ def test_small_dynamic_layer_at_m1_runs_dense_without_quantizing():
 def test_bf16_layers_follow_the_bf16_table():
     small = Int8Linear.from_linear(torch.nn.Linear(384, 384)).to(torch.bfloat16)
     big = Int8Linear.from_linear(torch.nn.Linear(1024, 1024)).to(torch.bfloat16)
-    if cpu_kernels.available():  # oneDNN's exact int8 GEMM beats AMX bf16 from 2**17 at M < 8 (one thread: to 64)
+    if cpu_kernels.available() and cpu_fbgemm.default_form() == "packed_gemm":
+        # fbgemm's packed GEMM beats AMX bf16 dense from 2**17 to M = 9 (with one thread to 16, and
+        # on 1024x1024 with two); oneDNN's exact path from M = 17 on 1024x1024
+        cases = ((small, 16, "M<10: fbgemm; M>=10: fbgemm (1 thread) / dense"), (small, 1, "fbgemm"),
+                 (big, 1, "fbgemm"), (big, 16, "fbgemm"), (big, 64, "onednn"), (small, 64, "dense"))
+    elif cpu_kernels.available():  # oneDNN's exact int8 GEMM beats AMX bf16 from 2**17 at M < 8 (one thread: to 64)
         cases = ((small, 16, "M<8: onednn; M>=8: onednn (1 thread) / dense"), (small, 1, "fbgemm"),
                  (big, 1, "fbgemm"), (big, 16, "onednn"), (small, 64, "dense"))
     else:
@@ -282,10 +346,11 @@ def test_threads_and_thread_counts_give_the_same_outputs(race):
 
 @needs_fbgemm
 def test_m1_backend_follows_the_thread_count():
-    """1536x384 at M = 1: fbgemm with one intra-op thread (2.5x dense measured), the dense GEMV
-    with more (at 2 threads its weight fits the cores' L2 halves: fbgemm was 0.66x of it); the
+    """768x384 at M = 1 (N*K between the one-thread and two-thread thresholds, 2**18 and 2**19
+    with fbgemm's packed GEMM; 2**18 and 2**20 with linear_dynamic): fbgemm with one intra-op
+    thread, the dense GEMV with more (at 2 threads a small weight fits the cores' L2 halves); the
     layer switches per call, both within the bound."""
-    layer = Int8Linear.from_linear(torch.nn.Linear(384, 1536))
+    layer = Int8Linear.from_linear(torch.nn.Linear(384, 768))
     x = _activations(1, 384, seed=2)
     threads = torch.get_num_threads()
     with torch.no_grad():
@@ -301,6 +366,6 @@ def test_m1_backend_follows_the_thread_count():
     assert not torch.equal(one, two)  # fbgemm rounded the activations
     testing.assert_layer_close(layer, x, one)
     testing.assert_layer_close(layer, x, two)
-    pref = dispatch.preferences("int8_mm", 1536, 384, torch.float32, CPU, 1, one_thread=True)
+    pref = dispatch.preferences("int8_mm", 768, 384, torch.float32, CPU, 1, one_thread=True)
     assert pref[0] == "fbgemm"
-    assert dispatch.preferences("int8_mm", 1536, 384, torch.float32, CPU, 1) == ["dense", "reference"]
+    assert dispatch.preferences("int8_mm", 768, 384, torch.float32, CPU, 1) == ["dense", "reference"]

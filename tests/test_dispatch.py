@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from sparseq import cpu_kernels, dispatch
+from sparseq import cpu_fbgemm, cpu_kernels, dispatch, testing
 
 
 @pytest.mark.parametrize("m, bucket", [(1, 0), (2, 1), (16, 1), (17, 2), (64, 2), (65, 3), (256, 3),
@@ -40,13 +40,57 @@ def _cpu_pref(op):
         op, n, k, dtype, torch.device("cpu"), m, one_thread)
 
 
-@pytest.mark.skipif(not cpu_kernels.available(), reason=cpu_kernels.unavailable_reason() or "ok")
+needs_packed_gemm = pytest.mark.skipif(bool(cpu_fbgemm.packed_gemm_unavailable_reason()),
+                                       reason=cpu_fbgemm.packed_gemm_unavailable_reason() or "ok")
+
+
+@needs_packed_gemm
 def test_cpu_preferences_fast_numerics():
-    """The default "fast" numerics with sparseq._C_cpu: fbgemm at M = 1 and below M = 8 on mid-size
-    layers, the exact oneDNN path from M = 8 (small layers from M = 10), dense where no int8 path wins; bf16 by its own
-    section; thresholds lower with one intra-op thread."""
+    """The default "fast" numerics with sparseq._C_cpu and fbgemm's packed GEMM: fbgemm at M = 1
+    from mid-size layers and at M = 8-16 from small ones (up to 2**22 / 2**20 N*K), the exact
+    oneDNN path beyond and from M = 17, dense where no int8 path wins; bf16 by its own section;
+    thresholds lower with one intra-op thread (benchmarks/results/cpu-*/cpu_kernels.csv)."""
     import sparseq
 
+    with sparseq.cpu_numerics("fast"):
+        for op in ("int8_mm", "sparse24_int8_mm"):
+            pref = _cpu_pref(op)
+            assert pref(384, 384, 1) == ["dense", "reference"]
+            assert pref(1536, 384, 1) == ["fbgemm", "dense", "reference"]
+            assert pref(1536, 384, 1, one_thread=True) == ["fbgemm", "onednn", "dense", "reference"]
+            assert pref(2048, 1024, 1) == pref(2048, 1024, 7) == ["fbgemm", "onednn", "dense", "reference"]
+            assert pref(1536, 384, 7) == ["dense", "reference"]
+            assert pref(1536, 384, 7, one_thread=True) == ["fbgemm", "onednn", "dense", "reference"]
+            assert pref(1536, 384, 8) == pref(1536, 384, 16) == ["fbgemm", "onednn", "dense", "reference"]
+            assert pref(384, 384, 7) == pref(64, 64, 16) == ["dense", "reference"]
+            assert pref(384, 384, 9) == ["fbgemm", "dense", "reference"]
+            assert pref(384, 384, 10) == pref(384, 384, 16) == ["fbgemm", "onednn", "dense", "reference"]
+            assert pref(2048, 2048, 9) == ["fbgemm", "onednn", "dense", "reference"]
+            assert pref(2048, 2048, 10) == pref(4096, 4096, 8) == ["onednn", "dense", "reference"]
+            assert pref(384, 384, 17) == pref(384, 384, 64) == ["onednn", "dense", "reference"]
+            assert pref(64, 64, 64) == ["dense", "reference"]
+            assert pref(64, 64, 256) == pref(4096, 4096, 4096) == ["onednn", "dense", "reference"]
+            assert pref(384, 384, 1, torch.bfloat16) == pref(384, 384, 4, torch.bfloat16) \
+                == ["fbgemm", "onednn", "dense", "reference"]
+            assert pref(384, 384, 16, torch.bfloat16) == ["dense", "reference"]
+            assert pref(384, 384, 16, torch.bfloat16, True) == ["fbgemm", "onednn", "dense", "reference"]
+            assert pref(1024, 1024, 16, torch.bfloat16) == ["fbgemm", "onednn", "dense", "reference"]
+            assert pref(2048, 2048, 16, torch.bfloat16) == ["onednn", "dense", "reference"]
+            assert pref(1024, 1024, 64, torch.bfloat16) == ["onednn", "dense", "reference"]
+            assert pref(1024, 1024, 256, torch.bfloat16) == ["dense", "reference"]
+            assert pref(2048, 2048, 256, torch.bfloat16) == ["onednn", "dense", "reference"]
+        # other ops keep the "cpu" section
+        assert dispatch.preferences("sparse24_mm", 64, 64, torch.float32, torch.device("cpu"), 1) == ["dense", "reference"]
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason=cpu_kernels.unavailable_reason() or "ok")
+def test_cpu_preferences_with_fbgemms_linear_dynamic_form(monkeypatch):
+    """Where fbgemm runs linear_dynamic (no VNNI, or a torch without the packed GEMM), the
+    cpu_linear_dynamic table: fbgemm only at M = 1 and below M = 8 on mid-size layers, the
+    exact path from M = 8 (small layers from M = 10)."""
+    import sparseq
+
+    monkeypatch.setattr(cpu_fbgemm, "default_form", lambda: "linear_dynamic")
     with sparseq.cpu_numerics("fast"):
         for op in ("int8_mm", "sparse24_int8_mm"):
             pref = _cpu_pref(op)
@@ -57,18 +101,8 @@ def test_cpu_preferences_fast_numerics():
             assert pref(1536, 384, 8) == pref(1536, 384, 16) == ["onednn", "fbgemm", "dense", "reference"]
             assert pref(384, 384, 9) == pref(64, 64, 16) == ["dense", "reference"]
             assert pref(384, 384, 10) == pref(384, 384, 16) == ["onednn", "dense", "reference"]
-            assert pref(384, 384, 17) == pref(384, 384, 64) == ["onednn", "dense", "reference"]
-            assert pref(64, 64, 64) == ["dense", "reference"]
-            assert pref(64, 64, 256) == pref(4096, 4096, 4096) == ["onednn", "dense", "reference"]
-            assert pref(384, 384, 1, torch.bfloat16) == ["fbgemm", "onednn", "dense", "reference"]
             assert pref(384, 384, 4, torch.bfloat16) == ["onednn", "dense", "reference"]
             assert pref(384, 384, 16, torch.bfloat16) == ["dense", "reference"]
-            assert pref(384, 384, 16, torch.bfloat16, True) == ["onednn", "dense", "reference"]
-            assert pref(1024, 1024, 64, torch.bfloat16) == ["onednn", "dense", "reference"]
-            assert pref(1024, 1024, 256, torch.bfloat16) == ["dense", "reference"]
-            assert pref(2048, 2048, 256, torch.bfloat16) == ["onednn", "dense", "reference"]
-        # other ops keep the "cpu" section
-        assert dispatch.preferences("sparse24_mm", 64, 64, torch.float32, torch.device("cpu"), 1) == ["dense", "reference"]
 
 
 def test_cpu_preferences_without_the_cpu_extension(monkeypatch):
@@ -113,14 +147,14 @@ def test_cpu_tables_cover_every_part_of_every_bucket():
     """Each CPU list is keyed by a bucket or by runs of consecutive parts of a split bucket (never
     by a range that cuts a part), and every part of every bucket finds a list."""
     table = dispatch._load("default")
-    for variant in (table, {**table, **table["cpu_torch_ops"]}):
+    for variant in (table, {**table, **table["cpu_torch_ops"]}, {**table, **table["cpu_linear_dynamic"]}):
         allowed, parts = _part_keys(variant.get("cpu_split", {}))
         for dtype, section in variant["cpu_fast"].items():
             for op, lists in section["ops"].items():
                 assert set(lists) <= allowed, (dtype, op)
                 for bucket, part in parts:
                     assert dispatch.by_part(lists, bucket, part, None) is not None, (dtype, op, part)
-            for rule in ("min_nk", "min_nk_one_thread"):
+            for rule in ("min_nk", "min_nk_one_thread", "max_nk"):
                 for backend, by_key in section.get(rule, {}).items():
                     assert set(by_key) <= allowed, (dtype, rule, backend)
 
@@ -137,22 +171,29 @@ def test_cpu_parts_and_their_lookup():
     assert dispatch.by_part({"2-16": "x"}, "2-16", "8-9", None) == "x" and dispatch.by_part({}, "2-16", "8-9", 0) == 0
 
 
-def test_w8a8_layers_switch_on_three_parts_of_the_small_bucket():
-    """384x384 fp32 W8A8: dense below M = 10 (a GEMV of this size beats the int8 path's fixed
-    cost), the exact int8 path from M = 10 (1.06-1.37x dense at 1 and 2 threads)."""
+@needs_packed_gemm
+def test_w8a8_layers_switch_on_parts_of_the_small_bucket():
+    """fp32 W8A8 in the M bucket 2-16: 384x384 runs dense below M = 8 (a GEMV of this size beats
+    fbgemm's fixed cost: 0.64-0.91x at M = 2-4) and fbgemm from M = 8 (1.16-1.90x dense at 1 and
+    2 threads); 2048x2048 fbgemm below M = 10 and the exact oneDNN path from there (measured
+    9.34 vs 8.95x dense at M = 10, 1 thread)."""
     import sparseq
     from sparseq.testing import check_layer_close, runs_dense_bucket
 
-    layer = sparseq.Int8Linear.from_linear(torch.nn.Linear(384, 384))
-    if not cpu_kernels.available():
-        pytest.skip(cpu_kernels.unavailable_reason())
+    small = sparseq.Int8Linear.from_linear(torch.nn.Linear(384, 384))
+    big = sparseq.Int8Linear.from_linear(torch.nn.Linear(2048, 2048))
     with sparseq.cpu_numerics("fast"):
-        assert layer.prepare(torch.device("cpu"))["2-16"] == "M<10: dense; M>=10: onednn"
+        assert small.prepare(torch.device("cpu"))["2-16"] == "M<8: dense; M>=8: fbgemm"
+        assert big.prepare(torch.device("cpu"))["2-16"] == "M<10: fbgemm; M>=10: onednn"
         with torch.inference_mode():
-            for m in (2, 8, 9, 10, 16):
+            for m in (2, 7, 8, 9, 10, 16):
                 x = torch.randn(m, 384)
-                assert runs_dense_bucket(layer, x) == (m < 10)
-                assert check_layer_close(layer, x) is None
+                assert runs_dense_bucket(small, x) == (m < 8)
+                assert testing.is_approximate(small, x)  # the dense bucket of the fast numerics rounds too
+                assert check_layer_close(small, x) is None
+                xb = torch.randn(m, 2048)
+                assert testing.is_approximate(big, xb) == (m < 10)  # oneDNN's path is exact
+                assert check_layer_close(big, xb) is None
 
 
 def test_default_table_covers_every_op_and_bucket():

@@ -230,7 +230,7 @@ class _W8A8Mixin:
         return cpu_ops.w8a8_impl(packed, self.w_scale, self.smooth, self.x_scale, self.bias)
 
     def _fbgemm_impl(self, device: torch.device) -> Optional[Impl]:
-        """fbgemm's dynamic int8 linear (``sparseq.cpu_fbgemm``) on the int8 weight, packed once;
+        """fbgemm's int8 GEMM (``sparseq.cpu_fbgemm``) on the int8 weight, packed once;
         None for static activation scales (fbgemm picks its own) and off the CPU."""
         if device.type != "cpu" or self.x_scale is not None:
             return None
