@@ -161,7 +161,7 @@ def run(x: Tensor, weight: "PackedWeight", smooth: Optional[Tensor], bias: Optio
 
 
 def _normalized(x: Tensor, smooth: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """``(u [M, K], amax [M])``: the rows of ``x / smooth`` divided by their max ``|x|``, NaN and
+    """``(u [M, K], amax [M])``: the rows of ``x / smooth`` times ``1 / max |x|`` (theirs), NaN and
     +-Inf zeroed (fbgemm cannot take them); the row's ``amax`` (0, Inf or NaN) then gives the
     reference's output for such rows: the bias, or not finite. One C++ pass where it runs."""
     done = cpu_kernels.normalize_rows(x.contiguous(), smooth)
@@ -169,7 +169,7 @@ def _normalized(x: Tensor, smooth: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         return done
     xs = x.float() if smooth is None else x.float() / smooth
     amax = xs.abs().amax(dim=1) if xs.shape[1] else xs.new_zeros(xs.shape[0])
-    return torch.nan_to_num_(xs / amax[:, None], 0.0, 0.0, 0.0), amax
+    return torch.nan_to_num_(xs * (1.0 / amax)[:, None], 0.0, 0.0, 0.0), amax
 
 
 def _scale_back(y: Tensor, amax: Tensor, bias: Optional[Tensor]) -> Tensor:

@@ -107,7 +107,7 @@ def int8_weight_only(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tens
 
 def normalize_rows(x: Tensor, smooth: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
     """``(u fp32 [M, K], amax fp32 [M])``: ``amax`` = each row's max ``|x / smooth|`` (NaN where
-    the row holds one), ``u = (x / smooth) / amax`` with NaN and +-Inf zeroed, in one C++ pass
+    the row holds one), ``u = (x / smooth) * (1 / amax)`` with NaN and +-Inf zeroed, in one C++ pass
     (``sparseq.cpu_fbgemm``'s input to fbgemm, the same fp32 operations as its torch ops); None
     where the extension or these inputs are not supported."""
     if (not available() or x.dtype not in QUANTIZE_DTYPES or not x.is_contiguous() or x.dim() != 2

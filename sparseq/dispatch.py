@@ -162,8 +162,8 @@ def cpu_table() -> dict:
 
 
 def cpu_splits(bucket: str) -> Tuple[int, ...]:
-    """The Ms at which the CPU tables split ``bucket`` into parts (``"2-16"`` at 8 and 10: parts
-    ``"2-7"``, ``"8-9"``, ``"10-16"``), ascending; empty where it is not split. A dense GEMV of a
+    """The Ms at which the CPU tables split ``bucket`` into parts (``"2-16"`` at 4, 8 and 10: parts
+    ``"2-3"``, ``"4-7"``, ``"8-9"``, ``"10-16"``), ascending; empty where it is not split. A dense GEMV of a
     small layer beats an int8 GEMM's fixed cost at M = 2 but not at M = 16; the layer then
     switches per call on M. (The JSON holds one M or a list.)"""
     value = cpu_table().get("cpu_split", {}).get(bucket)

@@ -137,7 +137,7 @@ def _normalize_with_torch_ops(x, smooth):
     """What sparseq/cpu_fbgemm.py computes in torch ops before fbgemm."""
     xs = x.float() if smooth is None else x.float() / smooth
     amax = xs.abs().amax(dim=1) if xs.shape[1] else xs.new_zeros(xs.shape[0])
-    return torch.nan_to_num_(xs / amax[:, None], 0.0, 0.0, 0.0), amax
+    return torch.nan_to_num_(xs * (1.0 / amax)[:, None], 0.0, 0.0, 0.0), amax
 
 
 @needs_extension

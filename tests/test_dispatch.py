@@ -46,8 +46,9 @@ needs_packed_gemm = pytest.mark.skipif(bool(cpu_fbgemm.packed_gemm_unavailable_r
 
 @needs_packed_gemm
 def test_cpu_preferences_fast_numerics():
-    """The default "fast" numerics with sparseq._C_cpu and fbgemm's packed GEMM: fbgemm at M = 1
-    from mid-size layers and at M = 8-16 from small ones (up to 2**22 / 2**20 N*K), the exact
+    """The default "fast" numerics with sparseq._C_cpu and fbgemm's packed GEMM: fbgemm at M = 1-3
+    from mid-size layers and at M = 4-16 from small ones (with two threads; up to 2**22 / 2**20
+    N*K at M = 8-9 / 10-16), the exact
     oneDNN path beyond and from M = 17, dense where no int8 path wins; bf16 by its own section;
     thresholds lower with one intra-op thread (benchmarks/results/cpu-*/cpu_kernels.csv)."""
     import sparseq
@@ -59,10 +60,14 @@ def test_cpu_preferences_fast_numerics():
             assert pref(1536, 384, 1) == ["fbgemm", "dense", "reference"]
             assert pref(1536, 384, 1, one_thread=True) == ["fbgemm", "onednn", "dense", "reference"]
             assert pref(2048, 1024, 1) == pref(2048, 1024, 7) == ["fbgemm", "onednn", "dense", "reference"]
-            assert pref(1536, 384, 7) == ["dense", "reference"]
+            assert pref(1536, 384, 3) == ["dense", "reference"]
+            assert pref(1536, 384, 3, one_thread=True) == ["fbgemm", "onednn", "dense", "reference"]
+            assert pref(1536, 384, 4) == pref(1536, 384, 7) == ["fbgemm", "dense", "reference"]
             assert pref(1536, 384, 7, one_thread=True) == ["fbgemm", "onednn", "dense", "reference"]
+            assert pref(384, 384, 4) == ["fbgemm", "dense", "reference"]
+            assert pref(384, 384, 4, one_thread=True) == pref(384, 384, 3) == ["dense", "reference"]
             assert pref(1536, 384, 8) == pref(1536, 384, 16) == ["fbgemm", "onednn", "dense", "reference"]
-            assert pref(384, 384, 7) == pref(64, 64, 16) == ["dense", "reference"]
+            assert pref(384, 384, 7, one_thread=True) == pref(64, 64, 16) == ["dense", "reference"]
             assert pref(384, 384, 9) == ["fbgemm", "dense", "reference"]
             assert pref(384, 384, 10) == pref(384, 384, 16) == ["fbgemm", "onednn", "dense", "reference"]
             assert pref(2048, 2048, 9) == ["fbgemm", "onednn", "dense", "reference"]
@@ -162,33 +167,37 @@ def test_cpu_tables_cover_every_part_of_every_bucket():
 def test_cpu_parts_and_their_lookup():
     """A list keyed by a run of parts serves each of them; a narrower key wins; unsplit buckets
     and '>1024' are their own part."""
-    assert dispatch.cpu_parts("2-16") == [(2, 7), (8, 9), (10, 16)]
-    assert [dispatch.cpu_part("2-16", m) for m in (2, 7, 8, 9, 10, 16)] == ["2-7", "2-7", "8-9", "8-9", "10-16", "10-16"]
+    assert dispatch.cpu_parts("2-16") == [(2, 3), (4, 7), (8, 9), (10, 16)]
+    assert [dispatch.cpu_part("2-16", m) for m in (2, 3, 4, 7, 8, 9, 10, 16)] == \
+        ["2-3", "2-3", "4-7", "4-7", "8-9", "8-9", "10-16", "10-16"]
     assert dispatch.cpu_part("17-64", 20) == "17-64" and dispatch.cpu_part(">1024", 5000) == ">1024"
     d = {"2-7": "a", "8-16": "b", "10-16": "c", "17-64": "d", ">1024": "e"}
-    assert [dispatch.by_part(d, "2-16", p, None) for p in ("2-7", "8-9", "10-16")] == ["a", "b", "c"]
+    assert [dispatch.by_part(d, "2-16", p, None) for p in ("2-3", "4-7", "8-9", "10-16")] == ["a", "a", "b", "c"]
+    assert dispatch.by_part({**d, "4-7": "f"}, "2-16", "4-7", None) == "f"
     assert dispatch.by_part(d, "17-64", "17-64", None) == "d" and dispatch.by_part(d, ">1024", ">1024", None) == "e"
     assert dispatch.by_part({"2-16": "x"}, "2-16", "8-9", None) == "x" and dispatch.by_part({}, "2-16", "8-9", 0) == 0
 
 
 @needs_packed_gemm
 def test_w8a8_layers_switch_on_parts_of_the_small_bucket():
-    """fp32 W8A8 in the M bucket 2-16: 384x384 runs dense below M = 8 (a GEMV of this size beats
-    fbgemm's fixed cost: 0.64-0.91x at M = 2-4) and fbgemm from M = 8 (1.16-1.90x dense at 1 and
-    2 threads); 2048x2048 fbgemm below M = 10 and the exact oneDNN path from there (measured
-    9.34 vs 8.95x dense at M = 10, 1 thread)."""
+    """fp32 W8A8 in the M bucket 2-16: 384x384 runs dense below M = 4 (a GEMV of this size beats
+    fbgemm's fixed cost: 0.51-0.64x at M = 2), at M = 4-7 dense with one intra-op thread (0.91x)
+    and fbgemm with two (1.18x), fbgemm from M = 8 (1.16-1.90x dense at 1 and 2 threads);
+    2048x2048 fbgemm below M = 10 and the exact oneDNN path from there (measured 9.34 vs 8.95x
+    dense at M = 10, 1 thread)."""
     import sparseq
     from sparseq.testing import check_layer_close, runs_dense_bucket
 
     small = sparseq.Int8Linear.from_linear(torch.nn.Linear(384, 384))
     big = sparseq.Int8Linear.from_linear(torch.nn.Linear(2048, 2048))
     with sparseq.cpu_numerics("fast"):
-        assert small.prepare(torch.device("cpu"))["2-16"] == "M<8: dense; M>=8: fbgemm"
+        assert small.prepare(torch.device("cpu"))["2-16"] == "M<4: dense; M=4-7: dense (1 thread) / fbgemm; M>=8: fbgemm"
         assert big.prepare(torch.device("cpu"))["2-16"] == "M<10: fbgemm; M>=10: onednn"
         with torch.inference_mode():
-            for m in (2, 7, 8, 9, 10, 16):
+            one_thread = torch.get_num_threads() == 1
+            for m in (2, 3, 4, 7, 8, 9, 10, 16):
                 x = torch.randn(m, 384)
-                assert runs_dense_bucket(small, x) == (m < 8)
+                assert runs_dense_bucket(small, x) == (m < 4 or (m < 8 and one_thread))
                 assert testing.is_approximate(small, x)  # the dense bucket of the fast numerics rounds too
                 assert check_layer_close(small, x) is None
                 xb = torch.randn(m, 2048)

@@ -220,12 +220,14 @@ Tensor w8a8_epilogue_cpu(Tensor acc, Tensor x_scale, Tensor w_scale, std::option
   return y;
 }
 
-// u = (x / smooth) / amax with NaN and +-Inf -> 0, one row: fbgemm's input on the "fast" CPU path
-// (sparseq/cpu_fbgemm.py), every row in [-1, 1]. v - v is 0 only for finite v.
+// u = (x / smooth) * (1 / amax) with NaN and +-Inf -> 0, one row: fbgemm's input on the "fast" CPU
+// path (sparseq/cpu_fbgemm.py), every row in [-1, 1] (within an ulp). v - v is 0 only for finite v.
+// A multiply, not a division per element: vdivps took ~4 us of a 16 x 1536 batch on a Xeon.
 SPARSEQ_CLONES void row_normalize(const float* xs, int64_t k, float amax, float* u) {
+  const float inv = 1.0f / amax;  // 0 -> inf, inf -> 0, NaN -> NaN: such rows come out all zero
 #pragma omp simd
   for (int64_t j = 0; j < k; ++j) {
-    const float v = xs[j] / amax;
+    const float v = xs[j] * inv;
     u[j] = v - v == 0.0f ? v : 0.0f;
   }
 }
@@ -247,7 +249,7 @@ void normalize_rows(const Tensor& x, const float* smooth, Tensor& u, Tensor& ama
 }
 
 // (u fp32 [M, K], amax fp32 [M]) of x [M, K] (fp32, bf16 or fp16): amax = max |x / smooth| per
-// row (NaN where the row holds one), u = (x / smooth) / amax with NaN and +-Inf zeroed — what
+// row (NaN where the row holds one), u = (x / smooth) * (1 / amax) with NaN and +-Inf zeroed — what
 // sparseq/cpu_fbgemm.py computes in five torch ops before fbgemm's dynamic int8 linear.
 std::tuple<Tensor, Tensor> normalize_rows_cpu(Tensor x, std::optional<Tensor> smooth) {
   check_cpu_contiguous(x, "x");
