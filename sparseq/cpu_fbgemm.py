@@ -82,16 +82,21 @@ def default_form() -> str:
 
 
 def _self_test(form: str) -> str:
-    try:  # a tiny product, within the stated bound of the exact one
+    """A tiny product, within the stated bound of the exact one. It runs before any layer packs a
+    weight (:class:`PackedWeight` checks the form first), so PyTorch's one-time deprecation
+    warnings of the packed GEMM are consumed here, silently, and never reach the user."""
+    try:
         wq = torch.tensor([[1, -2, 3, 4], [127, -127, 5, 0]], dtype=torch.int8)
         x = torch.tensor([[1.0, -1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.5, 0.25, -2.0, 0.0]])
         scale = torch.tensor([1.0, 0.5])
-        weight = PackedWeight(wq, scale, form=form, checked=False)
         want = x @ (wq.float() * scale[:, None]).t()
-        for rows in (x, x[2:]):
-            y = run(rows, weight, None, None, torch.float32)
-            if not ((y - want[-len(rows):]).abs() <= error_bound(rows, wq, scale, None, None)).all():
-                return f"fbgemm int8 ({form}) self-test gave {y.tolist()}, expected {want.tolist()} within its bound"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            weight = PackedWeight(wq, scale, form=form, checked=False)
+            for rows in (x, x[2:]):
+                y = run(rows, weight, None, None, torch.float32)
+                if not ((y - want[-len(rows):]).abs() <= error_bound(rows, wq, scale, None, None)).all():
+                    return f"fbgemm int8 ({form}) self-test gave {y.tolist()}, expected {want.tolist()} within its bound"
     except Exception as e:  # noqa: BLE001
         return f"fbgemm int8 ({form}) self-test failed: {type(e).__name__}: {e}"
     return ""
@@ -189,15 +194,10 @@ def _packed_gemm():
 
 
 def _pack_matrix(wq: Tensor) -> Tensor:
-    """fbgemm's ``PackBMatrix`` of ``wq [N, K]`` (a tensor owning it), its one-time deprecation
-    warnings, and the GEMM's, consumed here silently on a tiny product."""
+    """fbgemm's ``PackBMatrix`` of ``wq [N, K]`` (a tensor owning it; its deprecation warning silenced)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        packed = torch.fbgemm_pack_quantized_matrix(wq.contiguous())
-        n, k = wq.shape
-        _packed_gemm()(torch.zeros(1, k), torch.zeros((), dtype=torch.int8).expand(n, k), packed,
-                       torch.zeros(n, dtype=torch.int32), 1.0, 0, torch.zeros(n))
-    return packed
+        return torch.fbgemm_pack_quantized_matrix(wq.contiguous())
 
 
 def error_bound(x: Tensor, wq: Tensor, w_scale: Tensor, smooth: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:

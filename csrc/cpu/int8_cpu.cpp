@@ -250,7 +250,7 @@ void normalize_rows(const Tensor& x, const float* smooth, Tensor& u, Tensor& ama
 
 // (u fp32 [M, K], amax fp32 [M]) of x [M, K] (fp32, bf16 or fp16): amax = max |x / smooth| per
 // row (NaN where the row holds one), u = (x / smooth) * (1 / amax) with NaN and +-Inf zeroed — what
-// sparseq/cpu_fbgemm.py computes in five torch ops before fbgemm's dynamic int8 linear.
+// sparseq/cpu_fbgemm.py computes in torch ops before fbgemm's GEMM where this extension is absent.
 std::tuple<Tensor, Tensor> normalize_rows_cpu(Tensor x, std::optional<Tensor> smooth) {
   check_cpu_contiguous(x, "x");
   STD_TORCH_CHECK(x.dim() == 2, "sparseq normalize_rows_cpu: x must be 2-D [M, K], got ", shape_of(x));
