@@ -81,10 +81,13 @@ def _cuda_backend_status() -> BackendStatus:
 
 
 def _onednn_status() -> BackendStatus:
-    from .cpu_ops import unavailable_reason
+    from . import cpu_ops
 
-    why = unavailable_reason()
-    return BackendStatus(not why, why or "oneDNN int8 GEMM (torch.ops.onednn) for W8A8 layers on this CPU")
+    why = cpu_ops.unavailable_reason()
+    if why:
+        return BackendStatus(False, why)
+    form = "int8 activations" if cpu_ops.signed_activations() else "activations offset to uint8 (zero point 128)"
+    return BackendStatus(True, f"oneDNN int8 GEMM (torch.ops.onednn) for W8A8 layers on this CPU, {form}")
 
 
 def _fbgemm_status() -> BackendStatus:
