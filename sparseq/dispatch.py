@@ -17,8 +17,10 @@ The M buckets are defined here, once; the Triton configs (``sparseq.kernels.conf
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+import platform
 import threading
 import warnings
 from importlib import resources
@@ -147,7 +149,8 @@ def tuned_key(op: str, n: int, k: int, dtype: torch.dtype, capability: Tuple[int
 
 def cpu_table() -> dict:
     """The shipped table's CPU sections in force here: as measured with ``sparseq._C_cpu`` (the
-    one-pass W8A8 quantization and epilogue) and fbgemm's packed GEMM; where that extension is
+    one-pass W8A8 quantization and epilogue) and fbgemm's packed GEMM, with this CPU vendor's
+    ``cpu_vendor`` section over them (:func:`cpu_vendor`); where that extension is
     not built, its ``cpu_torch_ops`` overrides (the same arithmetic in torch ops costs more per
     call, so int8 kernels start at larger layers); where fbgemm runs its ``linear_dynamic`` form
     (``sparseq.cpu_fbgemm.default_form``), its ``cpu_linear_dynamic`` overrides."""
@@ -158,7 +161,24 @@ def cpu_table() -> dict:
         return {**table, **table.get("cpu_torch_ops", {})}
     if cpu_fbgemm.default_form() != "packed_gemm":  # fbgemm's slower form: its own thresholds
         return {**table, **table.get("cpu_linear_dynamic", {})}
-    return table
+    return {**table, **table.get("cpu_vendor", {}).get(cpu_vendor(), {})}
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_vendor() -> str:
+    """This CPU's vendor (``GenuineIntel``, ``AuthenticAMD``; "" where unknown): the key of the
+    CPU tables' ``cpu_vendor`` sections. The same int8 kernels win at different sizes on
+    different cores (AMD Zen 4's dense GEMMs are slower next to its int8 ones than a Xeon's), so
+    the thresholds are measured per vendor; a vendor without a section keeps the Xeon's."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    processor = platform.processor()  # e.g. "Intel64 Family 6 ... GenuineIntel" on Windows
+    return next((v for v in ("GenuineIntel", "AuthenticAMD") if v in processor), "")
 
 
 def cpu_splits(bucket: str) -> Tuple[int, ...]:

@@ -44,8 +44,14 @@ needs_packed_gemm = pytest.mark.skipif(bool(cpu_fbgemm.packed_gemm_unavailable_r
                                        reason=cpu_fbgemm.packed_gemm_unavailable_reason() or "ok")
 
 
+@pytest.fixture
+def xeon_tables(monkeypatch):
+    """The tables of a CPU without a ``cpu_vendor`` section (the Xeon's), on any machine."""
+    monkeypatch.setattr(dispatch, "cpu_vendor", lambda: "GenuineIntel")
+
+
 @needs_packed_gemm
-def test_cpu_preferences_fast_numerics():
+def test_cpu_preferences_fast_numerics(xeon_tables):
     """The default "fast" numerics with sparseq._C_cpu and fbgemm's packed GEMM: fbgemm at M = 1-3
     from mid-size layers and at M = 4-16 from small ones (with two threads; up to 2**22 / 2**20
     N*K at M = 8-9 / 10-16), the exact
@@ -86,6 +92,48 @@ def test_cpu_preferences_fast_numerics():
             assert pref(2048, 2048, 256, torch.bfloat16) == ["onednn", "dense", "reference"]
         # other ops keep the "cpu" section
         assert dispatch.preferences("sparse24_mm", 64, 64, torch.float32, torch.device("cpu"), 1) == ["dense", "reference"]
+
+
+@needs_packed_gemm
+def test_cpu_preferences_on_amd(monkeypatch):
+    """AMD's section (measured on a Zen 4 EPYC, where dense GEMMs are slower next to the int8
+    ones): fbgemm to M = 16 from N*K = 2**17 (M = 1 with two threads from 2**18), at M = 17-64
+    with one thread up to 2**21; oneDNN there otherwise and from M = 65; dense for small layers;
+    bf16 alike; other ops and the
+    exact numerics keep the shared sections."""
+    import sparseq
+
+    monkeypatch.setattr(dispatch, "cpu_vendor", lambda: "AuthenticAMD")
+    with sparseq.cpu_numerics("fast"):
+        for op in ("int8_mm", "sparse24_int8_mm"):
+            pref = _cpu_pref(op)
+            both = ["fbgemm", "onednn", "dense", "reference"]
+            assert pref(384, 384, 1) == ["dense", "reference"] and pref(384, 384, 1, one_thread=True) == both
+            exact = ["onednn", "dense", "reference"]
+            assert pref(1536, 384, 1) == pref(384, 384, 2) == pref(384, 384, 16) == pref(2048, 2048, 16) == both
+            assert pref(384, 384, 64, one_thread=True) == pref(1024, 1024, 17, one_thread=True) == both
+            assert pref(384, 384, 64) == pref(1024, 1024, 17) == pref(384, 384, 64, torch.bfloat16) == exact
+            assert pref(2048, 2048, 17, one_thread=True) == pref(4096, 4096, 64) == pref(384, 384, 65) == exact
+            assert pref(64, 64, 1) == pref(64, 64, 16) == pref(64, 64, 64, torch.bfloat16) == ["dense", "reference"]
+            assert pref(384, 384, 16, torch.bfloat16) == pref(384, 384, 1, torch.bfloat16) == both
+            assert pref(1536, 384, 64, torch.bfloat16, True) == both
+            assert pref(384, 384, 256, torch.bfloat16) == pref(2048, 2048, 4096, torch.bfloat16) \
+                == ["onednn", "dense", "reference"]
+    with sparseq.cpu_numerics("exact"):  # the shared section
+        assert dispatch.preferences("int8_mm", 384, 384, torch.float32, torch.device("cpu"), 16) == \
+            ["onednn", "dense", "reference"]
+    assert dispatch.preferences("sparse24_mm", 2048, 2048, torch.float32, torch.device("cpu"), 16) == \
+        ["dense", "reference"]
+
+
+def test_cpu_vendor_is_read_from_cpuinfo():
+    vendor = dispatch.cpu_vendor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith("vendor_id")]
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    assert lines and vendor == lines[0].split(":", 1)[1].strip() and vendor
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason=cpu_kernels.unavailable_reason() or "ok")
@@ -152,7 +200,9 @@ def test_cpu_tables_cover_every_part_of_every_bucket():
     """Each CPU list is keyed by a bucket or by runs of consecutive parts of a split bucket (never
     by a range that cuts a part), and every part of every bucket finds a list."""
     table = dispatch._load("default")
-    for variant in (table, {**table, **table["cpu_torch_ops"]}, {**table, **table["cpu_linear_dynamic"]}):
+    variants = [table, {**table, **table["cpu_torch_ops"]}, {**table, **table["cpu_linear_dynamic"]}]
+    variants += [{**table, **section} for section in table["cpu_vendor"].values()]
+    for variant in variants:
         allowed, parts = _part_keys(variant.get("cpu_split", {}))
         for dtype, section in variant["cpu_fast"].items():
             for op, lists in section["ops"].items():
@@ -179,7 +229,7 @@ def test_cpu_parts_and_their_lookup():
 
 
 @needs_packed_gemm
-def test_w8a8_layers_switch_on_parts_of_the_small_bucket():
+def test_w8a8_layers_switch_on_parts_of_the_small_bucket(xeon_tables):
     """fp32 W8A8 in the M bucket 2-16: 384x384 runs dense below M = 4 (a GEMV of this size beats
     fbgemm's fixed cost: 0.51-0.64x at M = 2), at M = 4-7 dense with one intra-op thread (0.91x)
     and fbgemm with two (1.18x), fbgemm from M = 8 (1.16-1.90x dense at 1 and 2 threads);
