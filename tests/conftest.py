@@ -50,6 +50,15 @@ def exact_cpu_numerics():
         yield
 
 
+@pytest.fixture
+def xeon_tables(monkeypatch):
+    """The CPU dispatch tables of a CPU without a ``cpu_vendor`` section (the Xeon's, which the
+    tests asserting chosen backends were written against), on any machine."""
+    from sparseq import dispatch
+
+    monkeypatch.setattr(dispatch, "cpu_vendor", lambda: "GenuineIntel")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

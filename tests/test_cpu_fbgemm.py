@@ -12,6 +12,9 @@ import sparseq
 from sparseq import cpu_fbgemm, cpu_kernels, cpu_ops, dispatch, reference, testing
 from sparseq.nn import Int8Linear, Sparse24Int8Linear
 
+# the backends these tests expect are the Xeon's tables (AMD's: test_dispatch.test_cpu_preferences_on_amd)
+pytestmark = pytest.mark.usefixtures("xeon_tables")
+
 needs_fbgemm = pytest.mark.skipif(bool(cpu_fbgemm.unavailable_reason()),
                                   reason=cpu_fbgemm.unavailable_reason() or "ok")
 CPU = torch.device("cpu")

@@ -44,12 +44,6 @@ needs_packed_gemm = pytest.mark.skipif(bool(cpu_fbgemm.packed_gemm_unavailable_r
                                        reason=cpu_fbgemm.packed_gemm_unavailable_reason() or "ok")
 
 
-@pytest.fixture
-def xeon_tables(monkeypatch):
-    """The tables of a CPU without a ``cpu_vendor`` section (the Xeon's), on any machine."""
-    monkeypatch.setattr(dispatch, "cpu_vendor", lambda: "GenuineIntel")
-
-
 @needs_packed_gemm
 def test_cpu_preferences_fast_numerics(xeon_tables):
     """The default "fast" numerics with sparseq._C_cpu and fbgemm's packed GEMM: fbgemm at M = 1-3
