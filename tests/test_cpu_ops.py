@@ -162,7 +162,7 @@ def test_cpu_layers_run_their_fast_backend_and_match_the_dense_layer(fmt, dtype)
 @pytest.mark.parametrize("n,k", [(96, 256), (384, 1536), (17, 48), (16, 40)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("woq", [False, True])
-def test_weight_only_layers_read_int8_weights_in_bf16_at_m1(fmt, n, k, bias, woq, monkeypatch):
+def test_weight_only_layers_read_int8_weights_in_bf16_at_m1(fmt, n, k, bias, woq, monkeypatch, xeon_tables):
     """Without sparseq's own kernel (``cpu_woq``: no AVX-512, no extension), bf16 at M = 1:
     torch._weight_int8pack_mm on the int8 weight (``int8pack``), within the format's bound of the
     dense layer; fp32, larger M, a bias (rounded after the kernel's own rounding) and K not a

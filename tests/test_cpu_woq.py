@@ -178,7 +178,7 @@ def _layer(fmt: str, n: int, k: int, dtype: torch.dtype):
 
 @runs_here
 @pytest.mark.parametrize("fmt", ["int8_weight_only", "2:4+int8_weight_only"])
-def test_layers_dispatch_to_it_where_the_tables_say(fmt):
+def test_layers_dispatch_to_it_where_the_tables_say(fmt, xeon_tables):
     """fp32: M = 1, M = 2-16 on a MiniLM-sized layer with one intra-op thread (with more, its
     dense GEMV wins there: a per-call switch) and M = 17-64 (the lane kernel) with any;
     2048x2048 at M = 2-64 with any thread count; 384x384 dense from M = 2; bf16: M = 1-7, dense
@@ -222,7 +222,7 @@ def test_layers_fall_back_where_the_kernel_does_not_run(fmt, monkeypatch):
         check_layer_close(layer, torch.randn(3, 384))
 
 
-def test_tables_keep_large_bf16_layers_dense_from_m5():
+def test_tables_keep_large_bf16_layers_dense_from_m5(xeon_tables):
     """max_nk: bf16 cpu_woq only up to N*K = 2**21 in the 2-7 part (4096x4096 M = 5-7 lost)."""
     cpu = torch.device("cpu")
     prefs = dispatch.preferences("int8_weight_only_mm", 4096, 4096, torch.bfloat16, cpu, 4)

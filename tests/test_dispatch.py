@@ -93,7 +93,7 @@ def test_cpu_preferences_on_amd(monkeypatch):
     """AMD's section (measured on a Zen 4 EPYC, where dense GEMMs are slower next to the int8
     ones): fbgemm to M = 16 from N*K = 2**17 (M = 1 with two threads from 2**18), at M = 17-64
     with one thread up to 2**21; oneDNN there otherwise and from M = 65; dense for small layers;
-    bf16 alike; other ops and the
+    bf16 alike; int8 weight-only by its own thresholds (below); other ops and the
     exact numerics keep the shared sections."""
     import sparseq
 
@@ -113,6 +113,19 @@ def test_cpu_preferences_on_amd(monkeypatch):
             assert pref(1536, 384, 64, torch.bfloat16, True) == both
             assert pref(384, 384, 256, torch.bfloat16) == pref(2048, 2048, 4096, torch.bfloat16) \
                 == ["onednn", "dense", "reference"]
+    # int8 weight-only: fp32 cpu_woq to M = 64 from 2**17 at either thread count, bf16 to M = 6
+    # (the bucket 2-16 split at 7 too here), fp16 as on the Xeon
+    assert dispatch.cpu_parts("2-16") == [(2, 3), (4, 6), (7, 7), (8, 9), (10, 16)]
+    for op in ("int8_weight_only_mm", "sparse24_int8_weight_only_mm"):
+        pref = _cpu_pref(op)
+        woq = ["cpu_woq", "dense", "reference"]
+        for m in (2, 7, 16, 64):
+            assert pref(384, 384, m) == pref(384, 384, m, one_thread=True) == pref(4096, 4096, m) == woq
+            assert pref(64, 64, m) == ["dense", "reference"]
+        assert pref(384, 384, 65) == ["dense", "reference"]
+        assert pref(384, 384, 2, torch.bfloat16) == pref(4096, 4096, 6, torch.bfloat16, True) == woq
+        assert pref(384, 384, 7, torch.bfloat16) == pref(1536, 384, 16, torch.bfloat16) == ["dense", "reference"]
+        assert pref(1536, 384, 8, torch.float16) == woq and pref(1536, 384, 17, torch.float16) == ["dense", "reference"]
     with sparseq.cpu_numerics("exact"):  # the shared section
         assert dispatch.preferences("int8_mm", 384, 384, torch.float32, torch.device("cpu"), 16) == \
             ["onednn", "dense", "reference"]
@@ -208,7 +221,7 @@ def test_cpu_tables_cover_every_part_of_every_bucket():
                     assert set(by_key) <= allowed, (dtype, rule, backend)
 
 
-def test_cpu_parts_and_their_lookup():
+def test_cpu_parts_and_their_lookup(xeon_tables):
     """A list keyed by a run of parts serves each of them; a narrower key wins; unsplit buckets
     and '>1024' are their own part."""
     assert dispatch.cpu_parts("2-16") == [(2, 3), (4, 7), (8, 9), (10, 16)]
