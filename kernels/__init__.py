@@ -8,7 +8,24 @@ kernel module, and compiles nothing.
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import importlib.util
+import sys
+from pathlib import Path
 from typing import Dict, List
+
+if __name__ == "kernels":
+    # Imported as a top-level ``kernels``: this checkout's root is on sys.path (``python -m pytest``
+    # run from it, PYTHONPATH=<checkout>). A ``kernels`` installed elsewhere is Hugging Face's,
+    # which transformers >= 5.25 requires and imports with ``import transformers`` (else
+    # "cannot import name 'CUDAProperties' from 'kernels'"): that import gets it, not this folder.
+    _root = Path(__file__).resolve().parent.parent
+    _spec = importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if Path(p or ".").resolve() != _root])
+    if _spec is not None and _spec.loader is not None:
+        _module = importlib.util.module_from_spec(_spec)
+        sys.modules["kernels"] = _module
+        _spec.loader.exec_module(_module)
 
 TRITON_OPS: Dict[str, str] = {
     "quantize_per_token_triton": "sparseq.kernels.quantize",

@@ -118,3 +118,23 @@ def test_sass_facts_find_tensor_cores_in_loops_and_local_memory():
         "local memory: stack 24 B, 3 LDL/STL", "no tensor-core instruction (HMMA/IMMA/HGMMA/IGMMA) in the main loop"]
     assert Compiled("x", 80, 0, 64, 0, (), 0).problems(gemm=False) == []
     assert "no SASS" in Compiled("x", 80, 0, None, None).problems(gemm=False)[0]
+
+
+def test_a_checkout_on_sys_path_leaves_hugging_faces_kernels_package_alone():
+    """Run from this checkout's root (``python -m pytest``, PYTHONPATH=<checkout>), its ``kernels/``
+    folder must not stand in for Hugging Face's ``kernels`` package, which transformers >= 5.25
+    imports at ``import transformers``; ``sparseq.kernels`` stays this folder."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("Hugging Face's kernels package is not installed here")
+    code = ("import kernels, sparseq.kernels as ours\n"
+            "print(kernels.__file__)\nprint(ours.__file__)\nprint(hasattr(kernels, 'get_kernel'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=str(ROOT),
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    theirs, ours, api = out.stdout.split()
+    assert Path(ours).resolve() == (ROOT / "kernels" / "__init__.py").resolve()
+    assert Path(theirs).resolve() != Path(ours).resolve() and api == "True"
