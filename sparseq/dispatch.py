@@ -161,7 +161,22 @@ def cpu_table() -> dict:
         return {**table, **table.get("cpu_torch_ops", {})}
     if cpu_fbgemm.default_form() != "packed_gemm":  # fbgemm's slower form: its own thresholds
         return {**table, **table.get("cpu_linear_dynamic", {})}
-    return {**table, **table.get("cpu_vendor", {}).get(cpu_vendor(), {})}
+    return _with_vendor(table, table.get("cpu_vendor", {}).get(cpu_vendor(), {}))
+
+
+_BY_KEY = ("cpu_dtype", "cpu_min_nk", "cpu_min_nk_one_thread")
+"""Sections a vendor's section merges into entry by entry (per dtype, per backend): it states
+only the dtypes and backends measured differently there."""
+
+
+def _with_vendor(table: dict, section: dict) -> dict:
+    """``table`` with a ``cpu_vendor`` section over it: its sections replace the table's, but
+    those of :data:`_BY_KEY` replace only the entries (dtypes, backends) they name."""
+    merged = {**table, **section}
+    for key in _BY_KEY:
+        if key in section:
+            merged[key] = {**table.get(key, {}), **section[key]}
+    return merged
 
 
 @functools.lru_cache(maxsize=None)

@@ -208,7 +208,7 @@ def test_cpu_tables_cover_every_part_of_every_bucket():
     by a range that cuts a part), and every part of every bucket finds a list."""
     table = dispatch._load("default")
     variants = [table, {**table, **table["cpu_torch_ops"]}, {**table, **table["cpu_linear_dynamic"]}]
-    variants += [{**table, **section} for section in table["cpu_vendor"].values()]
+    variants += [dispatch._with_vendor(table, section) for section in table["cpu_vendor"].values()]
     for variant in variants:
         allowed, parts = _part_keys(variant.get("cpu_split", {}))
         for dtype, section in variant["cpu_fast"].items():
