@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 _lib = torch.library.Library("sparseq", "FRAGMENT")
-_lib.define("quantize_int8_cpu(Tensor x, Tensor? smooth, Tensor? x_scale) -> (Tensor, Tensor)")
+_lib.define("quantize_int8_cpu(Tensor x, Tensor? smooth, Tensor? x_scale, bool offset=False) -> (Tensor, Tensor)")
 _lib.define("w8a8_epilogue_cpu(Tensor acc, Tensor x_scale, Tensor w_scale, Tensor? bias) -> Tensor")
 _lib.define("int8_weight_only_cpu(Tensor x, Tensor wq, Tensor w_scale, Tensor? bias) -> Tensor")
 _lib.define("normalize_rows_cpu(Tensor x, Tensor? smooth) -> (Tensor, Tensor)")
@@ -72,15 +72,17 @@ def _ops() -> Tuple[object, object, object, object]:
             ops.normalize_rows_cpu.default)
 
 
-def quantize_int8(x: Tensor, smooth: Optional[Tensor], x_scale: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
+def quantize_int8(x: Tensor, smooth: Optional[Tensor], x_scale: Optional[Tensor],
+                  offset: bool = False) -> Optional[Tuple[Tensor, Tensor]]:
     """``(xq int8 [M, K], scale fp32 [M])`` as ``reference.activation_grid`` computes them, in one
-    C++ pass; None where the extension or these inputs are not supported (the caller then runs
-    torch ops). ``smooth`` and ``x_scale`` must be contiguous fp32 (layers keep them so)."""
+    C++ pass (``offset``: ``xq + 128`` as uint8, oneDNN's activations where it lacks AMX); None
+    where the extension or these inputs are not supported (the caller then runs torch ops).
+    ``smooth`` and ``x_scale`` must be contiguous fp32 (layers keep them so)."""
     if (not available() or x.dtype not in QUANTIZE_DTYPES or not x.is_contiguous()
             or (smooth is not None and (smooth.dtype != torch.float32 or not smooth.is_contiguous()))
             or (x_scale is not None and (x_scale.dtype != torch.float32 or x_scale.shape != (1,)))):
         return None
-    return _ops()[0](x, smooth, x_scale)
+    return _ops()[0](x, smooth, x_scale, offset)
 
 
 def epilogue(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:

@@ -95,12 +95,19 @@ def signed_activations() -> bool:
         return False
 
 
+def offset_activations(packed: Tensor) -> bool:
+    """Whether the GEMM of ``packed`` (a :func:`prepack` form) takes the activations as
+    ``xq + 128`` in uint8 (oneDNN without AMX, :func:`signed_activations`)."""
+    return packed.is_mkldnn and not signed_activations()
+
+
 def _accumulator(xq: Tensor, packed: Tensor, n: int) -> Tensor:
-    """The exact accumulator: int32 from ``torch._int_mm``, ``fp32(acc)`` from oneDNN."""
+    """The exact accumulator: int32 from ``torch._int_mm``, ``fp32(acc)`` from oneDNN. ``xq`` is
+    int8, or for oneDNN uint8 ``xq + 128`` (zero point 128: the same int32 product)."""
     if not packed.is_mkldnn:
         return torch._int_mm(xq, packed.t())
-    zero_point = 0
-    if not signed_activations():  # xq + 128 as u8: flipping the sign bit is that offset, exactly
+    zero_point = 128 if xq.dtype == torch.uint8 else 0
+    if zero_point == 0 and not signed_activations():  # xq + 128 as u8: flipping the sign bit is that offset
         xq, zero_point = xq.view(torch.uint8).bitwise_xor(128), 128
     return torch.ops.onednn.qlinear_pointwise(xq, 1.0, zero_point, packed, _constant(n, 1.0, torch.float32),
                                               _constant(n, 0, torch.long), None, 1.0, 0, torch.float32, "none",
@@ -116,7 +123,7 @@ def run_w8a8(x: Tensor, packed: Tensor, w_scale: Tensor, smooth: Optional[Tensor
     n = w_scale.shape[0]
     if x.shape[0] == 0:
         return x.new_empty((0, n), dtype=out_dtype)
-    xq, scale = quantize_int8(x, smooth, x_scale)
+    xq, scale = quantize_int8(x, smooth, x_scale, offset_activations(packed))
     acc = _accumulator(xq, packed, n)
     y = cpu_kernels.epilogue(acc, scale, w_scale, bias)
     if y is None:
@@ -129,7 +136,8 @@ def run_w8a8(x: Tensor, packed: Tensor, w_scale: Tensor, smooth: Optional[Tensor
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 
-def quantize_int8(x: Tensor, smooth: Optional[Tensor], x_scale: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+def quantize_int8(x: Tensor, smooth: Optional[Tensor], x_scale: Optional[Tensor],
+                  offset: bool = False) -> Tuple[Tensor, Tensor]:
     """``reference.activation_grid`` as int8, in fewer and cheaper ops (the reference is the
     definition; this equals it bit for bit, tested): ``(xq int8 [M, K], scale fp32 [M])``.
 
@@ -137,8 +145,9 @@ def quantize_int8(x: Tensor, smooth: Optional[Tensor], x_scale: Optional[Tensor]
     ``x / scale``, round half to even, clamp to +-127), but rounded and clamped in place and
     cast to int8 directly: the reference's grid plus 128 cast to uint8 took three more passes,
     and float -> uint8 is the one cast torch does not vectorize on x86 (measured 26 us vs 4.7 us
-    for int8 at 128 x 384). One C++ pass (``sparseq._C_cpu``) where it is built."""
-    fused = cpu_kernels.quantize_int8(x, smooth, x_scale)
+    for int8 at 128 x 384). One C++ pass (``sparseq._C_cpu``) where it is built. ``offset``:
+    ``xq + 128`` as uint8 instead (oneDNN's activations without AMX), written by that pass."""
+    fused = cpu_kernels.quantize_int8(x, smooth, x_scale, offset)
     if fused is not None:
         return fused
     xs = x.float() if smooth is None else x.float() / smooth
@@ -149,7 +158,8 @@ def quantize_int8(x: Tensor, smooth: Optional[Tensor], x_scale: Optional[Tensor]
     else:
         q = xs / x_scale
         scale = x_scale.expand(xs.shape[0]) + reference.row_absmax(xs) * 0  # NaN where a row is not finite
-    return q.round_().clamp_(-reference.INT8_MAX, reference.INT8_MAX).to(torch.int8), scale
+    q = q.round_().clamp_(-reference.INT8_MAX, reference.INT8_MAX).to(torch.int8)
+    return (q.view(torch.uint8).bitwise_xor(128) if offset else q), scale
 
 
 _constants: dict = {}

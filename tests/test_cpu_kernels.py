@@ -43,15 +43,18 @@ def _want(x, smooth, x_scale):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("smooth", [False, True])
 @pytest.mark.parametrize("static", [False, True])
-def test_quantize_equals_the_reference_bit_for_bit(m, k, dtype, smooth, static):
+@pytest.mark.parametrize("offset", [False, True])
+def test_quantize_equals_the_reference_bit_for_bit(m, k, dtype, smooth, static, offset):
     """Every row (also NaN/Inf ones: their int8 values and NaN/Inf scales); 600 x 256 splits
-    over torch's intra-op threads."""
+    over torch's intra-op threads. ``offset``: the same values + 128 as uint8 (oneDNN's form)."""
     x = _activations(m, k, dtype)
     f = torch.rand(k) + 0.5 if smooth else None
     xs = ref.per_tensor_scale(3.5) if static else None
-    q, s = cpu_kernels.quantize_int8(x, f, xs)
+    q, s = cpu_kernels.quantize_int8(x, f, xs, offset)
     want_q, want_s = _want(x, f, xs)
-    assert q.dtype == torch.int8 and s.dtype == torch.float32 and q.shape == (m, k) and s.shape == (m,)
+    if offset:
+        want_q = (want_q.int() + 128).to(torch.uint8)
+    assert q.dtype == want_q.dtype and s.dtype == torch.float32 and q.shape == (m, k) and s.shape == (m,)
     assert torch.equal(q, want_q), (q.int() - want_q.int()).abs().max()
     torch.testing.assert_close(s, want_s, rtol=0, atol=0, equal_nan=True)
 

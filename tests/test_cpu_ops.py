@@ -8,15 +8,17 @@ from torch import nn
 
 import sparseq
 import sparseq.nn
-from sparseq import cpu_ops, dispatch
+from sparseq import cpu_kernels, cpu_ops, dispatch
 from sparseq import reference as ref
 from sparseq.nn import FORMATS
 from sparseq.testing import assert_layer_close, check_matmul_close
 
 pytestmark = pytest.mark.usefixtures("exact_cpu_numerics")  # the bit-exact CPU paths (fast ones: test_cpu_fbgemm.py)
 needs_onednn = pytest.mark.skipif(bool(cpu_ops.unavailable_reason()), reason=cpu_ops.unavailable_reason() or "ok")
-GEMMS = ["onednn", "onednn-s8", "onednn-u8", "int_mm"]
-"""oneDNN in this machine's activation form, in each form forced, and ``torch._int_mm``."""
+GEMMS = ["onednn", "onednn-s8", "onednn-u8", "onednn-u8-torch-ops", "int_mm"]
+"""oneDNN in this machine's activation form, in each form forced (``-torch-ops``: the
+activations quantized and scaled by torch ops, as without ``sparseq._C_cpu``), and
+``torch._int_mm``."""
 
 
 def _kwargs(fmt):
@@ -79,6 +81,9 @@ def test_quantize_int8_is_the_reference_activation_grid(m, k, smooth, static, dt
     xs = ref.per_tensor_scale(3.5) if static else None
     q, s = cpu_ops.quantize_int8(x, f, xs)
     grid, want_s = ref.activation_grid(x, f, xs)
+    u, s_u = cpu_ops.quantize_int8(x, f, xs, offset=True)  # oneDNN's uint8 form: q + 128
+    assert u.dtype == torch.uint8 and torch.equal(u, (q.int() + 128).to(torch.uint8))
+    torch.testing.assert_close(s_u, s, rtol=0, atol=0, equal_nan=True)
     assert q.dtype == torch.int8 and s.dtype == torch.float32
     torch.testing.assert_close(s, want_s, rtol=0, atol=0, equal_nan=True)
     finite = torch.isfinite(want_s)
@@ -89,8 +94,10 @@ def test_quantize_int8_is_the_reference_activation_grid(m, k, smooth, static, dt
 def _packed(wq, gemm, monkeypatch):
     """The weight as ``run_w8a8`` takes it for one GEMM (``prepack`` picks by layer size); an
     ``onednn-s8`` / ``onednn-u8`` GEMM also forces that activation form."""
-    if gemm in ("onednn-s8", "onednn-u8"):
+    if gemm.startswith(("onednn-s8", "onednn-u8")):
         monkeypatch.setattr(cpu_ops, "signed_activations", lambda: gemm == "onednn-s8")
+    if gemm.endswith("-torch-ops"):
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     return cpu_ops.onednn_prepack(wq) if gemm.startswith("onednn") else wq.contiguous()
 
 
