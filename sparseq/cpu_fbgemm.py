@@ -142,6 +142,10 @@ def run(x: Tensor, weight: "PackedWeight", smooth: Optional[Tensor], bias: Optio
     """``x[M, K] -> [M, N]`` in ``out_dtype``: per-row normalised activations through fbgemm, in
     the weight's form (module docstring)."""
     if weight.form == "packed_gemm":
+        if x.shape[0] == 1 and smooth is None:  # one row is its own tensor: no normalisation (~4 us)
+            y = _one_row(x, weight, bias)
+            if y is not None:
+                return y if out_dtype == torch.float32 else y.to(out_dtype)
         u, amax = _normalized(x, smooth)
         y = _packed_gemm()(u, weight.shape_only, weight.packed, weight.col_offsets, 1.0, 0, weight.zeros)
         scaled = cpu_kernels.epilogue(y, amax, weight.w_scale, bias)
@@ -163,6 +167,19 @@ def run(x: Tensor, weight: "PackedWeight", smooth: Optional[Tensor], bias: Optio
     u, amax = _normalized(x, smooth)
     y = _scale_back(linear(u, packed, reduce_range()), amax[:, None], bias)
     return y if out_dtype == torch.float32 else y.to(out_dtype)
+
+
+def _one_row(x: Tensor, weight: "PackedWeight", bias: Optional[Tensor]) -> Optional[Tensor]:
+    """One row ``x [1, K]`` through the packed GEMM as it is (fbgemm's per-tensor range is the
+    row's own, within the same :func:`error_bound`), then ``* w_scale + bias`` in C++, where a
+    row holding NaN or Inf comes out NaN; None where fbgemm refuses the row (it raises on some
+    NaN) and the normalised path then runs. The decode step of an LLM calls each layer so."""
+    xs = (x if x.dtype == torch.float32 else x.float()).contiguous()
+    try:
+        y = _packed_gemm()(xs, weight.shape_only, weight.packed, weight.col_offsets, 1.0, 0, weight.zeros)
+    except RuntimeError:
+        return None
+    return cpu_kernels.fbgemm_row_epilogue(y, xs, weight.w_scale, bias)
 
 
 def _normalized(x: Tensor, smooth: Optional[Tensor]) -> Tuple[Tensor, Tensor]:

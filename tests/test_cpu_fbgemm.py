@@ -144,6 +144,37 @@ def test_non_finite_and_zero_rows(form):
     assert torch.equal(cpu_fbgemm.run(x[4:5], packed, None, b, torch.float32)[0], b)
 
 
+@pytest.mark.skipif(bool(cpu_fbgemm.packed_gemm_unavailable_reason()),
+                    reason=cpu_fbgemm.packed_gemm_unavailable_reason() or "ok")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_runs_without_normalisation_and_falls_back_where_fbgemm_refuses(dtype, monkeypatch):
+    """The packed form hands a single row (no SmoothQuant) to fbgemm as it is: within the bound
+    with the normalisation made to fail; where fbgemm raises, the normalised path runs."""
+    x = _activations(1, 256, seed=9).to(dtype)
+    wq, ws = _weight(96, 256, seed=10)
+    b = torch.randn(96)
+    packed = cpu_fbgemm.PackedWeight(wq, ws, form="packed_gemm")
+    want, bound = _ref(x.float(), wq, ws, None, b), cpu_fbgemm.error_bound(x, wq, ws, None, b)
+    with monkeypatch.context() as patch:
+        patch.setattr(cpu_kernels, "normalize_rows", lambda *a: pytest.fail("a single row was normalised"))
+        y = cpu_fbgemm.run(x, packed, None, b, dtype)
+    assert y.dtype == dtype and ((y.float() - want).abs() <= bound + (0 if dtype == torch.float32 else
+                                                                      want.abs() / 128)).all()
+    gemm = cpu_fbgemm._packed_gemm()
+    calls = []
+
+    def refuse_raw_rows(u, *args):
+        calls.append(u)
+        if len(calls) == 1:
+            raise RuntimeError("refused")  # as fbgemm does for some rows holding NaN
+        return gemm(u, *args)
+
+    monkeypatch.setattr(cpu_fbgemm, "_packed_gemm", lambda: refuse_raw_rows)
+    y = cpu_fbgemm.run(x.float(), packed, None, b, torch.float32)
+    assert len(calls) == 2 and calls[1].abs().max() <= 1.0  # the second call got the normalised row
+    assert ((y - want).abs() <= bound).all()
+
+
 @needs_fbgemm
 def test_prepack_restores_the_quantized_engine():
     engines = torch.backends.quantized.supported_engines

@@ -168,3 +168,24 @@ def test_normalize_rows_rejects_and_declines_bad_inputs():
         op(torch.randn(2, 8).double(), None)
     assert cpu_kernels.normalize_rows(torch.randn(8, 2).t(), None) is None
     assert cpu_kernels.normalize_rows(torch.randn(2, 8), torch.ones(8, dtype=torch.bfloat16)) is None
+
+
+@needs_extension
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("m,n,k", [(1, 24, 16), (5, 130, 300), (0, 8, 4)])
+def test_fbgemm_row_epilogue_scales_finite_rows_and_poisons_the_others(bias, m, n, k):
+    """``y * w_scale + bias`` in place (the reference's fp32 order) for rows of ``x`` that are
+    finite; a row of ``x`` holding NaN or Inf gives a NaN row."""
+    torch.manual_seed(m + n + k)
+    y = torch.randn(m, n) * 100
+    x = torch.randn(m, k)
+    if m > 2:
+        x[1, 3] = float("nan")
+        x[2, -1] = -float("inf")
+    w_scale = torch.rand(n) * 1e-2
+    b = torch.randn(n) if bias else None
+    want = y * w_scale + (b if bias else 0)
+    out = cpu_kernels.fbgemm_row_epilogue(y, x, w_scale, b)
+    assert out.data_ptr() == y.data_ptr()
+    finite = torch.isfinite(x).all(dim=1)
+    assert torch.equal(out[finite], want[finite]) and out[~finite].isnan().all()

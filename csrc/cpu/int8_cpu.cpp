@@ -293,9 +293,44 @@ std::tuple<Tensor, Tensor> normalize_rows_cpu(Tensor x, std::optional<Tensor> sm
   return {u, amax};
 }
 
+// Whether a row holds only finite values (v - v is 0 only for finite v).
+SPARSEQ_CLONES bool row_is_finite(const float* x, int64_t k) {
+  int bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t j = 0; j < k; ++j) bad |= (x[j] - x[j]) != 0.0f;
+  return bad == 0;
+}
+
+// y = y * w_scale[n] + bias[n] in place, where y came from fbgemm on the raw rows of x (no
+// per-row normalisation: one row is its own tensor); a row of x holding NaN or Inf gives a NaN
+// row (fbgemm's output for it is garbage; the reference's is not finite).
+Tensor fbgemm_row_epilogue_cpu(Tensor y, Tensor x, Tensor w_scale, std::optional<Tensor> bias) {
+  check_cpu_contiguous(y, "y");
+  check_cpu_contiguous(x, "x");
+  STD_TORCH_CHECK(y.dim() == 2 && y.scalar_type() == ScalarType::Float,
+                  "sparseq fbgemm_row_epilogue_cpu: y must be 2-D float32, got ", shape_of(y));
+  STD_TORCH_CHECK(x.dim() == 2 && x.scalar_type() == ScalarType::Float && x.size(0) == y.size(0),
+                  "sparseq fbgemm_row_epilogue_cpu: x must be float32 [", y.size(0), ", K], got ", shape_of(x));
+  const int64_t m = y.size(0), n = y.size(1), k = x.size(1);
+  check_vector(w_scale, "w_scale", n);
+  check_vector(bias, "bias", n);
+  float* yp = static_cast<float*>(y.mutable_data_ptr());
+  const float* xp = static_cast<const float*>(x.const_data_ptr());
+  const float* ws = static_cast<const float*>(w_scale.const_data_ptr());
+  const float* b = bias.has_value() ? static_cast<const float*>(bias->const_data_ptr()) : nullptr;
+  torch::stable::parallel_for(0, m, grain_rows(n + k), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float s = row_is_finite(xp + i * k, k) ? 1.0f : std::nanf("");
+      epilogue_row_f32(yp + i * n, s, ws, b, yp + i * n, n);
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(sparseq, CPU, m) {
+  m.impl("fbgemm_row_epilogue_cpu", TORCH_BOX(&fbgemm_row_epilogue_cpu));
   m.impl("quantize_int8_cpu", TORCH_BOX(&quantize_int8_cpu));
   m.impl("w8a8_epilogue_cpu", TORCH_BOX(&w8a8_epilogue_cpu));
   m.impl("normalize_rows_cpu", TORCH_BOX(&normalize_rows_cpu));
