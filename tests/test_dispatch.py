@@ -92,7 +92,7 @@ def test_cpu_preferences_fast_numerics(xeon_tables):
 def test_cpu_preferences_on_amd(monkeypatch):
     """AMD's section (measured on a Zen 4 EPYC, where dense GEMMs are slower next to the int8
     ones): fbgemm to M = 64 from N*K = 2**17 (M = 1 with two threads from 2**18), at M = 17-64
-    up to 2**22 (bf16 2**21); oneDNN beyond and from M = 65; dense for small layers; int8
+    up to 2**22 (bf16: one thread only, to 2**21); oneDNN beyond and from M = 65; dense for small layers; int8
     weight-only by its own thresholds (below); other ops and the exact numerics keep the shared
     sections."""
     import sparseq
@@ -106,7 +106,8 @@ def test_cpu_preferences_on_amd(monkeypatch):
             exact = ["onednn", "dense", "reference"]
             assert pref(1536, 384, 1) == pref(384, 384, 2) == pref(384, 384, 16) == pref(2048, 2048, 16) == both
             assert pref(384, 384, 64, one_thread=True) == pref(1024, 1024, 17, one_thread=True) == both
-            assert pref(384, 384, 64) == pref(1024, 1024, 17) == pref(384, 384, 64, torch.bfloat16) == both
+            assert pref(384, 384, 64) == pref(1024, 1024, 17) == pref(384, 384, 64, torch.bfloat16, True) == both
+            assert pref(384, 384, 64, torch.bfloat16) == exact
             assert pref(2048, 2048, 17) == pref(2048, 2048, 64, one_thread=True) == both
             assert pref(4096, 4096, 17, one_thread=True) == pref(4096, 4096, 64) == pref(384, 384, 65) == exact
             assert pref(2048, 2048, 17, torch.bfloat16) == exact
