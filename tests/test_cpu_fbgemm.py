@@ -324,6 +324,22 @@ def test_compiled_fast_layer_matches_eager():
 
 
 @needs_fbgemm
+@pytest.mark.parametrize("m", [1, 3])
+def test_compiled_impl_equals_eager_for_one_row_and_more(m):
+    """The traced op runs the same code as an eager call: a single row (the packed form's
+    row-as-is path) and a batch give the same bits compiled."""
+    wq, ws = _weight(96, 256, seed=11)
+    impl = cpu_fbgemm.w8a8_impl(cpu_fbgemm.PackedWeight(wq, ws), None, torch.randn(96))
+    x = _activations(m, 256, seed=12)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(impl, fullgraph=True)(x)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(compiled, impl(x))
+
+
+@needs_fbgemm
 def test_packed_weights_are_freed_with_the_layer():
     gc.collect()  # layers of earlier tests
     before = len(cpu_fbgemm._packs)
