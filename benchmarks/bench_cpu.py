@@ -81,6 +81,21 @@ def machine_slug() -> str:
     return "cpu-" + bm.slug(f"{bm.cpu_model()} {bm.cpu_cores()}c")
 
 
+def write_results(out: Optional[Path], name: str, columns: List[str], rows: List[dict], md: str) -> Path:
+    """``<name>.csv`` (exactly ``columns``) and ``<name>.md`` in ``out`` (default
+    ``benchmarks/results/<machine_slug()>/``), printed; returns the folder. Shared by the CPU
+    benchmark scripts."""
+    out = out or Path(__file__).resolve().parent / "results" / machine_slug()
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / f"{name}.md").write_text(md)
+    print(f"wrote {out / name}.csv and .md")
+    return out
+
+
 # ----------------------------------------------------------------------------------- timing
 def median_us(fns: Dict[str, Callable[[], object]], budget_s: float, rounds: int = 5) -> Dict[str, float]:
     """Median per-call wall time (us) of each function: warm-up (>= 1 call, ~10% of the budget),
@@ -486,14 +501,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 run.e2e_md += ["## End to end", "", f"error: {bm.error_text(e)}", ""]
     finally:
         torch.set_num_threads(threads0)
-    a.out.mkdir(parents=True, exist_ok=True)
-    name = "cpu_layers_quick" if a.quick else "cpu_layers"
-    with open(a.out / f"{name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(run.rows)
-    (a.out / f"{name}.md").write_text(markdown(run) + "\n")
-    print(f"wrote {a.out / name}.csv and .md")
+    write_results(a.out, "cpu_layers_quick" if a.quick else "cpu_layers", COLUMNS, run.rows, markdown(run) + "\n")
     for msg in run.failures:
         print(f"FAILED: {msg}", file=sys.stderr)
     return 1 if run.failures else 0

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import sys
 import time
 import types
@@ -39,7 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu import E2E_STEP, machine_slug, quantize_dynamic, timed  # noqa: E402
+from bench_cpu import E2E_STEP, quantize_dynamic, timed, write_results  # noqa: E402
 
 import sparseq  # noqa: E402
 import sparseq.nn as snn  # noqa: E402
@@ -111,14 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 measure(run, rows, sha, threads, name, batches, model, w8, qd)
     finally:
         torch.set_num_threads(before)
-    out_dir = a.out or Path(__file__).resolve().parent / "results" / machine_slug()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "cpu_compile.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    (out_dir / "cpu_compile.md").write_text(markdown(rows, run.contended))
-    print(f"wrote {out_dir / 'cpu_compile.csv'} and cpu_compile.md")
+    write_results(a.out, "cpu_compile", COLUMNS, rows, markdown(rows, run.contended))
     return 1 if any(r["checked"].startswith("wrong") for r in rows) else 0
 
 

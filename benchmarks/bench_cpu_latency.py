@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import sys
 import types
 from pathlib import Path
@@ -36,7 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu import checked_embed, machine_slug, quantize_dynamic, qd_backend, timed  # noqa: E402
+from bench_cpu import checked_embed, quantize_dynamic, qd_backend, timed, write_results  # noqa: E402
 from bench_e2e import e2e_bound, row_violation  # noqa: E402
 
 import sparseq  # noqa: E402
@@ -113,14 +112,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         measure(a, models, embed_all, stages, tokens, run, rows, sha)
     finally:
         torch.set_num_threads(before)
-    out_dir = a.out or Path(__file__).resolve().parent / "results" / machine_slug()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "cpu_latency.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    (out_dir / "cpu_latency.md").write_text(markdown(rows, run.contended, tokens))
-    print(f"wrote {out_dir / 'cpu_latency.csv'} and cpu_latency.md")
+    write_results(a.out, "cpu_latency", COLUMNS, rows, markdown(rows, run.contended, tokens))
     return 1 if any(r["checked"].startswith("wrong") for r in rows) else 0
 
 
