@@ -293,14 +293,6 @@ std::tuple<Tensor, Tensor> normalize_rows_cpu(Tensor x, std::optional<Tensor> sm
   return {u, amax};
 }
 
-// Whether a row holds only finite values (v - v is 0 only for finite v).
-SPARSEQ_CLONES bool row_is_finite(const float* x, int64_t k) {
-  int bad = 0;
-#pragma omp simd reduction(| : bad)
-  for (int64_t j = 0; j < k; ++j) bad |= (x[j] - x[j]) != 0.0f;
-  return bad == 0;
-}
-
 // y = y * w_scale[n] + bias[n] in place, where y came from fbgemm on the raw rows of x (no
 // per-row normalisation: one row is its own tensor); a row of x holding NaN or Inf gives a NaN
 // row (fbgemm's output for it is garbage; the reference's is not finite).
@@ -320,7 +312,8 @@ Tensor fbgemm_row_epilogue_cpu(Tensor y, Tensor x, Tensor w_scale, std::optional
   const float* b = bias.has_value() ? static_cast<const float*>(bias->const_data_ptr()) : nullptr;
   torch::stable::parallel_for(0, m, grain_rows(n + k), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const float s = row_is_finite(xp + i * k, k) ? 1.0f : std::nanf("");
+      // row_absmax is NaN or Inf exactly where the row holds NaN or Inf
+      const float s = std::isfinite(row_absmax(xp + i * k, k)) ? 1.0f : std::nanf("");
       epilogue_row_f32(yp + i * n, s, ws, b, yp + i * n, n);
     }
   });
