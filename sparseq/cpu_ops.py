@@ -72,13 +72,6 @@ def onednn_prepack(wq: Tensor) -> Tensor:
     return torch.ops.onednn.qlinear_prepack(wq.contiguous(), None)
 
 
-def int32_product(xq: Tensor, packed: Tensor, n: int) -> Tensor:
-    """``fp32(xq @ wq^T)``, the exact int32 accumulator converted once, from either form of
-    :func:`prepack`. oneDNN is given weight scales of 1 and returns exactly that."""
-    acc = _accumulator(xq, packed, n)
-    return acc if acc.dtype == torch.float32 else acc.float()
-
-
 @functools.lru_cache(maxsize=None)
 def signed_activations() -> bool:
     """Whether oneDNN is handed the int8 activations as they are (``s8``), else offset by 128 as
@@ -102,13 +95,12 @@ def offset_activations(packed: Tensor) -> bool:
 
 
 def _accumulator(xq: Tensor, packed: Tensor, n: int) -> Tensor:
-    """The exact accumulator: int32 from ``torch._int_mm``, ``fp32(acc)`` from oneDNN. ``xq`` is
-    int8, or for oneDNN uint8 ``xq + 128`` (zero point 128: the same int32 product)."""
+    """The exact accumulator: int32 from ``torch._int_mm``, ``fp32(acc)`` from oneDNN. ``xq`` in
+    the form :func:`offset_activations` names (as :func:`quantize_int8` writes it): int8, or
+    uint8 ``xq + 128`` with zero point 128 (the same int32 product)."""
     if not packed.is_mkldnn:
         return torch._int_mm(xq, packed.t())
     zero_point = 128 if xq.dtype == torch.uint8 else 0
-    if zero_point == 0 and not signed_activations():  # xq + 128 as u8: flipping the sign bit is that offset
-        xq, zero_point = xq.view(torch.uint8).bitwise_xor(128), 128
     return torch.ops.onednn.qlinear_pointwise(xq, 1.0, zero_point, packed, _constant(n, 1.0, torch.float32),
                                               _constant(n, 0, torch.long), None, 1.0, 0, torch.float32, "none",
                                               [], "")

@@ -128,7 +128,7 @@ ONEDNN_IMPLEMENTATION = """
 import torch
 from sparseq import cpu_ops
 wq = torch.randint(-127, 128, (256, 512), dtype=torch.int8)
-cpu_ops._accumulator(torch.randint(-127, 128, (16, 512), dtype=torch.int8), cpu_ops.onednn_prepack(wq), 256)
+cpu_ops.run_w8a8(torch.randn(16, 512), cpu_ops.onednn_prepack(wq), torch.ones(256), None, None, None, torch.float32)
 """
 
 
