@@ -13,8 +13,8 @@ padded to 24 tokens (M = 24, fbgemm under the default fast numerics), timed over
 Contenders: ``dense`` (1.0x), ``dense-compiled``, ``w8a8``, ``w8a8-compiled``,
 ``quantize_dynamic`` (eager only). Checked before timing: each compiled model's embeddings against
 the same model eager: dense by cosine >= ``COMPILED_COS`` per sentence (inductor reorders its
-float sums), W8A8 by relative L2 per sentence within ``bench_cpu.E2E_STEP`` per int8 stage (an
-activation an ulp apart may round to the neighbouring int8 step: the bound bench_cpu holds W8A8 to
+float sums), W8A8 by relative L2 per sentence within ``bench_e2e.e2e_bound`` (an activation an
+ulp apart may round to the neighbouring int8 step: the bound bench_cpu_latency holds W8A8 to
 against its reference path); and W8A8's against dense (cosine >= ``W8A8_COS``); a miss marks the
 row wrong, untimed (exit 1). Timing as ``bench_cpu.median_us`` (interleaved rounds, median), with its
 contention check. Compile time (first call) is reported.
@@ -38,7 +38,8 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu import E2E_STEP, quantize_dynamic, timed, write_results  # noqa: E402
+from bench_cpu import quantize_dynamic, timed, write_results  # noqa: E402
+from bench_e2e import e2e_bound, row_violation  # noqa: E402
 
 import sparseq  # noqa: E402
 import sparseq.nn as snn  # noqa: E402
@@ -132,7 +133,8 @@ def measure(run, rows: List[dict], sha: str, threads: int, workload: str, batche
     checks: Dict[str, tuple] = {  # contender -> (cosine min, miss or None)
         "dense-compiled": _check(outs["dense-compiled"], outs["dense"], "dense eager", cos_floor=COMPILED_COS),
         "w8a8": _check(outs["w8a8"], outs["dense"], "dense", cos_floor=W8A8_COS),
-        "w8a8-compiled": _check(outs["w8a8-compiled"], outs["w8a8"], "w8a8 eager", rel_l2=E2E_STEP * stages),
+        "w8a8-compiled": _check(outs["w8a8-compiled"], outs["w8a8"], "w8a8 eager",
+                                bound=e2e_bound(torch.float32, stages, "w8a8")),
     }
     fns = {k: (lambda m=m: embed(m)) for k, m in models.items() if k not in checks or checks[k][1] is None}
     times = timed(run, f"{workload} threads={threads}", fns, run.args.budget)
@@ -164,16 +166,14 @@ def measure(run, rows: List[dict], sha: str, threads: int, workload: str, batche
 
 
 def _check(u: torch.Tensor, v: torch.Tensor, against: str, cos_floor: float = -1.0,
-           rel_l2: float = float("inf")) -> tuple:
-    """``(min cosine of u to v per sentence, None or what missed)``: cosine >= ``cos_floor`` and
-    relative L2 per sentence <= ``rel_l2``."""
+           bound: Optional[float] = None) -> tuple:
+    """``(min cosine of u to v per sentence, None or what missed)``: cosine >= ``cos_floor`` and,
+    given a ``bound``, relative L2 per sentence within it (``bench_e2e.row_violation``)."""
     cos = float((u * v).sum(-1).min())
-    rel = float(((u - v).norm(dim=-1) / v.norm(dim=-1)).max())
     if not cos >= cos_floor:
         return cos, f"cosine to {against} {cos:.6f} < {cos_floor}"
-    if not rel <= rel_l2:
-        return cos, f"relative L2 to {against} {rel:.4g} > {rel_l2:.4g}"
-    return cos, None
+    miss = None if bound is None else row_violation(u, v, bound)
+    return cos, None if miss is None else f"{against}: {miss}"
 
 
 def markdown(rows: List[dict], contended: List[str]) -> str:
