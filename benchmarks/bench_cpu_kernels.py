@@ -4,9 +4,9 @@
 Contenders (bias included, no layer or dispatch overhead):
 
 - ``dense``: ``F.linear`` on the dequantized weight in the compute dtype (the dense bucket);
-- ``fbgemm``: ``sparseq.cpu_fbgemm`` (fast numerics: fbgemm's int8 GEMM on per-row normalised
-  activations, in ``cpu_fbgemm.default_form()``, or ``--fbgemm-form``; the form is printed to
-  stderr), checked within ``cpu_fbgemm.error_bound`` of the reference;
+- ``fbgemm``: ``sparseq.cpu_fbgemm`` (fbgemm's int8 GEMM in ``cpu_fbgemm.default_form()``, or
+  ``--fbgemm-form``; the form is printed to stderr), checked equal to the reference (the exact
+  ``packed_gemm`` form) or within ``cpu_fbgemm.error_bound`` of it (``linear_dynamic``);
 - ``exact``: ``sparseq.cpu_ops`` (the W8A8 format bit for bit: per-token quantization and
   epilogue in ``sparseq._C_cpu`` where built, oneDNN's int8 GEMM or ``torch._int_mm``),
   checked equal to the reference.
@@ -58,11 +58,15 @@ def median_us(fs: Dict[str, Callable[[], object]], budget: float, rounds: int = 
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def check(x, wq, ws, bias, y_fbgemm, y_exact) -> None:
+def check(x, wq, ws, bias, y_fbgemm, y_exact, fbgemm_exact: bool = False) -> None:
     xq, scale = ref.quantize_per_token(x)
     want = ref.int8_mm(xq, wq, scale, ws, bias, torch.float32)
     if not torch.equal(y_exact.float(), want.to(x.dtype).float()):
         raise SystemExit(f"exact path differs from the reference (max {(y_exact.float() - want).abs().max():.3g})")
+    if fbgemm_exact:
+        if not torch.equal(y_fbgemm.float(), want.to(x.dtype).float()):
+            raise SystemExit("fbgemm's packed_gemm form differs from the reference")
+        return
     bound = cpu_fbgemm.error_bound(x, wq, ws, None, bias) + (want.abs() * 2**-7 if x.dtype == torch.bfloat16 else 0)
     if not ((y_fbgemm.float() - want).abs() <= bound).all():
         raise SystemExit("fbgemm path outside cpu_fbgemm.error_bound")
@@ -139,7 +143,7 @@ def main(argv=None) -> int:
             built = {"wq": c.wq, "fbgemm": cpu_fbgemm.w8a8_impl(cpu_fbgemm.PackedWeight(c.wq, c.ws, form), None, c.bias),
                      "exact": cpu_ops.w8a8_impl(cpu_ops.prepack(c.wq), c.ws, None, None, c.bias)}
         fbgemm, exact, x = built["fbgemm"], built["exact"], c.x
-        check(x, c.wq, c.ws, c.bias, fbgemm(x), exact(x))
+        check(x, c.wq, c.ws, c.bias, fbgemm(x), exact(x), fbgemm_exact=form == "packed_gemm")
         t = median_us({"dense": lambda: F.linear(x, c.w, c.b), "fbgemm": lambda: fbgemm(x),
                        "exact": lambda: exact(x)}, args.budget)
         emit(rows, c.key() + [f"{t[name]:.1f}" for name in COLUMNS[5:]])

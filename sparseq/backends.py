@@ -95,12 +95,14 @@ def _fbgemm_status() -> BackendStatus:
 
     why = unavailable_reason()
     if default_form() == "packed_gemm":
-        how = "fbgemm's packed int8 GEMM (torch.fbgemm_linear_int8_weight_fp32_activation, 8-bit activations)"
+        how = ("fbgemm's packed int8 GEMM (torch.fbgemm_linear_int8_weight_fp32_activation) fed the format's "
+               "int8 activations: bit-exact")
     else:
         bits = "7-bit activations: no VNNI" if reduce_range() else "8-bit activations"
         how = (f"fbgemm dynamic int8 linear (torch.ops.quantized.linear_dynamic, {bits}; the packed GEMM "
                f"does not run: {packed_gemm_unavailable_reason()})")
-    return BackendStatus(not why, why or f"{how} for W8A8 layers at small M under the 'fast' CPU numerics")
+    when = "under either CPU numerics" if default_form() == "packed_gemm" else "under the 'fast' CPU numerics"
+    return BackendStatus(not why, why or f"{how} for W8A8 layers at small M {when}")
 
 
 def _cpu_extension_status() -> BackendStatus:

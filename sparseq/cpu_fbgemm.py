@@ -1,35 +1,35 @@
-"""CPU W8A8 through fbgemm's int8 GEMM on per-row normalised activations (the ``fbgemm``
-dispatch backend): the fast CPU path at small M, under the default ``"fast"`` CPU numerics
-(``sparseq.cpu_numerics``).
+"""CPU W8A8 through fbgemm's int8 GEMM (the ``fbgemm`` dispatch backend): the fast CPU path at
+small M.
 
 fbgemm quantizes the activations itself, per *tensor*, asymmetric uint8 over
-``[min(x, 0), max(x, 0)]``; the format quantizes per *token*, symmetric int8 (``amax / 127``). So
-each row is first divided by its own ``max |x|`` (NaN/Inf and the 0/0 of all-zero rows zeroed):
-every row then lies in ``[-1, 1]`` and fbgemm's one step ``(hi - lo) / 255 <= 2 / 255`` is, in the
-row's own units, at most the format's per-token step ``amax / 127``. The output rows are
-multiplied back by ``amax`` and the bias is added last. Rounding differs from the reference
-(:func:`error_bound` states the bound, tested); the reference stays the definition, and
-``sparseq.cpu_numerics("exact")`` runs the bit-exact path instead. Static activation scales are
-not run here (fbgemm would ignore their clamp). A row holding NaN or Inf gives a non-finite
-output row, as in the reference (they are zeroed before fbgemm and the row's NaN/Inf ``amax``
-restores them).
-
-Two forms of the same fbgemm GEMM (:class:`PackedWeight` picks one per layer, see
+``[min(x, 0), max(x, 0)]``; the format quantizes per *token*, symmetric int8 (``amax / 127``).
+Two forms of the GEMM bridge that (:class:`PackedWeight` picks one per layer, see
 :func:`default_form`):
 
-- ``"packed_gemm"``: ``torch.fbgemm_linear_int8_weight_fp32_activation`` on an fbgemm
-  ``PackBMatrix`` of the int8 weight (per-tensor weight scale 1: the per-channel scales go into
-  sparseq's C++ epilogue with the row maxima, ``y * amax * w_scale + bias``). It skips the
-  quantized-tensor machinery of ``linear_dynamic`` (script-object packed params, per-call
-  qparams objects): measured on a 2-core Xeon, 1 thread, fp32, M = 1 / 4 / 14, the GEMM alone
-  384x384 5.4 / 7.8 / 14.3 us vs ``linear_dynamic``'s 14.8 / 16.7 / 23.7 us, 1536x384 9.2 / 14.9 /
-  36.3 vs 18.4 / 24.8 / 49.5 us. It takes 8-bit activations only (no ``reduce_range``), so it
-  runs where the CPU has VNNI or AMX, and it needs ``sparseq._C_cpu`` (the normalisation and the
-  epilogue). PyTorch marks these functions deprecated (a one-time warning, silenced here); where
-  a release drops them, the second form runs.
-- ``"linear_dynamic"``: ``torch.ops.quantized.linear_dynamic`` (what
-  ``torch.ao.quantization.quantize_dynamic`` runs) with the per-channel scales prepacked; a
-  single finite row goes to fbgemm as it is (its tensor is its token).
+- ``"packed_gemm"`` (exact, bit for bit the reference): the activations are quantized by the
+  format itself (``sparseq._C_cpu``'s ``quantize_grid_cpu``: per token or the static scale,
+  SmoothQuant divided out) and handed to fbgemm as the integers ``xq`` in fp32, each row followed
+  by two range columns holding -128 and 127 (the weight's two matching columns are zero). fbgemm's
+  quantizer then picks scale ``255 / 255 = 1`` and zero point 128 and writes ``xq + 128`` exactly;
+  the int32 accumulation is exact (VNNI/AMX ``vpdpbusd``), and with weight scale 1 and a zero bias
+  fbgemm returns ``fp32(acc)``. sparseq's C++ epilogue applies ``x_scale``, the per-channel
+  weight scales and the bias in the reference's order. The GEMM is
+  ``torch.fbgemm_linear_int8_weight_fp32_activation`` on an fbgemm ``PackBMatrix``, which skips
+  the quantized-tensor machinery of ``linear_dynamic`` (measured on a 2-core Xeon, 1 thread, the
+  GEMM alone 384x384 M = 1 / 4 / 14: 5.4 / 7.8 / 14.3 us vs ``linear_dynamic``'s 14.8 / 16.7 /
+  23.7 us). It takes 8-bit activations only (no ``reduce_range``), so it runs where the CPU has
+  VNNI or AMX, and it needs ``sparseq._C_cpu``. PyTorch marks these functions deprecated (a
+  one-time warning, silenced here); where a release drops them, the second form runs.
+- ``"linear_dynamic"`` (approximate, the ``"fast"`` CPU numerics only):
+  ``torch.ops.quantized.linear_dynamic`` (what ``torch.ao.quantization.quantize_dynamic`` runs)
+  with the per-channel scales prepacked, on rows first divided by their own ``max |x|`` (NaN/Inf
+  and the 0/0 of all-zero rows zeroed): every row then lies in ``[-1, 1]`` and fbgemm's one step
+  ``(hi - lo) / 255 <= 2 / 255`` is, in the row's own units, at most the format's per-token step.
+  The rows are multiplied back by ``amax`` and the bias is added last; :func:`error_bound` states
+  how far that may round from the reference (tested). A single finite row goes to fbgemm as it
+  is (its tensor is its token). Dynamic scales only (fbgemm would ignore a static scale's clamp).
+
+A row holding NaN or Inf gives a non-finite output row in both forms, as in the reference.
 """
 from __future__ import annotations
 
@@ -82,21 +82,27 @@ def default_form() -> str:
 
 
 def _self_test(form: str) -> str:
-    """A tiny product, within the stated bound of the exact one. It runs before any layer packs a
-    weight (:class:`PackedWeight` checks the form first), so PyTorch's one-time deprecation
-    warnings of the packed GEMM are consumed here, silently, and never reach the user."""
+    """A tiny product: equal to the reference (``packed_gemm``) or within the stated bound of it
+    (``linear_dynamic``). It runs before any layer packs a weight (:class:`PackedWeight` checks
+    the form first), so PyTorch's one-time deprecation warnings of the packed GEMM are consumed
+    here, silently, and never reach the user."""
     try:
+        from . import reference
+
         wq = torch.tensor([[1, -2, 3, 4], [127, -127, 5, 0]], dtype=torch.int8)
         x = torch.tensor([[1.0, -1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.5, 0.25, -2.0, 0.0]])
         scale = torch.tensor([1.0, 0.5])
-        want = x @ (wq.float() * scale[:, None]).t()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             weight = PackedWeight(wq, scale, form=form, checked=False)
             for rows in (x, x[2:]):
                 y = run(rows, weight, None, None, torch.float32)
-                if not ((y - want[-len(rows):]).abs() <= error_bound(rows, wq, scale, None, None)).all():
-                    return f"fbgemm int8 ({form}) self-test gave {y.tolist()}, expected {want.tolist()} within its bound"
+                xq, xs = reference.quantize_per_token(rows)
+                want = reference.int8_mm(xq, wq, xs, scale, None, torch.float32)
+                ok = (torch.equal(y, want) if weight.exact
+                      else bool(((y - want).abs() <= error_bound(rows, wq, scale, None, None)).all()))
+                if not ok:
+                    return f"fbgemm int8 ({form}) self-test gave {y.tolist()}, expected {want.tolist()}"
     except Exception as e:  # noqa: BLE001
         return f"fbgemm int8 ({form}) self-test failed: {type(e).__name__}: {e}"
     return ""
@@ -137,20 +143,23 @@ def prepack(wq: Tensor, w_scale: Tensor) -> object:
                 torch.backends.quantized.engine = before
 
 
+RANGE_COLUMNS = 2
+"""Columns after each row's K in the ``packed_gemm`` form's input (-128 and 127, zero weights)."""
+
+
 def run(x: Tensor, weight: "PackedWeight", smooth: Optional[Tensor], bias: Optional[Tensor],
-        out_dtype: torch.dtype) -> Tensor:
-    """``x[M, K] -> [M, N]`` in ``out_dtype``: per-row normalised activations through fbgemm, in
-    the weight's form (module docstring)."""
-    if weight.form == "packed_gemm":
-        if x.shape[0] == 1 and smooth is None:  # one row is its own tensor: no normalisation (~4 us)
-            y = _one_row(x, weight, bias)
-            if y is not None:
-                return y if out_dtype == torch.float32 else y.to(out_dtype)
-        u, amax = _normalized(x, smooth)
-        y = _packed_gemm()(u, weight.shape_only, weight.packed, weight.col_offsets, 1.0, 0, weight.zeros)
-        scaled = cpu_kernels.epilogue(y, amax, weight.w_scale, bias)
-        y = scaled if scaled is not None else _scale_back(y.mul_(weight.w_scale), amax[:, None], bias)
+        out_dtype: torch.dtype, x_scale: Optional[Tensor] = None) -> Tensor:
+    """``x[M, K] -> [M, N]`` in ``out_dtype`` through fbgemm in the weight's form (module
+    docstring): exact for ``packed_gemm`` (``x_scale``: a static scale ``[1]``), within
+    :func:`error_bound` for ``linear_dynamic`` (dynamic scales only). ``smooth``, ``x_scale`` and
+    ``bias`` contiguous fp32."""
+    if weight.exact:
+        grid, scale = cpu_kernels.quantize_grid(x.contiguous(), smooth, x_scale)
+        acc = _packed_gemm()(grid, weight.shape_only, weight.packed, weight.col_offsets, 1.0, 0, weight.zeros)
+        y = cpu_kernels.epilogue(acc, scale, weight.w_scale, bias)
         return y if out_dtype == torch.float32 else y.to(out_dtype)
+    if x_scale is not None:
+        raise ValueError("fbgemm's linear_dynamic form takes dynamic activation scales only")
     linear, packed = _linear_dynamic(), weight.packed
     normalized = None if x.shape[0] == 1 else cpu_kernels.normalize_rows(x, smooth)
     if normalized is not None:  # the C++ passes (measured 2048x2048 M = 2: 277 -> 233 us vs torch ops)
@@ -167,19 +176,6 @@ def run(x: Tensor, weight: "PackedWeight", smooth: Optional[Tensor], bias: Optio
     u, amax = _normalized(x, smooth)
     y = _scale_back(linear(u, packed, reduce_range()), amax[:, None], bias)
     return y if out_dtype == torch.float32 else y.to(out_dtype)
-
-
-def _one_row(x: Tensor, weight: "PackedWeight", bias: Optional[Tensor]) -> Optional[Tensor]:
-    """One row ``x [1, K]`` through the packed GEMM as it is (fbgemm's per-tensor range is the
-    row's own, within the same :func:`error_bound`), then ``* w_scale + bias`` in C++, where a
-    row holding NaN or Inf comes out NaN; None where fbgemm refuses the row (it raises on some
-    NaN) and the normalised path then runs. The decode step of an LLM calls each layer so."""
-    xs = (x if x.dtype == torch.float32 else x.float()).contiguous()
-    try:
-        y = _packed_gemm()(xs, weight.shape_only, weight.packed, weight.col_offsets, 1.0, 0, weight.zeros)
-    except RuntimeError:
-        return None
-    return cpu_kernels.fbgemm_row_epilogue(y, xs, weight.w_scale, bias)
 
 
 def _normalized(x: Tensor, smooth: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
@@ -211,14 +207,16 @@ def _packed_gemm():
 
 
 def _pack_matrix(wq: Tensor) -> Tensor:
-    """fbgemm's ``PackBMatrix`` of ``wq [N, K]`` (a tensor owning it; its deprecation warning silenced)."""
+    """fbgemm's ``PackBMatrix`` of ``wq [N, K]`` with :data:`RANGE_COLUMNS` zero columns after
+    its K (a tensor owning it; its deprecation warning silenced)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.fbgemm_pack_quantized_matrix(wq.contiguous())
+        return torch.fbgemm_pack_quantized_matrix(torch.nn.functional.pad(wq, (0, RANGE_COLUMNS)).contiguous())
 
 
 def error_bound(x: Tensor, wq: Tensor, w_scale: Tensor, smooth: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
-    """Per element, how far :func:`run` may be from the reference W8A8 output ``[M, N]``.
+    """Per element, how far :func:`run` in the ``linear_dynamic`` form may be from the reference
+    W8A8 output ``[M, N]`` (the ``packed_gemm`` form equals it).
 
     With ``a`` the row's ``max |x / smooth|`` and ``W = q * s`` the int8 weight in the smoothed
     space, each activation is rounded by at most ``a / 254`` in the reference (half its step
@@ -241,20 +239,22 @@ fbgemm's script object); an entry is dropped when its token, held by the layer's
 
 
 @torch.library.custom_op("sparseq::w8a8_fbgemm", mutates_args=())
-def w8a8_fbgemm(x: Tensor, token: Tensor, n: int, smooth: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+def w8a8_fbgemm(x: Tensor, token: Tensor, n: int, smooth: Optional[Tensor], x_scale: Optional[Tensor],
+                bias: Optional[Tensor]) -> Tensor:
     """:func:`run` as one opaque op for torch.compile, the packed weight found by ``token``."""
-    return run(x, _packs[id(token)], smooth, bias, x.dtype)
+    return run(x, _packs[id(token)], smooth, bias, x.dtype, x_scale)
 
 
 @w8a8_fbgemm.register_fake
-def _(x, token, n, smooth, bias):
+def _(x, token, n, smooth, x_scale, bias):
     return x.new_empty((x.shape[0], n))
 
 
 class PackedWeight:
     """An int8 weight ``[N, K]`` with per-channel scales, packed for fbgemm in one of
     :data:`FORMS` (built once per layer and device: a derived tensor of the layer, never saved),
-    with the token the traced op finds it by. ``form`` defaults to :func:`default_form`."""
+    with the token the traced op finds it by. ``form`` defaults to :func:`default_form`;
+    ``exact``: the form equals the reference bit for bit (``packed_gemm``)."""
 
     def __init__(self, wq: Tensor, w_scale: Tensor, form: Optional[str] = None, checked: bool = True) -> None:
         self.form = default_form() if form is None else form
@@ -265,13 +265,14 @@ class PackedWeight:
         if why:
             raise RuntimeError(f"fbgemm int8 ({self.form}) does not run here: {why}")
         self.n, k = wq.shape
-        if self.form == "packed_gemm":
+        self.exact = self.form == "packed_gemm"
+        if self.exact:
             self.packed = _pack_matrix(wq)
             self.col_offsets = wq.sum(dim=1, dtype=torch.int32)  # fbgemm's zero-point correction
             self.w_scale = w_scale.float().contiguous()
             self.zeros = torch.zeros(self.n)  # the GEMM's own bias (the real one comes in the epilogue)
             # the GEMM reads only the weight's shape: a view of one element, not a second copy
-            self.shape_only = torch.zeros((), dtype=torch.int8).expand(self.n, k)
+            self.shape_only = torch.zeros((), dtype=torch.int8).expand(self.n, k + RANGE_COLUMNS)
         else:
             self.packed = prepack(wq, w_scale)
             self.ones = torch.ones(self.n)  # the C++ epilogue's scales (fbgemm applied the real ones)
@@ -281,17 +282,23 @@ class PackedWeight:
         weakref.finalize(self.token, _packs.pop, id(self.token), None)
 
 
-def w8a8_impl(weight: PackedWeight, smooth: Optional[Tensor], bias: Optional[Tensor]) -> Callable[[Tensor], Tensor]:
-    """``x -> y`` for a layer; eager calls run directly, traced ones through the opaque op."""
+def w8a8_impl(weight: PackedWeight, smooth: Optional[Tensor], bias: Optional[Tensor],
+              x_scale: Optional[Tensor] = None) -> Callable[[Tensor], Tensor]:
+    """``x -> y`` for a layer; eager calls run directly, traced ones through the opaque op.
+    ``x_scale`` (a static scale) only with an exact weight (``packed_gemm``)."""
+    if x_scale is not None and not weight.exact:
+        raise ValueError("fbgemm's linear_dynamic form takes dynamic activation scales only")
     token, n = weight.token, weight.n
+    smooth = None if smooth is None else smooth.float().contiguous()
+    x_scale = None if x_scale is None else x_scale.float().contiguous()
     bias32 = None if bias is None else bias.float().contiguous()
 
     def call(x: Tensor) -> Tensor:
         if x.shape[0] == 0:
             return x.new_empty((0, n))
         if torch.compiler.is_compiling():
-            return w8a8_fbgemm(x, token, n, smooth, bias32)
-        return run(x, weight, smooth, bias32, x.dtype)
+            return w8a8_fbgemm(x, token, n, smooth, x_scale, bias32)
+        return run(x, weight, smooth, bias32, x.dtype, x_scale)
 
-    call.approximate = True  # type: ignore[attr-defined]  (rounds within error_bound, not bit-exact)
+    call.approximate = not weight.exact  # type: ignore[attr-defined]  (linear_dynamic: within error_bound)
     return call

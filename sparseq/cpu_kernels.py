@@ -21,10 +21,10 @@ from torch import Tensor
 
 _lib = torch.library.Library("sparseq", "FRAGMENT")
 _lib.define("quantize_int8_cpu(Tensor x, Tensor? smooth, Tensor? x_scale, bool offset=False) -> (Tensor, Tensor)")
+_lib.define("quantize_grid_cpu(Tensor x, Tensor? smooth, Tensor? x_scale) -> (Tensor, Tensor)")
 _lib.define("w8a8_epilogue_cpu(Tensor acc, Tensor x_scale, Tensor w_scale, Tensor? bias) -> Tensor")
 _lib.define("int8_weight_only_cpu(Tensor x, Tensor wq, Tensor w_scale, Tensor? bias) -> Tensor")
 _lib.define("normalize_rows_cpu(Tensor x, Tensor? smooth) -> (Tensor, Tensor)")
-_lib.define("fbgemm_row_epilogue_cpu(Tensor(a!) y, Tensor x, Tensor w_scale, Tensor? bias) -> Tensor(a!)")
 
 
 @torch.library.register_fake("sparseq::int8_weight_only_cpu", lib=_lib)
@@ -67,10 +67,10 @@ def weight_only_unavailable_reason() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _ops() -> Tuple[object, object, object, object, object]:
+def _ops() -> Tuple[object, ...]:
     ops = torch.ops.sparseq
     return (ops.quantize_int8_cpu.default, ops.w8a8_epilogue_cpu.default, ops.int8_weight_only_cpu.default,
-            ops.normalize_rows_cpu.default, ops.fbgemm_row_epilogue_cpu.default)
+            ops.normalize_rows_cpu.default, ops.quantize_grid_cpu.default)
 
 
 def quantize_int8(x: Tensor, smooth: Optional[Tensor], x_scale: Optional[Tensor],
@@ -84,6 +84,15 @@ def quantize_int8(x: Tensor, smooth: Optional[Tensor], x_scale: Optional[Tensor]
             or (x_scale is not None and (x_scale.dtype != torch.float32 or x_scale.shape != (1,)))):
         return None
     return _ops()[0](x, smooth, x_scale, offset)
+
+
+def quantize_grid(x: Tensor, smooth: Optional[Tensor], x_scale: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``(grid fp32 [M + R, K], scale fp32 [M])``: ``reference.activation_grid``'s integers as fp32
+    (NaN -> 0, as the int8 cast), then ``R`` range rows (1, or 2 where ``K = 1``) holding -128 and
+    127 and zeros, so that fbgemm's per-tensor uint8 quantizer takes scale 1 and zero point 128
+    and keeps every integer exactly (``sparseq.cpu_fbgemm``). One C++ pass; needs the extension
+    and a contiguous fp32/bf16/fp16 ``x``, ``smooth`` and ``x_scale`` contiguous fp32."""
+    return _ops()[4](x, smooth, x_scale)
 
 
 def epilogue(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
@@ -117,12 +126,3 @@ def normalize_rows(x: Tensor, smooth: Optional[Tensor]) -> Optional[Tuple[Tensor
             or (smooth is not None and (smooth.dtype != torch.float32 or not smooth.is_contiguous()))):
         return None
     return _ops()[3](x, smooth)
-
-
-def fbgemm_row_epilogue(y: Tensor, x: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
-    """``y * w_scale + bias`` in place (fp32 ``y [M, N]`` from fbgemm on the raw fp32 rows of
-    ``x [M, K]``), each row of ``x`` that holds NaN or Inf giving a NaN row; None where the
-    extension is not loaded. ``w_scale`` and ``bias`` must be contiguous fp32."""
-    if not available():
-        return None
-    return _ops()[4](y, x, w_scale, bias)

@@ -9,7 +9,8 @@ slower than dense" fallback) and ``reference``. On the CPU the shipped table's `
 applies (x86 has no sparse instructions: 2:4 runs dense; W8A8 runs oneDNN), then ``dense``, then
 the reference (``dense_fallback=False``); under the default ``"fast"`` CPU numerics
 (:func:`cpu_numerics`) the ``cpu_fast`` section, keyed by compute dtype, overrides it per op
-(fbgemm for W8A8 at small M; dense on the dequantized weight where no int8 kernel wins). On a GPU
+(fbgemm for W8A8 at small M; dense on the dequantized weight where no int8 kernel wins); under
+``"exact"`` its fbgemm entries still apply (fbgemm's packed form is exact). On a GPU
 the list always ends with ``dense``, never the reference: the reference checks values (a host
 sync) and rebuilds the weight every call, which no GPU path may do.
 
@@ -38,10 +39,16 @@ BUCKET_M = (1, 16, 64, 256, 1024, 4096)
 CACHE_ENV = "SPARSEQ_TUNE_CACHE"
 NUMERICS_ENV = "SPARSEQ_CPU_NUMERICS"
 CPU_NUMERICS = ("fast", "exact")
-"""``fast`` (default): on the CPU, W8A8 layers may round activations as PyTorch's fbgemm kernel
-does, or not quantize them where no int8 kernel beats the dense GEMM (bounded, tested:
-``sparseq.cpu_fbgemm.error_bound``). ``exact``: every CPU path equals the reference format bit
+"""``fast`` (default): on the CPU, W8A8 layers may skip quantizing the activations where no int8
+kernel beats the dense GEMM, and run fbgemm's approximate ``linear_dynamic`` form where its exact
+form does not run (no VNNI, no ``sparseq._C_cpu``): bounded, tested
+(``sparseq.cpu_fbgemm.error_bound``). ``exact``: every CPU path equals the reference format bit
 for bit (as the GPU kernels do): the choice for accuracy evaluation."""
+
+EXACT_FAST_BACKEND = "fbgemm"
+"""The ``cpu_fast`` section's backend that the ``"exact"`` numerics take too, in the same places
+(fbgemm's ``packed_gemm`` form equals the reference; a layer whose fbgemm runs only the
+approximate ``linear_dynamic`` form declines it there, and the next backend runs)."""
 
 _lock = threading.Lock()
 _tables: Dict[str, dict] = {}
@@ -276,12 +283,19 @@ def preferences(op: str, n: int, k: int, dtype: torch.dtype, device: torch.devic
         per_op = part_of(by_dtype.get("ops", {}).get(op) or table.get("cpu", {}).get(op, {}), [])
         sections = table.get("cpu_fast", {})
         fast_table = sections.get(dtype_name, sections.get("default", {}))
-        if _numerics == "fast" and op in fast_table.get("ops", {}):
-            per_op = part_of(fast_table["ops"][op], [])
-            min_nk = fast_table.get("min_nk", {})
+        if op in fast_table.get("ops", {}):
+            fast_list = part_of(fast_table["ops"][op], [])
+            fast_min = fast_table.get("min_nk", {})
             if one_thread:
-                min_nk = _merged(min_nk, fast_table.get("min_nk_one_thread", {}))
-            max_nk = _merged(max_nk, fast_table.get("max_nk", {}))  # e.g. fbgemm: oneDNN wins on large layers
+                fast_min = _merged(fast_min, fast_table.get("min_nk_one_thread", {}))
+            fast_max = _merged(max_nk, fast_table.get("max_nk", {}))  # e.g. fbgemm: oneDNN wins on large layers
+            if _numerics == "fast":
+                per_op, min_nk, max_nk = fast_list, fast_min, fast_max
+            elif EXACT_FAST_BACKEND in fast_list:
+                # fbgemm's packed form is exact too: where the fast section runs it, so does "exact"
+                per_op = [EXACT_FAST_BACKEND] + [b for b in per_op if b != EXACT_FAST_BACKEND]
+                min_nk = _merged(min_nk, {EXACT_FAST_BACKEND: fast_min.get(EXACT_FAST_BACKEND, {})})
+                max_nk = _merged(max_nk, {EXACT_FAST_BACKEND: fast_max.get(EXACT_FAST_BACKEND, {})})
         fast = [b for b in per_op if part_of(min_nk.get(b, {}), 0) <= n * k <= part_of(max_nk.get(b, {}), n * k)]
         return list(dict.fromkeys(fast + ["dense", "reference"]))
     if device.type != "cuda":

@@ -21,8 +21,8 @@ fp32 (``q * s`` for int8 weights, never rounded to the layer dtype), within the 
 above. For W8A8 layers ``x`` is quantized and dequantized by the reference quantizer first:
 the format defines that rounding, and the kernel must match it bit for bit. Exception: a CPU
 path under the ``"fast"`` numerics that rounds activations otherwise (``impl.approximate``:
-fbgemm, or the dense bucket without activation quantization) is held to that bound plus
-``sparseq.cpu_fbgemm.error_bound``.
+fbgemm's ``linear_dynamic`` form, or the dense bucket without activation quantization) is held
+to that bound plus ``sparseq.cpu_fbgemm.error_bound``.
 """
 from __future__ import annotations
 

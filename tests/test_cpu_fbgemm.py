@@ -1,6 +1,7 @@
-"""The ``fast`` CPU numerics: fbgemm's int8 GEMM (both forms) for W8A8 layers (``sparseq.cpu_fbgemm``)
-and the float-activation dense bucket, held to ``cpu_fbgemm.error_bound``; ``exact`` numerics
-bit-identical to the reference; the dispatch choices of both modes."""
+"""fbgemm's int8 GEMM for W8A8 layers (``sparseq.cpu_fbgemm``): the ``packed_gemm`` form bit-identical
+to the reference, the ``linear_dynamic`` form and the fast numerics' float-activation dense bucket
+held to ``cpu_fbgemm.error_bound``; ``exact`` numerics bit-identical to the reference; the
+dispatch choices of both modes."""
 from __future__ import annotations
 
 import gc
@@ -43,24 +44,72 @@ def _ref(x, wq, ws, smooth, bias):
     return reference.int8_mm(xq, wq, xs, ws, bias, torch.float32)
 
 
+needs_packed_gemm = pytest.mark.skipif(bool(cpu_fbgemm.packed_gemm_unavailable_reason()),
+                                       reason=cpu_fbgemm.packed_gemm_unavailable_reason() or "ok")
+EXACT = not cpu_fbgemm.packed_gemm_unavailable_reason()
+"""Whether fbgemm runs its exact form here (VNNI and sparseq._C_cpu)."""
+
+
+@needs_packed_gemm
+@pytest.mark.parametrize("m,n,k", [(1, 64, 48), (5, 96, 384), (16, 384, 384), (33, 130, 250), (64, 256, 1024),
+                                   (3, 17, 1), (2, 9, 2), (300, 64, 128)])
+@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_packed_gemm_equals_the_reference_bit_for_bit(m, n, k, smooth, static, bias, dtype):
+    """Per-token or static scales, SmoothQuant, bias, every activation dtype (the output in it);
+    rows of magnitudes 1e-3 .. 1e2 (per-tensor rounding would fail them); K = 1 and 2."""
+    x = _activations(m, k, seed=m + n).to(dtype)
+    wq, ws = _weight(n, k, seed=k)
+    s = torch.rand(k, generator=torch.Generator().manual_seed(1)) + 0.5 if smooth else None
+    xs = reference.per_tensor_scale(20.0) if static else None
+    b = torch.randn(n) if bias else None
+    weight = cpu_fbgemm.PackedWeight(wq, ws, form="packed_gemm")
+    assert weight.exact
+    y = cpu_fbgemm.run(x, weight, s, b, dtype, xs)
+    xq, x_scale = (reference.quantize_per_token(x, s) if xs is None
+                   else (reference.quantize_per_tensor(x, xs, s), xs))
+    assert y.dtype == dtype
+    assert torch.equal(y, reference.int8_mm(xq, wq, x_scale, ws, b, dtype))
+
+
+@needs_packed_gemm
+def test_packed_gemm_needs_its_range_columns():
+    """Negative control: with the range columns zeroed, fbgemm's quantizer picks its scale from
+    the integers' own range (not 1) and the product leaves the reference."""
+    x = _activations(16, 384, seed=3)
+    wq, ws = _weight(256, 384, seed=4)
+    w = cpu_fbgemm.PackedWeight(wq, ws, form="packed_gemm")
+    grid, scale = cpu_kernels.quantize_grid(x, None, None)
+    want = cpu_kernels.epilogue(cpu_fbgemm._packed_gemm()(grid, w.shape_only, w.packed, w.col_offsets, 1.0, 0, w.zeros),
+                                scale, w.w_scale, None)
+    xq, xs = reference.quantize_per_token(x)
+    assert torch.equal(want, reference.int8_mm(xq, wq, xs, ws, None, torch.float32))
+    grid[:, -2:] = 0.0
+    acc = cpu_fbgemm._packed_gemm()(grid, w.shape_only, w.packed, w.col_offsets, 1.0, 0, w.zeros)
+    assert not torch.equal(cpu_kernels.epilogue(acc, scale, w.w_scale, None), want)
+
+
 @needs_fbgemm
-@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("m,n,k", [(1, 64, 48), (5, 96, 384), (16, 384, 384), (33, 130, 250), (64, 256, 1024)])
 @pytest.mark.parametrize("smooth", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fbgemm_within_its_bound_of_the_reference(form, m, n, k, smooth, bias):
+def test_linear_dynamic_within_its_bound_of_the_reference(m, n, k, smooth, bias):
     x = _activations(m, k, seed=m + n)
     wq, ws = _weight(n, k, seed=k)
     s = torch.rand(k, generator=torch.Generator().manual_seed(1)) + 0.5 if smooth else None
     b = torch.randn(n) if bias else None
-    weight = cpu_fbgemm.PackedWeight(wq, ws, form=form)
-    assert weight.form == form
+    weight = cpu_fbgemm.PackedWeight(wq, ws, form="linear_dynamic")
+    assert not weight.exact
     y = cpu_fbgemm.run(x, weight, s, b, torch.float32)
     want = _ref(x, wq, ws, s, b)
     err = (y - want).abs()
     bound = cpu_fbgemm.error_bound(x, wq, ws, s, b)
     assert (err <= bound).all(), float((err / bound).max())
     assert err.max() > 0  # fbgemm really ran (it rounds otherwise than the reference)
+    with pytest.raises(ValueError, match="dynamic activation scales only"):
+        cpu_fbgemm.run(x, weight, s, b, torch.float32, reference.per_tensor_scale(3.0))
 
 
 @needs_fbgemm
@@ -74,21 +123,6 @@ def test_the_bound_rejects_per_tensor_quantization():
     assert bad.any()
 
 
-@pytest.mark.skipif(bool(cpu_fbgemm.packed_gemm_unavailable_reason()),
-                    reason=cpu_fbgemm.packed_gemm_unavailable_reason() or "ok")
-def test_the_bound_rejects_the_packed_gemm_on_raw_activations():
-    """The same negative control for the ``packed_gemm`` form: its GEMM on the raw rows, the
-    per-channel scales applied after, breaks the bound; the normalised run keeps it."""
-    x = _activations(16, 384, seed=3)
-    wq, ws = _weight(256, 384, seed=4)
-    w = cpu_fbgemm.PackedWeight(wq, ws, form="packed_gemm")
-    plain = cpu_fbgemm._packed_gemm()(x, w.shape_only, w.packed, w.col_offsets, 1.0, 0, w.zeros) * ws
-    bound = cpu_fbgemm.error_bound(x, wq, ws, None, None)
-    want = _ref(x, wq, ws, None, None)
-    assert ((plain - want).abs() > bound).any()
-    assert ((cpu_fbgemm.run(x, w, None, None, torch.float32) - want).abs() <= bound).all()
-
-
 def test_packed_weight_forms():
     wq, ws = _weight(8, 16, seed=0)
     with pytest.raises(ValueError, match="form must be one of"):
@@ -100,7 +134,8 @@ def test_packed_weight_forms():
             cpu_fbgemm.PackedWeight(wq, ws, form="packed_gemm")
     else:
         w = cpu_fbgemm.PackedWeight(wq, ws)
-        assert w.form == "packed_gemm" and w.shape_only.shape == (8, 16) and w.shape_only.stride() == (0, 0)
+        assert w.form == "packed_gemm" and w.exact
+        assert w.shape_only.shape == (8, 16 + cpu_fbgemm.RANGE_COLUMNS) and w.shape_only.stride() == (0, 0)
         assert torch.equal(w.col_offsets, wq.sum(dim=1, dtype=torch.int32))
 
 
@@ -138,41 +173,13 @@ def test_non_finite_and_zero_rows(form):
     assert not torch.isfinite(y[1:4]).any(dim=1).any()  # whole rows non-finite
     assert torch.equal(y[4], b)
     ok = [0, 5]
-    assert ((y[ok] - _ref(x[ok], wq, ws, None, b)).abs() <= cpu_fbgemm.error_bound(x[ok], wq, ws, None, b)).all()
+    if packed.exact:
+        assert torch.equal(y[ok], _ref(x[ok], wq, ws, None, b))
+    else:
+        assert ((y[ok] - _ref(x[ok], wq, ws, None, b)).abs() <= cpu_fbgemm.error_bound(x[ok], wq, ws, None, b)).all()
     for i in (1, 2, 3):  # one row alone (linear_dynamic's decode path hands a finite row to fbgemm as it is)
         assert not torch.isfinite(cpu_fbgemm.run(x[i:i + 1], packed, None, b, torch.float32)).any()
     assert torch.equal(cpu_fbgemm.run(x[4:5], packed, None, b, torch.float32)[0], b)
-
-
-@pytest.mark.skipif(bool(cpu_fbgemm.packed_gemm_unavailable_reason()),
-                    reason=cpu_fbgemm.packed_gemm_unavailable_reason() or "ok")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_row_runs_without_normalisation_and_falls_back_where_fbgemm_refuses(dtype, monkeypatch):
-    """The packed form hands a single row (no SmoothQuant) to fbgemm as it is: within the bound
-    with the normalisation made to fail; where fbgemm raises, the normalised path runs."""
-    x = _activations(1, 256, seed=9).to(dtype)
-    wq, ws = _weight(96, 256, seed=10)
-    b = torch.randn(96)
-    packed = cpu_fbgemm.PackedWeight(wq, ws, form="packed_gemm")
-    want, bound = _ref(x.float(), wq, ws, None, b), cpu_fbgemm.error_bound(x, wq, ws, None, b)
-    with monkeypatch.context() as patch:
-        patch.setattr(cpu_kernels, "normalize_rows", lambda *a: pytest.fail("a single row was normalised"))
-        y = cpu_fbgemm.run(x, packed, None, b, dtype)
-    assert y.dtype == dtype and ((y.float() - want).abs() <= bound + (0 if dtype == torch.float32 else
-                                                                      want.abs() / 128)).all()
-    gemm = cpu_fbgemm._packed_gemm()
-    calls = []
-
-    def refuse_raw_rows(u, *args):
-        calls.append(u)
-        if len(calls) == 1:
-            raise RuntimeError("refused")  # as fbgemm does for some rows holding NaN
-        return gemm(u, *args)
-
-    monkeypatch.setattr(cpu_fbgemm, "_packed_gemm", lambda: refuse_raw_rows)
-    y = cpu_fbgemm.run(x.float(), packed, None, b, torch.float32)
-    assert len(calls) == 2 and calls[1].abs().max() <= 1.0  # the second call got the normalised row
-    assert ((y - want).abs() <= bound).all()
 
 
 @needs_fbgemm
@@ -216,27 +223,37 @@ def test_fast_numerics_dispatch_and_bounds():
                 with torch.no_grad():
                     y = layer(xm)
                 backend = layer.backends[(CPU, dispatch.bucket_of(m), torch.float32)]
-                static = name.endswith("static")
-                # 2048x1024: fbgemm below _FBGEMM_TO (dynamic scales), the exact oneDNN path from there
+                # fbgemm's exact form takes static scales too; its approximate one declines them
+                static = name.endswith("static") and not EXACT
+                # 2048x1024: fbgemm below _FBGEMM_TO, the exact oneDNN path from there
                 runs = "onednn" if static or m >= _FBGEMM_TO else "fbgemm"
                 if m == 1 or m >= 17 or static:
                     assert backend == runs, (name, m, backend)
                 else:
                     assert backend == _FBGEMM_2_16, (name, m)
-                assert testing.is_approximate(layer, xm) == (runs == "fbgemm"), (name, m, backend)
+                approximate = runs == "fbgemm" and not EXACT
+                assert testing.is_approximate(layer, xm) == approximate, (name, m, backend)
                 testing.assert_layer_close(layer, xm, y)
+                if not approximate:
+                    assert torch.equal(y, layer.backend_impl("reference", m, torch.float32, CPU)(xm))
 
 
 @needs_fbgemm
 def test_exact_numerics_equal_the_reference_op():
     layer = _layers()["w8a8-smooth"]
     x = _activations(16, 1024, seed=9)
-    with sparseq.cpu_numerics("exact"), torch.no_grad():
-        y = layer(x)
-        assert layer.backends[(CPU, 1, torch.float32)] == ("dense" if cpu_ops.unavailable_reason() else "onednn")
     want = layer.backend_impl("reference", 16, torch.float32, CPU)(x)
-    assert torch.equal(y, want)
-    assert not testing.is_approximate(layer, x)
+    with sparseq.cpu_numerics("exact"), torch.no_grad():
+        for m in (1, 8, 16):  # fbgemm's exact form where the fast table runs fbgemm, oneDNN after
+            assert torch.equal(layer(x[:m]), want[:m])
+            assert not testing.is_approximate(layer, x[:m])
+        backends = dict(layer.backends)
+    if EXACT:
+        assert backends[(CPU, 0, torch.float32)] == "fbgemm"
+        assert backends[(CPU, 1, torch.float32)] == _FBGEMM_2_16
+    else:
+        assert "fbgemm" not in backends[(CPU, 1, torch.float32)]
+        assert backends[(CPU, 1, torch.float32)] == ("dense" if cpu_ops.unavailable_reason() else "onednn")
 
 
 @needs_fbgemm
@@ -247,14 +264,15 @@ def test_switching_numerics_re_resolves_and_the_context_restores():
     with torch.no_grad():
         y_fast = layer(x)
         assert layer.backends[(CPU, 1, torch.float32)] == _FBGEMM_2_16
-        assert testing.is_approximate(layer, x)
+        assert testing.is_approximate(layer, x) == (not EXACT)
         with sparseq.cpu_numerics("exact"):
             assert layer.backends == {}  # forgotten on the switch
             y_exact = layer(x)
-            assert layer.backends[(CPU, 1, torch.float32)] != "fbgemm"
+            assert (layer.backends[(CPU, 1, torch.float32)] == _FBGEMM_2_16) == EXACT
+            assert not testing.is_approximate(layer, x)
         assert sparseq.get_cpu_numerics() == "fast"
         assert torch.equal(layer(x), y_fast)
-    assert not torch.equal(y_fast, y_exact)
+    assert torch.equal(y_fast, y_exact) == EXACT  # the same exact fbgemm path, else two roundings
     with pytest.raises(ValueError, match="one of"):
         sparseq.set_cpu_numerics("quick")
 
@@ -319,15 +337,15 @@ def test_compiled_fast_layer_matches_eager():
     finally:
         torch._dynamo.reset()
     assert model[0].backends[(CPU, 1, torch.float32)] == _FBGEMM_2_16
-    assert testing.is_approximate(model[0], x)
+    assert testing.is_approximate(model[0], x) == (not EXACT)
     assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
 @needs_fbgemm
 @pytest.mark.parametrize("m", [1, 3])
 def test_compiled_impl_equals_eager_for_one_row_and_more(m):
-    """The traced op runs the same code as an eager call: a single row (the packed form's
-    row-as-is path) and a batch give the same bits compiled."""
+    """The traced op runs the same code as an eager call: a single row and a batch give the
+    same bits compiled, a static scale too where the exact form runs."""
     wq, ws = _weight(96, 256, seed=11)
     impl = cpu_fbgemm.w8a8_impl(cpu_fbgemm.PackedWeight(wq, ws), None, torch.randn(96))
     x = _activations(m, 256, seed=12)
@@ -337,6 +355,14 @@ def test_compiled_impl_equals_eager_for_one_row_and_more(m):
     finally:
         torch._dynamo.reset()
     assert torch.equal(compiled, impl(x))
+    if EXACT:
+        static = cpu_fbgemm.w8a8_impl(cpu_fbgemm.PackedWeight(wq, ws), None, None, reference.per_tensor_scale(2.0))
+        torch._dynamo.reset()
+        try:
+            compiled = torch.compile(static, fullgraph=True)(x)
+        finally:
+            torch._dynamo.reset()
+        assert torch.equal(compiled, static(x))
 
 
 @needs_fbgemm
@@ -413,7 +439,7 @@ def test_m1_backend_follows_the_thread_count():
             torch.set_num_threads(threads)
     assert layer.backends[(CPU, 0, torch.float32)] == "fbgemm (1 thread) / dense"
     assert torch.equal(two, torch.nn.functional.linear(x, layer.dense_copy(CPU, torch.float32), layer.bias))
-    assert not torch.equal(one, two)  # fbgemm rounded the activations
+    assert not torch.equal(one, two)  # fbgemm quantized the activations, the fast dense bucket did not
     testing.assert_layer_close(layer, x, one)
     testing.assert_layer_close(layer, x, two)
     pref = dispatch.preferences("int8_mm", 768, 384, torch.float32, CPU, 1, one_thread=True)

@@ -171,21 +171,32 @@ def test_normalize_rows_rejects_and_declines_bad_inputs():
 
 
 @needs_extension
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("m,n,k", [(1, 24, 16), (5, 130, 300), (0, 8, 4)])
-def test_fbgemm_row_epilogue_scales_finite_rows_and_poisons_the_others(bias, m, n, k):
-    """``y * w_scale + bias`` in place (the reference's fp32 order) for rows of ``x`` that are
-    finite; a row of ``x`` holding NaN or Inf gives a NaN row."""
-    torch.manual_seed(m + n + k)
-    y = torch.randn(m, n) * 100
-    x = torch.randn(m, k)
-    if m > 2:
-        x[1, 3] = float("nan")
-        x[2, -1] = -float("inf")
-    w_scale = torch.rand(n) * 1e-2
-    b = torch.randn(n) if bias else None
-    want = y * w_scale + (b if bias else 0)
-    out = cpu_kernels.fbgemm_row_epilogue(y, x, w_scale, b)
-    assert out.data_ptr() == y.data_ptr()
-    finite = torch.isfinite(x).all(dim=1)
-    assert torch.equal(out[finite], want[finite]) and out[~finite].isnan().all()
+@pytest.mark.parametrize("m,k", [(1, 16), (6, 384), (37, 1000), (3, 7), (5, 1), (0, 8), (4, 0), (600, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("static", [False, True])
+def test_quantize_grid_equals_the_reference_integers_with_range_columns(m, k, dtype, smooth, static):
+    """The reference's int8 values as fp32 (NaN -> 0 as the int8 cast), its scales (NaN/Inf
+    ones too), then -128 and 127 in every row: the range fbgemm's quantizer reads."""
+    x = _activations(m, k, dtype)
+    f = torch.rand(k) + 0.5 if smooth else None
+    xs = ref.per_tensor_scale(3.5) if static else None
+    grid, s = cpu_kernels.quantize_grid(x, f, xs)
+    want_q, want_s = _want(x, f, xs)
+    assert grid.dtype == torch.float32 and grid.shape == (m, k + 2) and s.shape == (m,)
+    assert torch.equal(grid[:, :k], want_q.float())
+    assert torch.equal(grid[:, k:], torch.tensor([[-128.0, 127.0]]).expand(m, 2))
+    torch.testing.assert_close(s, want_s, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_extension
+def test_quantize_grid_rejects_bad_inputs():
+    op = torch.ops.sparseq.quantize_grid_cpu
+    with pytest.raises(RuntimeError, match=r"smooth must have shape \[8\], got \[7\]"):
+        op(torch.randn(2, 8), torch.ones(7), None)
+    with pytest.raises(RuntimeError, match=r"x_scale must have shape \[1\]"):
+        op(torch.randn(2, 8), None, torch.ones(2))
+    with pytest.raises(RuntimeError, match="x must be float32, bfloat16 or float16, got Double"):
+        op(torch.randn(2, 8).double(), None, None)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        op(torch.randn(8, 2).t(), None, None)

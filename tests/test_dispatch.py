@@ -17,8 +17,9 @@ def test_buckets(m, bucket):
 
 
 def test_cpu_preferences(exact_cpu_numerics):
-    """x86 has no sparse instructions: 2:4 and weight-only run dense; W8A8 oneDNN; the
-    reference only for dense_fallback=False; other devices the reference."""
+    """x86 has no sparse instructions: 2:4 and weight-only run dense; W8A8 oneDNN (and fbgemm's
+    exact form where the fast section runs fbgemm); the reference only for dense_fallback=False;
+    other devices the reference."""
     cpu = torch.device("cpu")
     for op in ("sparse24_mm", "int8_weight_only_mm", "sparse24_int8_weight_only_mm"):
         for m in dispatch.BUCKET_M:
@@ -31,7 +32,7 @@ def test_cpu_preferences(exact_cpu_numerics):
             assert dispatch.preferences(op, 64, 64, torch.float32, cpu, m) == ["onednn", "dense", "reference"]
         # M = 1: small layers measured faster in the dense bucket, large ones in oneDNN
         assert dispatch.preferences(op, 384, 384, torch.float32, cpu, 1) == ["dense", "reference"]
-        assert dispatch.preferences(op, 2048, 2048, torch.float32, cpu, 1) == ["onednn", "dense", "reference"]
+        assert dispatch.preferences(op, 2048, 2048, torch.float32, cpu, 1) == ["fbgemm", "onednn", "dense", "reference"]
     assert dispatch.preferences("int8_mm", 64, 64, torch.float32, torch.device("meta"), 1) == ["reference"]
 
 
@@ -129,8 +130,12 @@ def test_cpu_preferences_on_amd(monkeypatch):
         assert pref(384, 384, 2, torch.bfloat16) == pref(4096, 4096, 6, torch.bfloat16, True) == woq
         assert pref(384, 384, 7, torch.bfloat16) == pref(1536, 384, 16, torch.bfloat16) == ["dense", "reference"]
         assert pref(1536, 384, 8, torch.float16) == woq and pref(1536, 384, 17, torch.float16) == ["dense", "reference"]
-    with sparseq.cpu_numerics("exact"):  # the shared section
+    with sparseq.cpu_numerics("exact"):  # the shared section, with the fast section's fbgemm (exact too)
         assert dispatch.preferences("int8_mm", 384, 384, torch.float32, torch.device("cpu"), 16) == \
+            ["fbgemm", "onednn", "dense", "reference"]
+        assert dispatch.preferences("int8_mm", 384, 384, torch.float32, torch.device("cpu"), 65) == \
+            ["onednn", "dense", "reference"]
+        assert dispatch.preferences("int8_mm", 64, 64, torch.float32, torch.device("cpu"), 16) == \
             ["onednn", "dense", "reference"]
     assert dispatch.preferences("sparse24_mm", 2048, 2048, torch.float32, torch.device("cpu"), 16) == \
         ["dense", "reference"]
@@ -257,11 +262,12 @@ def test_w8a8_layers_switch_on_parts_of_the_small_bucket(xeon_tables):
             one_thread = torch.get_num_threads() == 1
             for m in (2, 3, 4, 7, 8, 9, 10, 16):
                 x = torch.randn(m, 384)
-                assert runs_dense_bucket(small, x) == (m < 4 or (m < 8 and one_thread))
-                assert testing.is_approximate(small, x)  # the dense bucket of the fast numerics rounds too
+                dense = m < 4 or (m < 8 and one_thread)
+                assert runs_dense_bucket(small, x) == dense
+                assert testing.is_approximate(small, x) == dense  # the fast dense bucket rounds; fbgemm is exact
                 assert check_layer_close(small, x) is None
                 xb = torch.randn(m, 2048)
-                assert testing.is_approximate(big, xb) == (m < 10)  # oneDNN's path is exact
+                assert not testing.is_approximate(big, xb)  # fbgemm's packed form and oneDNN's path are exact
                 assert check_layer_close(big, xb) is None
 
 

@@ -2,12 +2,14 @@
 // torch._int_mm), each one pass over its tensor instead of the 6-9 torch ops that compute them:
 //   quantize_int8_cpu     per-token (or static) int8 quantization of the activations (or
 //                         int8 + 128 as uint8: oneDNN's activations on CPUs without AMX)
+//   quantize_grid_cpu     the same integers as fp32, with range columns for fbgemm's per-tensor
+//                         quantizer to take them exactly (sparseq/cpu_fbgemm.py)
 //   w8a8_epilogue_cpu     fp32(acc) * x_scale[m] * w_scale[n] + bias[n]
-//   normalize_rows_cpu    rows divided by their max |x| (NaN/Inf zeroed): fbgemm's input on the
-//                         "fast" CPU path (per-token semantics through a per-tensor kernel)
-// Both equal the reference arithmetic (sparseq/reference.py) bit for bit: the same fp32
-// operations in the same order, no contraction into FMAs (-ffp-contract=off), round half to
-// even, NaN -> 0 in the int8 cast as torch does on x86. Schemas live in sparseq/cpu_kernels.py.
+//   normalize_rows_cpu    rows divided by their max |x| (NaN/Inf zeroed): the input of fbgemm's
+//                         approximate linear_dynamic form (per-token semantics, per-tensor kernel)
+// The quantizers and the epilogue equal the reference arithmetic (sparseq/reference.py) bit for
+// bit: the same fp32 operations in the same order, no contraction into FMAs (-ffp-contract=off),
+// round half to even, NaN -> 0 in the int8 cast as torch does on x86. Schemas live in sparseq/cpu_kernels.py.
 //
 // PyTorch's stable C ABI only (torch/csrc/stable, torch/headeronly): one build loads under every
 // torch from TORCH_TARGET_VERSION on, CPU or CUDA builds alike.
@@ -39,6 +41,8 @@ constexpr float kInt8Max = 127.0f;
 constexpr float kRoundMagic = 12582912.0f;
 // Rows per parallel task: about 32K elements each, so small calls run inline on the caller.
 constexpr int64_t kGrainElements = 1 << 15;
+// quantize_grid_cpu's columns after a row's K: -128 and 127, fbgemm's quantizer range.
+constexpr int64_t kRangeColumns = 2;
 
 void check_vector(const std::optional<Tensor>& t, const char* name, int64_t n) {
   if (!t.has_value()) return;
@@ -126,18 +130,19 @@ const float* smoothed_row(const T* x, const float* smooth, int64_t k, float* buf
   return buf;
 }
 
+// A row's scale from its amax: amax / 127 (1 where it is 0, NaN stays NaN), or the static scale
+// with NaN where the row holds NaN or Inf (the reference's activation_grid).
+inline float row_scale(float amax, const float* static_scale) {
+  if (static_scale) return *static_scale + amax * 0.0f;
+  return amax == 0.0f ? 1.0f : amax / kInt8Max;
+}
+
 // One row: xs = x / smooth in fp32 (into buf unless x already is that), amax, scale, xq.
 template <typename T>
 void quantize_row(const T* x, const float* smooth, int64_t k, const float* static_scale, bool offset, float* buf,
                   float* tmp, int8_t* q, float* scale_out) {
   const float* xs = smoothed_row(x, smooth, k, buf);
-  const float amax = row_absmax(xs, k);
-  float scale;
-  if (static_scale) {
-    scale = *static_scale + amax * 0.0f;  // the reference: NaN where the row holds NaN or Inf
-  } else {
-    scale = amax == 0.0f ? 1.0f : amax / kInt8Max;  // NaN stays NaN
-  }
+  const float scale = row_scale(row_absmax(xs, k), static_scale);
   row_to_int8(xs, k, static_scale ? *static_scale : scale, offset, tmp, q);
   *scale_out = scale;
 }
@@ -180,6 +185,50 @@ std::tuple<Tensor, Tensor> quantize_int8_cpu(Tensor x, std::optional<Tensor> smo
                       dtype_name(x.scalar_type()));
   }
   return {q, scale};
+}
+
+template <typename T>
+void grid_rows(const Tensor& x, const float* smooth, const float* static_scale, Tensor& grid, Tensor& scale) {
+  const int64_t m = x.size(0), k = x.size(1), ld = k + kRangeColumns;
+  const T* xp = static_cast<const T*>(x.const_data_ptr());
+  float* gp = static_cast<float*>(grid.mutable_data_ptr());
+  float* sp = static_cast<float*>(scale.mutable_data_ptr());
+  torch::stable::parallel_for(0, m, grain_rows(k), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float* out = gp + i * ld;  // x / smooth first (in out unless x is that), then its grid into out
+      const float* xs = smoothed_row(xp + i * k, smooth, k, out);
+      sp[i] = row_scale(row_absmax(xs, k), static_scale);
+      row_to_grid_div(xs, k, static_scale ? *static_scale : sp[i], out);
+      out[k] = -128.0f;
+      out[k + 1] = kInt8Max;
+    }
+  });
+}
+
+// (grid fp32 [M, K + 2], scale fp32 [M]) of x [M, K] (fp32, bf16 or fp16): each row the
+// reference's activation_grid (the integers of xq as floats, NaN -> 0 as in the int8 cast), then
+// two range columns holding -128 and 127. A per-tensor asymmetric uint8 quantizer over
+// [min, max] (fbgemm's dynamic one) then picks scale 1 and zero point 128 and reproduces
+// xq + 128 exactly; the weight's two matching columns are zero (sparseq/cpu_fbgemm.py).
+std::tuple<Tensor, Tensor> quantize_grid_cpu(Tensor x, std::optional<Tensor> smooth, std::optional<Tensor> x_scale) {
+  check_cpu_contiguous(x, "x");
+  STD_TORCH_CHECK(x.dim() == 2, "sparseq quantize_grid_cpu: x must be 2-D [M, K], got ", shape_of(x));
+  const int64_t m = x.size(0), k = x.size(1);
+  check_vector(smooth, "smooth", k);
+  check_vector(x_scale, "x_scale", 1);
+  Tensor grid = torch::stable::new_empty(x, {m, k + kRangeColumns}, ScalarType::Float);
+  Tensor scale = torch::stable::new_empty(x, {m}, ScalarType::Float);
+  const float* sm = smooth.has_value() ? static_cast<const float*>(smooth->const_data_ptr()) : nullptr;
+  const float* st = x_scale.has_value() ? static_cast<const float*>(x_scale->const_data_ptr()) : nullptr;
+  switch (x.scalar_type()) {
+    case ScalarType::Float: grid_rows<float>(x, sm, st, grid, scale); break;
+    case ScalarType::BFloat16: grid_rows<c10::BFloat16>(x, sm, st, grid, scale); break;
+    case ScalarType::Half: grid_rows<c10::Half>(x, sm, st, grid, scale); break;
+    default:
+      STD_TORCH_CHECK(false, "sparseq quantize_grid_cpu: x must be float32, bfloat16 or float16, got ",
+                      dtype_name(x.scalar_type()));
+  }
+  return {grid, scale};
 }
 
 // out = (fp32(acc) * s) * w_scale + bias, one row, in the reference's order (no FMA).
@@ -293,38 +342,11 @@ std::tuple<Tensor, Tensor> normalize_rows_cpu(Tensor x, std::optional<Tensor> sm
   return {u, amax};
 }
 
-// y = y * w_scale[n] + bias[n] in place, where y came from fbgemm on the raw rows of x (no
-// per-row normalisation: one row is its own tensor); a row of x holding NaN or Inf gives a NaN
-// row (fbgemm's output for it is garbage; the reference's is not finite).
-Tensor fbgemm_row_epilogue_cpu(Tensor y, Tensor x, Tensor w_scale, std::optional<Tensor> bias) {
-  check_cpu_contiguous(y, "y");
-  check_cpu_contiguous(x, "x");
-  STD_TORCH_CHECK(y.dim() == 2 && y.scalar_type() == ScalarType::Float,
-                  "sparseq fbgemm_row_epilogue_cpu: y must be 2-D float32, got ", shape_of(y));
-  STD_TORCH_CHECK(x.dim() == 2 && x.scalar_type() == ScalarType::Float && x.size(0) == y.size(0),
-                  "sparseq fbgemm_row_epilogue_cpu: x must be float32 [", y.size(0), ", K], got ", shape_of(x));
-  const int64_t m = y.size(0), n = y.size(1), k = x.size(1);
-  check_vector(w_scale, "w_scale", n);
-  check_vector(bias, "bias", n);
-  float* yp = static_cast<float*>(y.mutable_data_ptr());
-  const float* xp = static_cast<const float*>(x.const_data_ptr());
-  const float* ws = static_cast<const float*>(w_scale.const_data_ptr());
-  const float* b = bias.has_value() ? static_cast<const float*>(bias->const_data_ptr()) : nullptr;
-  torch::stable::parallel_for(0, m, grain_rows(n + k), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      // row_absmax is NaN or Inf exactly where the row holds NaN or Inf
-      const float s = std::isfinite(row_absmax(xp + i * k, k)) ? 1.0f : std::nanf("");
-      epilogue_row_f32(yp + i * n, s, ws, b, yp + i * n, n);
-    }
-  });
-  return y;
-}
-
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(sparseq, CPU, m) {
-  m.impl("fbgemm_row_epilogue_cpu", TORCH_BOX(&fbgemm_row_epilogue_cpu));
   m.impl("quantize_int8_cpu", TORCH_BOX(&quantize_int8_cpu));
+  m.impl("quantize_grid_cpu", TORCH_BOX(&quantize_grid_cpu));
   m.impl("w8a8_epilogue_cpu", TORCH_BOX(&w8a8_epilogue_cpu));
   m.impl("normalize_rows_cpu", TORCH_BOX(&normalize_rows_cpu));
 }

@@ -230,17 +230,21 @@ class _W8A8Mixin:
         return cpu_ops.w8a8_impl(packed, self.w_scale, self.smooth, self.x_scale, self.bias)
 
     def _fbgemm_impl(self, device: torch.device) -> Optional[Impl]:
-        """fbgemm's int8 GEMM (``sparseq.cpu_fbgemm``) on the int8 weight, packed once;
-        None for static activation scales (fbgemm picks its own) and off the CPU."""
-        if device.type != "cpu" or self.x_scale is not None:
+        """fbgemm's int8 GEMM (``sparseq.cpu_fbgemm``) on the int8 weight, packed once; None
+        off the CPU, and where fbgemm runs only its approximate form (no VNNI, or no
+        ``sparseq._C_cpu``) while the numerics are ``"exact"`` or the activation scale static."""
+        if device.type != "cpu":
             return None
         from .. import cpu_fbgemm
 
         why = cpu_fbgemm.unavailable_reason()
         if why:
             raise RuntimeError(why)
+        needs_exact = self.x_scale is not None or dispatch.get_cpu_numerics() == "exact"
+        if needs_exact and cpu_fbgemm.default_form() != "packed_gemm":
+            return None
         weight = self.derived("fbgemm_packed", device, lambda: cpu_fbgemm.PackedWeight(self._int8_weight(), self.w_scale))
-        return cpu_fbgemm.w8a8_impl(weight, self.smooth, self.bias)
+        return cpu_fbgemm.w8a8_impl(weight, self.smooth, self.bias, self.x_scale)
 
     def _activation_options(self) -> dict:
         return {"smooth": self.smooth is not None, "static": self.x_scale is not None}
