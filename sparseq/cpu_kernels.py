@@ -92,6 +92,8 @@ def quantize_grid(x: Tensor, smooth: Optional[Tensor], x_scale: Optional[Tensor]
     127 and zeros, so that fbgemm's per-tensor uint8 quantizer takes scale 1 and zero point 128
     and keeps every integer exactly (``sparseq.cpu_fbgemm``). One C++ pass; needs the extension
     and a contiguous fp32/bf16/fp16 ``x``, ``smooth`` and ``x_scale`` contiguous fp32."""
+    if not available():
+        raise RuntimeError(unavailable_reason())
     return _ops()[4](x, smooth, x_scale)
 
 
