@@ -91,7 +91,7 @@ def _onednn_status() -> BackendStatus:
 
 
 def _fbgemm_status() -> BackendStatus:
-    from .cpu_fbgemm import default_form, packed_gemm_unavailable_reason, reduce_range, unavailable_reason
+    from .cpu_fbgemm import default_form, exact_runs, packed_gemm_unavailable_reason, reduce_range, unavailable_reason
 
     why = unavailable_reason()
     if default_form() == "packed_gemm":
@@ -99,9 +99,10 @@ def _fbgemm_status() -> BackendStatus:
                "int8 activations: bit-exact")
     else:
         bits = "7-bit activations: no VNNI" if reduce_range() else "8-bit activations"
-        how = (f"fbgemm dynamic int8 linear (torch.ops.quantized.linear_dynamic, {bits}; the packed GEMM "
+        how = (f"fbgemm dynamic int8 linear (torch.ops.quantized.linear_dynamic, {bits}, "
+               f"{'bit-exact' if exact_runs() else 'approximate'}; the packed GEMM "
                f"does not run: {packed_gemm_unavailable_reason()})")
-    when = "under either CPU numerics" if default_form() == "packed_gemm" else "under the 'fast' CPU numerics"
+    when = "under either CPU numerics" if exact_runs() else "under the 'fast' CPU numerics"
     return BackendStatus(not why, why or f"{how} for W8A8 layers at small M {when}")
 
 

@@ -20,16 +20,20 @@ Two forms of the GEMM bridge that (:class:`PackedWeight` picks one per layer, se
   23.7 us). It takes 8-bit activations only (no ``reduce_range``), so it runs where the CPU has
   VNNI or AMX, and it needs ``sparseq._C_cpu``. PyTorch marks these functions deprecated (a
   one-time warning, silenced here); where a release drops them, the second form runs.
-- ``"linear_dynamic"`` (approximate, the ``"fast"`` CPU numerics only):
-  ``torch.ops.quantized.linear_dynamic`` (what ``torch.ao.quantization.quantize_dynamic`` runs)
-  with the per-channel scales prepacked, on rows first divided by their own ``max |x|`` (NaN/Inf
+- ``"linear_dynamic"``: ``torch.ops.quantized.linear_dynamic`` (what
+  ``torch.ao.quantization.quantize_dynamic`` runs). Exact where the CPU has VNNI and
+  ``sparseq._C_cpu`` is built (:func:`linear_dynamic_exact`): the same range columns and
+  integers as above, the weight prepacked with two zero columns and scales 1 (PyTorch's quantizer
+  picks scale 1 and zero point 128 the same way; measured equal to the packed form bit for bit,
+  and its GEMM 1.1-2x slower: 384x1536 M = 16 65 vs 52 us, 1 thread). Otherwise approximate (the
+  ``"fast"`` CPU numerics only): the per-channel scales prepacked, on rows first divided by their own ``max |x|`` (NaN/Inf
   and the 0/0 of all-zero rows zeroed): every row then lies in ``[-1, 1]`` and fbgemm's one step
   ``(hi - lo) / 255 <= 2 / 255`` is, in the row's own units, at most the format's per-token step.
   The rows are multiplied back by ``amax`` and the bias is added last; :func:`error_bound` states
   how far that may round from the reference (tested). A single finite row goes to fbgemm as it
   is (its tensor is its token). Dynamic scales only (fbgemm would ignore a static scale's clamp).
 
-A row holding NaN or Inf gives a non-finite output row in both forms, as in the reference.
+A row holding NaN or Inf gives a non-finite output row in every variant, as in the reference.
 """
 from __future__ import annotations
 
@@ -74,6 +78,17 @@ def packed_gemm_unavailable_reason() -> str:
     if not cpu_kernels.available():
         return cpu_kernels.unavailable_reason()
     return _self_test("packed_gemm")
+
+
+def linear_dynamic_exact() -> bool:
+    """Whether the ``linear_dynamic`` form runs exactly here: 8-bit activations (VNNI/AMX; with
+    ``reduce_range`` fbgemm's 127 levels cannot hold the 255 integers) and ``sparseq._C_cpu``."""
+    return not reduce_range() and cpu_kernels.available()
+
+
+def exact_runs() -> bool:
+    """Whether a layer's fbgemm weight (in :func:`default_form`) equals the reference bit for bit."""
+    return not unavailable_reason() and (default_form() == "packed_gemm" or linear_dynamic_exact())
 
 
 def default_form() -> str:
@@ -150,12 +165,15 @@ RANGE_COLUMNS = 2
 def run(x: Tensor, weight: "PackedWeight", smooth: Optional[Tensor], bias: Optional[Tensor],
         out_dtype: torch.dtype, x_scale: Optional[Tensor] = None) -> Tensor:
     """``x[M, K] -> [M, N]`` in ``out_dtype`` through fbgemm in the weight's form (module
-    docstring): exact for ``packed_gemm`` (``x_scale``: a static scale ``[1]``), within
-    :func:`error_bound` for ``linear_dynamic`` (dynamic scales only). ``smooth``, ``x_scale`` and
+    docstring): exact where ``weight.exact`` (``x_scale``: a static scale ``[1]``), else within
+    :func:`error_bound` (dynamic scales only). ``smooth``, ``x_scale`` and
     ``bias`` contiguous fp32."""
     if weight.exact:
         grid, scale = cpu_kernels.quantize_grid(x.contiguous(), smooth, x_scale)
-        acc = _packed_gemm()(grid, weight.shape_only, weight.packed, weight.col_offsets, 1.0, 0, weight.zeros)
+        if weight.form == "packed_gemm":
+            acc = _packed_gemm()(grid, weight.shape_only, weight.packed, weight.col_offsets, 1.0, 0, weight.zeros)
+        else:
+            acc = _linear_dynamic()(grid, weight.packed, False)
         y = cpu_kernels.epilogue(acc, scale, weight.w_scale, bias)
         return y if out_dtype == torch.float32 else y.to(out_dtype)
     if x_scale is not None:
@@ -254,9 +272,12 @@ class PackedWeight:
     """An int8 weight ``[N, K]`` with per-channel scales, packed for fbgemm in one of
     :data:`FORMS` (built once per layer and device: a derived tensor of the layer, never saved),
     with the token the traced op finds it by. ``form`` defaults to :func:`default_form`;
-    ``exact``: the form equals the reference bit for bit (``packed_gemm``)."""
+    ``exact`` (default: where the form can be) whether it equals the reference bit for bit:
+    ``packed_gemm`` always is; ``linear_dynamic`` where :func:`linear_dynamic_exact`, or
+    ``exact=False`` for its approximate variant."""
 
-    def __init__(self, wq: Tensor, w_scale: Tensor, form: Optional[str] = None, checked: bool = True) -> None:
+    def __init__(self, wq: Tensor, w_scale: Tensor, form: Optional[str] = None, checked: bool = True,
+                 exact: Optional[bool] = None) -> None:
         self.form = default_form() if form is None else form
         if self.form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
@@ -265,14 +286,22 @@ class PackedWeight:
         if why:
             raise RuntimeError(f"fbgemm int8 ({self.form}) does not run here: {why}")
         self.n, k = wq.shape
-        self.exact = self.form == "packed_gemm"
+        can = self.form == "packed_gemm" or linear_dynamic_exact()
+        if exact and not can:
+            raise ValueError("fbgemm's linear_dynamic form runs exactly only with VNNI/AMX and sparseq._C_cpu")
+        if exact is False and self.form == "packed_gemm":
+            raise ValueError("fbgemm's packed_gemm form is always exact")
+        self.exact = can if exact is None else exact
         if self.exact:
+            self.w_scale = w_scale.float().contiguous()
+        if self.form == "packed_gemm":
             self.packed = _pack_matrix(wq)
             self.col_offsets = wq.sum(dim=1, dtype=torch.int32)  # fbgemm's zero-point correction
-            self.w_scale = w_scale.float().contiguous()
             self.zeros = torch.zeros(self.n)  # the GEMM's own bias (the real one comes in the epilogue)
             # the GEMM reads only the weight's shape: a view of one element, not a second copy
             self.shape_only = torch.zeros((), dtype=torch.int8).expand(self.n, k + RANGE_COLUMNS)
+        elif self.exact:  # the integers' range columns and scales 1: fbgemm returns fp32(acc)
+            self.packed = prepack(torch.nn.functional.pad(wq, (0, RANGE_COLUMNS)), torch.ones(self.n))
         else:
             self.packed = prepack(wq, w_scale)
             self.ones = torch.ones(self.n)  # the C++ epilogue's scales (fbgemm applied the real ones)
@@ -285,7 +314,7 @@ class PackedWeight:
 def w8a8_impl(weight: PackedWeight, smooth: Optional[Tensor], bias: Optional[Tensor],
               x_scale: Optional[Tensor] = None) -> Callable[[Tensor], Tensor]:
     """``x -> y`` for a layer; eager calls run directly, traced ones through the opaque op.
-    ``x_scale`` (a static scale) only with an exact weight (``packed_gemm``)."""
+    ``x_scale`` (a static scale) only with an exact weight."""
     if x_scale is not None and not weight.exact:
         raise ValueError("fbgemm's linear_dynamic form takes dynamic activation scales only")
     token, n = weight.token, weight.n
@@ -300,5 +329,5 @@ def w8a8_impl(weight: PackedWeight, smooth: Optional[Tensor], bias: Optional[Ten
             return w8a8_fbgemm(x, token, n, smooth, x_scale, bias32)
         return run(x, weight, smooth, bias32, x.dtype, x_scale)
 
-    call.approximate = not weight.exact  # type: ignore[attr-defined]  (linear_dynamic: within error_bound)
+    call.approximate = not weight.exact  # type: ignore[attr-defined]  (within error_bound)
     return call

@@ -48,16 +48,20 @@ needs_packed_gemm = pytest.mark.skipif(bool(cpu_fbgemm.packed_gemm_unavailable_r
                                        reason=cpu_fbgemm.packed_gemm_unavailable_reason() or "ok")
 EXACT = not cpu_fbgemm.packed_gemm_unavailable_reason()
 """Whether fbgemm runs its exact form here (VNNI and sparseq._C_cpu)."""
+EXACT_FORMS = [pytest.param(form, marks=pytest.mark.skipif(
+    not (EXACT if form == "packed_gemm" else not cpu_fbgemm.unavailable_reason() and cpu_fbgemm.linear_dynamic_exact()),
+    reason=f"fbgemm's {form} form does not run exactly here")) for form in cpu_fbgemm.FORMS]
+"""Both forms, each where it runs exactly."""
 
 
-@needs_packed_gemm
+@pytest.mark.parametrize("form", EXACT_FORMS)
 @pytest.mark.parametrize("m,n,k", [(1, 64, 48), (5, 96, 384), (16, 384, 384), (33, 130, 250), (64, 256, 1024),
                                    (3, 17, 1), (2, 9, 2), (300, 64, 128)])
 @pytest.mark.parametrize("smooth", [False, True])
 @pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_packed_gemm_equals_the_reference_bit_for_bit(m, n, k, smooth, static, bias, dtype):
+def test_exact_forms_equal_the_reference_bit_for_bit(form, m, n, k, smooth, static, bias, dtype):
     """Per-token or static scales, SmoothQuant, bias, every activation dtype (the output in it);
     rows of magnitudes 1e-3 .. 1e2 (per-tensor rounding would fail them); K = 1 and 2."""
     x = _activations(m, k, seed=m + n).to(dtype)
@@ -65,7 +69,7 @@ def test_packed_gemm_equals_the_reference_bit_for_bit(m, n, k, smooth, static, b
     s = torch.rand(k, generator=torch.Generator().manual_seed(1)) + 0.5 if smooth else None
     xs = reference.per_tensor_scale(20.0) if static else None
     b = torch.randn(n) if bias else None
-    weight = cpu_fbgemm.PackedWeight(wq, ws, form="packed_gemm")
+    weight = cpu_fbgemm.PackedWeight(wq, ws, form=form)
     assert weight.exact
     y = cpu_fbgemm.run(x, weight, s, b, dtype, xs)
     xq, x_scale = (reference.quantize_per_token(x, s) if xs is None
@@ -100,7 +104,7 @@ def test_linear_dynamic_within_its_bound_of_the_reference(m, n, k, smooth, bias)
     wq, ws = _weight(n, k, seed=k)
     s = torch.rand(k, generator=torch.Generator().manual_seed(1)) + 0.5 if smooth else None
     b = torch.randn(n) if bias else None
-    weight = cpu_fbgemm.PackedWeight(wq, ws, form="linear_dynamic")
+    weight = cpu_fbgemm.PackedWeight(wq, ws, form="linear_dynamic", exact=False)
     assert not weight.exact
     y = cpu_fbgemm.run(x, weight, s, b, torch.float32)
     want = _ref(x, wq, ws, s, b)
@@ -127,6 +131,13 @@ def test_packed_weight_forms():
     wq, ws = _weight(8, 16, seed=0)
     with pytest.raises(ValueError, match="form must be one of"):
         cpu_fbgemm.PackedWeight(wq, ws, form="onednn")
+    if not cpu_fbgemm.unavailable_reason():
+        with pytest.raises(ValueError, match="always exact"):
+            cpu_fbgemm.PackedWeight(wq, ws, form="packed_gemm", exact=False, checked=False)
+        assert cpu_fbgemm.PackedWeight(wq, ws, form="linear_dynamic").exact == cpu_fbgemm.linear_dynamic_exact()
+        if not cpu_fbgemm.linear_dynamic_exact():
+            with pytest.raises(ValueError, match="runs exactly only"):
+                cpu_fbgemm.PackedWeight(wq, ws, form="linear_dynamic", exact=True)
     assert cpu_fbgemm.default_form() == ("linear_dynamic" if cpu_fbgemm.packed_gemm_unavailable_reason()
                                          else "packed_gemm")
     if cpu_fbgemm.packed_gemm_unavailable_reason():
@@ -159,8 +170,9 @@ def test_no_deprecation_warning_reaches_the_user(tmp_path):
 
 
 @needs_fbgemm
-@pytest.mark.parametrize("form", FORMS)
-def test_non_finite_and_zero_rows(form):
+@pytest.mark.parametrize("form,exact", [pytest.param("packed_gemm", None, marks=needs_packed_gemm),
+                                        ("linear_dynamic", None), ("linear_dynamic", False)])
+def test_non_finite_and_zero_rows(form, exact):
     x = _activations(6, 128, seed=5)
     x[1, 3] = float("nan")
     x[2, 7] = float("inf")
@@ -168,7 +180,7 @@ def test_non_finite_and_zero_rows(form):
     x[4] = 0.0
     wq, ws = _weight(64, 128, seed=6)
     b = torch.randn(64)
-    packed = cpu_fbgemm.PackedWeight(wq, ws, form=form)
+    packed = cpu_fbgemm.PackedWeight(wq, ws, form=form, exact=exact)
     y = cpu_fbgemm.run(x, packed, None, b, torch.float32)  # fbgemm alone raises on NaN or gives garbage
     assert not torch.isfinite(y[1:4]).any(dim=1).any()  # whole rows non-finite
     assert torch.equal(y[4], b)
@@ -445,3 +457,21 @@ def test_m1_backend_follows_the_thread_count():
     pref = dispatch.preferences("int8_mm", 768, 384, torch.float32, CPU, 1, one_thread=True)
     assert pref[0] == "fbgemm"
     assert dispatch.preferences("int8_mm", 768, 384, torch.float32, CPU, 1) == ["dense", "reference"]
+
+
+@pytest.mark.skipif(cpu_fbgemm.unavailable_reason() != "" or not cpu_fbgemm.linear_dynamic_exact(),
+                    reason="fbgemm's linear_dynamic form does not run exactly here")
+def test_layer_on_the_exact_linear_dynamic_form(monkeypatch):
+    """Where torch has dropped the packed GEMM, a VNNI CPU runs linear_dynamic exactly: a layer
+    then takes fbgemm under the exact numerics and with a static scale, bit for bit."""
+    monkeypatch.setattr(cpu_fbgemm, "default_form", lambda: "linear_dynamic")
+    layers = _layers()
+    x = _activations(4, 1024, seed=21)
+    with sparseq.cpu_numerics("exact"), torch.no_grad():
+        for name in ("w8a8-smooth", "w8a8-static"):
+            layer = layers[name]
+            y = layer(x)
+            assert "fbgemm" in layer.backends[(CPU, 1, torch.float32)], name
+            assert layer._derived["fbgemm_packed", CPU].form == "linear_dynamic"
+            assert not testing.is_approximate(layer, x)
+            assert torch.equal(y, layer.backend_impl("reference", 4, torch.float32, CPU)(x)), name

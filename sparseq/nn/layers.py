@@ -231,8 +231,8 @@ class _W8A8Mixin:
 
     def _fbgemm_impl(self, device: torch.device) -> Optional[Impl]:
         """fbgemm's int8 GEMM (``sparseq.cpu_fbgemm``) on the int8 weight, packed once; None
-        off the CPU, and where fbgemm runs only its approximate form (no VNNI, or no
-        ``sparseq._C_cpu``) while the numerics are ``"exact"`` or the activation scale static."""
+        off the CPU, and where fbgemm runs only approximately (no VNNI, or no ``sparseq._C_cpu``)
+        while the numerics are ``"exact"`` or the activation scale static."""
         if device.type != "cpu":
             return None
         from .. import cpu_fbgemm
@@ -241,7 +241,7 @@ class _W8A8Mixin:
         if why:
             raise RuntimeError(why)
         needs_exact = self.x_scale is not None or dispatch.get_cpu_numerics() == "exact"
-        if needs_exact and cpu_fbgemm.default_form() != "packed_gemm":
+        if needs_exact and not cpu_fbgemm.exact_runs():
             return None
         weight = self.derived("fbgemm_packed", device, lambda: cpu_fbgemm.PackedWeight(self._int8_weight(), self.w_scale))
         return cpu_fbgemm.w8a8_impl(weight, self.smooth, self.bias, self.x_scale)
