@@ -97,6 +97,22 @@ def quantize_grid(x: Tensor, smooth: Optional[Tensor], x_scale: Optional[Tensor]
     return _ops()[4](x, smooth, x_scale)
 
 
+def quantize_grid_op():
+    """The ``quantize_grid_cpu`` op itself, for a caller that checked :func:`available` and
+    passes what :func:`quantize_grid` takes (no per-call checks)."""
+    if not available():
+        raise RuntimeError(unavailable_reason())
+    return _ops()[4]
+
+
+def epilogue_op():
+    """The ``w8a8_epilogue_cpu`` op itself (fp32 ``acc`` overwritten), for a caller that checked
+    :func:`available` and passes contiguous fp32 tensors (no per-call checks)."""
+    if not available():
+        raise RuntimeError(unavailable_reason())
+    return _ops()[1]
+
+
 def epilogue(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
     """``fp32(acc) * x_scale[:, None] * w_scale[None, :] + bias`` (fp32, the reference's order) in
     one C++ pass, overwriting an fp32 ``acc``; None where not supported (the caller then runs

@@ -76,6 +76,7 @@ def test_exact_forms_equal_the_reference_bit_for_bit(form, m, n, k, smooth, stat
                    else (reference.quantize_per_tensor(x, xs, s), xs))
     assert y.dtype == dtype
     assert torch.equal(y, reference.int8_mm(xq, wq, x_scale, ws, b, dtype))
+    assert torch.equal(cpu_fbgemm.w8a8_impl(weight, s, b, xs)(x), y)  # a layer's call (its ops bound once)
 
 
 @needs_packed_gemm
