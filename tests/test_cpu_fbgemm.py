@@ -360,22 +360,17 @@ def test_compiled_impl_equals_eager_for_one_row_and_more(m):
     """The traced op runs the same code as an eager call: a single row and a batch give the
     same bits compiled, a static scale too where the exact form runs."""
     wq, ws = _weight(96, 256, seed=11)
-    impl = cpu_fbgemm.w8a8_impl(cpu_fbgemm.PackedWeight(wq, ws), None, torch.randn(96))
-    x = _activations(m, 256, seed=12)
-    torch._dynamo.reset()
-    try:
-        compiled = torch.compile(impl, fullgraph=True)(x)
-    finally:
-        torch._dynamo.reset()
-    assert torch.equal(compiled, impl(x))
+    impls = [cpu_fbgemm.w8a8_impl(cpu_fbgemm.PackedWeight(wq, ws), None, torch.randn(96))]
     if EXACT:
-        static = cpu_fbgemm.w8a8_impl(cpu_fbgemm.PackedWeight(wq, ws), None, None, reference.per_tensor_scale(2.0))
+        impls.append(cpu_fbgemm.w8a8_impl(cpu_fbgemm.PackedWeight(wq, ws), None, None, reference.per_tensor_scale(2.0)))
+    x = _activations(m, 256, seed=12)
+    for impl in impls:
         torch._dynamo.reset()
         try:
-            compiled = torch.compile(static, fullgraph=True)(x)
+            compiled = torch.compile(impl, fullgraph=True)(x)
         finally:
             torch._dynamo.reset()
-        assert torch.equal(compiled, static(x))
+        assert torch.equal(compiled, impl(x))
 
 
 @needs_fbgemm
