@@ -97,8 +97,8 @@ def default_form() -> str:
 
 
 def _self_test(form: str) -> str:
-    """A tiny product: equal to the reference (``packed_gemm``) or within the stated bound of it
-    (``linear_dynamic``). It runs before any layer packs a weight (:class:`PackedWeight` checks
+    """A tiny product: equal to the reference (an exact weight) or within the stated bound of it
+    (the approximate ``linear_dynamic`` variant). It runs before any layer packs a weight (:class:`PackedWeight` checks
     the form first), so PyTorch's one-time deprecation warnings of the packed GEMM are consumed
     here, silently, and never reach the user."""
     try:
@@ -159,7 +159,7 @@ def prepack(wq: Tensor, w_scale: Tensor) -> object:
 
 
 RANGE_COLUMNS = 2
-"""Columns after each row's K in the ``packed_gemm`` form's input (-128 and 127, zero weights)."""
+"""Columns after each row's K in an exact weight's input (-128 and 127; the weight's are zero)."""
 
 
 def run(x: Tensor, weight: "PackedWeight", smooth: Optional[Tensor], bias: Optional[Tensor],
@@ -233,8 +233,9 @@ def _pack_matrix(wq: Tensor) -> Tensor:
 
 
 def error_bound(x: Tensor, wq: Tensor, w_scale: Tensor, smooth: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
-    """Per element, how far :func:`run` in the ``linear_dynamic`` form may be from the reference
-    W8A8 output ``[M, N]`` (the ``packed_gemm`` form equals it).
+    """Per element, how far :func:`run` with an approximate weight (``linear_dynamic`` without
+    VNNI or ``sparseq._C_cpu``) may be from the reference W8A8 output ``[M, N]`` (exact weights
+    equal it).
 
     With ``a`` the row's ``max |x / smooth|`` and ``W = q * s`` the int8 weight in the smoothed
     space, each activation is rounded by at most ``a / 254`` in the reference (half its step

@@ -87,11 +87,11 @@ def quantize_int8(x: Tensor, smooth: Optional[Tensor], x_scale: Optional[Tensor]
 
 
 def quantize_grid(x: Tensor, smooth: Optional[Tensor], x_scale: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """``(grid fp32 [M + R, K], scale fp32 [M])``: ``reference.activation_grid``'s integers as fp32
-    (NaN -> 0, as the int8 cast), then ``R`` range rows (1, or 2 where ``K = 1``) holding -128 and
-    127 and zeros, so that fbgemm's per-tensor uint8 quantizer takes scale 1 and zero point 128
-    and keeps every integer exactly (``sparseq.cpu_fbgemm``). One C++ pass; needs the extension
-    and a contiguous fp32/bf16/fp16 ``x``, ``smooth`` and ``x_scale`` contiguous fp32."""
+    """``(grid fp32 [M, K + 2], scale fp32 [M])``: ``reference.activation_grid``'s integers as fp32
+    (NaN -> 0, as the int8 cast), each row followed by two range columns holding -128 and 127, so
+    that fbgemm's per-tensor uint8 quantizer takes scale 1 and zero point 128 and keeps every
+    integer exactly (``sparseq.cpu_fbgemm``). One C++ pass; needs the extension and a contiguous
+    fp32/bf16/fp16 ``x``, ``smooth`` and ``x_scale`` contiguous fp32."""
     if not available():
         raise RuntimeError(unavailable_reason())
     return _ops()[4](x, smooth, x_scale)

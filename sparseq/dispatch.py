@@ -10,7 +10,7 @@ applies (x86 has no sparse instructions: 2:4 runs dense; W8A8 runs oneDNN), then
 the reference (``dense_fallback=False``); under the default ``"fast"`` CPU numerics
 (:func:`cpu_numerics`) the ``cpu_fast`` section, keyed by compute dtype, overrides it per op
 (fbgemm for W8A8 at small M; dense on the dequantized weight where no int8 kernel wins); under
-``"exact"`` its fbgemm entries still apply (fbgemm's packed form is exact). On a GPU
+``"exact"`` its fbgemm entries still apply (fbgemm's path is exact where the CPU has VNNI). On a GPU
 the list always ends with ``dense``, never the reference: the reference checks values (a host
 sync) and rebuilds the weight every call, which no GPU path may do.
 
@@ -47,8 +47,8 @@ for bit (as the GPU kernels do): the choice for accuracy evaluation."""
 
 EXACT_FAST_BACKEND = "fbgemm"
 """The ``cpu_fast`` section's backend that the ``"exact"`` numerics take too, in the same places
-(fbgemm's ``packed_gemm`` form equals the reference; a layer whose fbgemm runs only the
-approximate ``linear_dynamic`` form declines it there, and the next backend runs)."""
+(``sparseq.cpu_fbgemm.exact_runs``: its weights equal the reference; a layer whose fbgemm runs
+only approximately declines it there, and the next backend runs)."""
 
 _lock = threading.Lock()
 _tables: Dict[str, dict] = {}
@@ -292,7 +292,7 @@ def preferences(op: str, n: int, k: int, dtype: torch.dtype, device: torch.devic
             if _numerics == "fast":
                 per_op, min_nk, max_nk = fast_list, fast_min, fast_max
             elif EXACT_FAST_BACKEND in fast_list:
-                # fbgemm's packed form is exact too: where the fast section runs it, so does "exact"
+                # fbgemm's path is exact too: where the fast section runs it, so does "exact"
                 per_op = [EXACT_FAST_BACKEND] + [b for b in per_op if b != EXACT_FAST_BACKEND]
                 min_nk = _merged(min_nk, {EXACT_FAST_BACKEND: fast_min.get(EXACT_FAST_BACKEND, {})})
                 max_nk = _merged(max_nk, {EXACT_FAST_BACKEND: fast_max.get(EXACT_FAST_BACKEND, {})})
